@@ -1,0 +1,462 @@
+"""Plotly figures for every stage: slices with overlays, patch galleries, histograms, training curves, meshes.
+
+Every function returns a :class:`plotly.graph_objects.Figure` and draws nothing itself, so the same
+figure shows in JupyterLab, in a papermill-executed notebook and in the HTML report. Call
+:func:`configure_notebook_renderer` once at the top of a notebook so that executed notebooks carry
+plotly.js inline and render offline.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping, Sequence
+
+import numpy as np
+import plotly.graph_objects as go
+from plotly.subplots import make_subplots
+
+from .volume import Volume
+
+__all__ = [
+    "configure_notebook_renderer",
+    "label_colors",
+    "plot_orthogonal_slices",
+    "plot_label_slices",
+    "plot_patch_gallery",
+    "plot_histograms",
+    "plot_history",
+    "plot_label_meshes",
+    "plot_embedding",
+]
+
+_AXES = ("axial (Z)", "coronal (Y)", "sagittal (X)")
+# Qualitative palette; index 0 is reserved for background.
+_PALETTE = (
+    "#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd",
+    "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf",
+)
+
+
+def configure_notebook_renderer() -> None:
+    """Make ``fig.show()`` inline plotly.js, so executed notebooks and HTML reports render offline.
+
+    Under papermill the default renderer stores only the figure JSON, which nbconvert's HTML drops;
+    the ``notebook`` renderer embeds the library once per notebook (about 5 MB).
+    """
+    import plotly.io as pio
+
+    pio.renderers.default = "notebook"
+
+
+def label_colors(n_labels: int) -> list[str]:
+    """Colours for labels ``1..n_labels`` (a qualitative palette, repeated when needed)."""
+    return [_PALETTE[i % len(_PALETTE)] for i in range(n_labels)]
+
+
+def _slice(array: np.ndarray, axis: int, index: int) -> np.ndarray:
+    return np.take(array, index, axis=axis)
+
+
+def _center_indices(shape: Sequence[int], indices: Sequence[int] | None) -> tuple[int, int, int]:
+    if indices is None:
+        return tuple(int(s) // 2 for s in shape)  # type: ignore[return-value]
+    if len(indices) != 3:
+        raise ValueError(f"indices must be 3 slice positions (z, y, x), got {indices}")
+    for i, (idx, size) in enumerate(zip(indices, shape)):
+        if not 0 <= int(idx) < size:
+            raise ValueError(f"indices[{i}]={idx} is outside the volume axis of size {size}")
+    return tuple(int(i) for i in indices)  # type: ignore[return-value]
+
+
+def _aspect(volume: Volume, axis: int) -> float:
+    """Height/width ratio of one voxel on the displayed slice (rows, columns of the 2D array)."""
+    sz = volume.geometry.spacing_zyx
+    rows, cols = [a for a in range(3) if a != axis]
+    return sz[rows] / sz[cols]
+
+
+def _base_slices(volume: Volume, channel: int, indices: tuple[int, int, int], title: str) -> go.Figure:
+    if not 0 <= channel < volume.n_channels:
+        raise ValueError(f"channel={channel} but the volume has {volume.n_channels} channel(s)")
+    fig = make_subplots(rows=1, cols=3, subplot_titles=[f"{n} = {i}" for n, i in zip(_AXES, indices)])
+    data = volume.data[channel]
+    fg = volume.foreground()
+    lo, hi = np.percentile(np.asarray(data)[fg], [1, 99]) if fg.any() else (0.0, 1.0)
+    for axis in range(3):
+        img = np.asarray(_slice(data, axis, indices[axis]), dtype=np.float32)
+        fig.add_trace(
+            go.Heatmap(z=img, colorscale="Gray", zmin=float(lo), zmax=float(hi), showscale=False,
+                       hovertemplate="row %{y}, col %{x}: %{z:.3g}<extra></extra>"),
+            row=1, col=axis + 1,
+        )
+        fig.update_yaxes(autorange="reversed", scaleanchor=f"x{axis + 1}",
+                         scaleratio=_aspect(volume, axis), row=1, col=axis + 1)
+    fig.update_layout(title=title, height=380, margin=dict(l=10, r=10, t=60, b=10))
+    return fig
+
+
+def plot_orthogonal_slices(
+    volume: Volume,
+    indices: Sequence[int] | None = None,
+    channel: int = 0,
+    show_mask: bool = True,
+    points: np.ndarray | None = None,
+    point_halfwidth: int = 0,
+    title: str = "Orthogonal slices",
+) -> go.Figure:
+    """Axial, coronal and sagittal slices, with the mask contour and optional points (e.g. patch centres).
+
+    Parameters
+    ----------
+    volume : Volume
+        The image; its first channel (or ``channel``) is shown in grey.
+    indices : sequence of int, optional
+        Slice positions ``(z, y, x)``; the volume centre by default.
+    channel : int
+        Channel to display.
+    show_mask : bool
+        Outline the foreground mask (if the volume has one).
+    points : ndarray, optional
+        ``(N, 3)`` voxel coordinates ``(z, y, x)``; those within ``point_halfwidth`` of a slice are drawn on it.
+    point_halfwidth : int
+        Distance (voxels) from a slice within which a point is drawn (half a patch shows every patch that
+        the slice cuts).
+    title : str
+        Figure title.
+    """
+    idx = _center_indices(volume.shape, indices)
+    fig = _base_slices(volume, channel, idx, title)
+    for axis in range(3):
+        rows, cols = [a for a in range(3) if a != axis]
+        if show_mask and volume.mask is not None:
+            m = _slice(volume.mask, axis, idx[axis]).astype(np.float32)
+            fig.add_trace(
+                go.Contour(z=m, showscale=False, contours=dict(start=0.5, end=0.5, coloring="lines"),
+                           line=dict(color="#00cc96", width=2), hoverinfo="skip", name="mask",
+                           showlegend=axis == 0),
+                row=1, col=axis + 1,
+            )
+        if points is not None and len(points):
+            pts = np.asarray(points)
+            near = np.abs(pts[:, axis] - idx[axis]) <= point_halfwidth
+            fig.add_trace(
+                go.Scatter(x=pts[near, cols], y=pts[near, rows], mode="markers", name="patch centres",
+                           marker=dict(color="#ef553b", size=5, line=dict(width=0.5, color="white")),
+                           showlegend=axis == 0),
+                row=1, col=axis + 1,
+            )
+    return fig
+
+
+def plot_label_slices(
+    volume: Volume,
+    labels: np.ndarray,
+    indices: Sequence[int] | None = None,
+    channel: int = 0,
+    opacity: float = 0.45,
+    slider_axis: int | None = 0,
+    title: str = "Segmentation",
+) -> go.Figure:
+    """Orthogonal slices with a label overlay; optionally a slider that moves along ``slider_axis``.
+
+    Parameters
+    ----------
+    volume : Volume
+        The image shown underneath.
+    labels : ndarray
+        Integer label volume ``(Z, Y, X)``, 0 = background (transparent).
+    indices : sequence of int, optional
+        Slice positions ``(z, y, x)``; the volume centre by default.
+    channel : int
+        Channel of the image to display.
+    opacity : float
+        Opacity of the label colours.
+    slider_axis : int or None
+        Axis (0 = Z, 1 = Y, 2 = X) whose slice a slider moves, with about 20 steps; ``None`` for no slider.
+    title : str
+        Figure title.
+    """
+    labels = np.asarray(labels)
+    if labels.shape != volume.shape:
+        raise ValueError(f"labels shape {labels.shape} does not match the volume shape {volume.shape}")
+    idx = _center_indices(volume.shape, indices)
+    n_labels = int(labels.max()) if labels.size else 0
+    colors = label_colors(max(n_labels, 1))
+    # Discrete colour scale: 0 transparent, label l -> colors[l-1].
+    scale = [[0.0, "rgba(0,0,0,0)"], [0.5 / (n_labels + 0.5), "rgba(0,0,0,0)"]]
+    for lab in range(1, n_labels + 1):
+        lo, hi = (lab - 0.5) / (n_labels + 0.5), (lab + 0.5) / (n_labels + 0.5)
+        scale += [[lo, colors[lab - 1]], [min(hi, 1.0), colors[lab - 1]]]
+
+    def overlay(axis: int, position: int) -> go.Heatmap:
+        return go.Heatmap(z=_slice(labels, axis, position).astype(np.float32), colorscale=scale,
+                          zmin=-0.5, zmax=n_labels + 0.5 if n_labels else 1, opacity=opacity,
+                          showscale=False, hovertemplate="label %{z}<extra></extra>")
+
+    fig = _base_slices(volume, channel, idx, title)
+    for axis in range(3):
+        fig.add_trace(overlay(axis, idx[axis]), row=1, col=axis + 1)
+    for lab in range(1, n_labels + 1):  # legend entries
+        fig.add_trace(go.Scatter(x=[None], y=[None], mode="markers", name=f"class {lab}",
+                                 marker=dict(color=colors[lab - 1], size=10, symbol="square")))
+    if slider_axis is not None:
+        if slider_axis not in (0, 1, 2):
+            raise ValueError(f"slider_axis must be 0, 1, 2 or None, got {slider_axis}")
+        size = volume.shape[slider_axis]
+        positions = np.unique(np.linspace(0, size - 1, min(size, 20)).round().astype(int))
+        image_trace, label_trace = slider_axis, 3 + slider_axis  # traces: 3 images, then 3 overlays
+        data = volume.data[channel]
+        steps = []
+        for pos in positions:
+            steps.append(dict(
+                method="restyle", label=str(pos),
+                args=[{"z": [np.asarray(_slice(data, slider_axis, pos), dtype=np.float32),
+                             _slice(labels, slider_axis, pos).astype(np.float32)]},
+                      [image_trace, label_trace]],
+            ))
+        active = int(np.argmin(np.abs(positions - idx[slider_axis])))
+        fig.update_layout(sliders=[dict(active=active, steps=steps, pad=dict(t=30),
+                                        currentvalue=dict(prefix=f"{_AXES[slider_axis]} slice: "))],
+                          height=460)
+    return fig
+
+
+def plot_patch_gallery(
+    patches: np.ndarray,
+    labels: np.ndarray | None = None,
+    n_per_row: int = 8,
+    max_patches: int = 32,
+    channel: int = 0,
+    seed: int = 0,
+    title: str = "Patches (central axial slice)",
+) -> go.Figure:
+    """A grid of patch thumbnails (central axial slice), optionally grouped by cluster label.
+
+    Parameters
+    ----------
+    patches : ndarray
+        ``(N, C, w, w, w)`` patches.
+    labels : ndarray, optional
+        ``(N,)`` cluster labels; when given, each row shows patches of one label.
+    n_per_row : int
+        Thumbnails per row.
+    max_patches : int
+        At most this many thumbnails without labels (a seeded random choice).
+    channel : int
+        Channel to show.
+    seed : int
+        Seed of the random choice of patches.
+    title : str
+        Figure title.
+    """
+    patches = np.asarray(patches)
+    if patches.ndim != 5:
+        raise ValueError(f"patches must have shape (N, C, w, w, w), got {patches.shape}")
+    rng = np.random.default_rng(seed)
+    if labels is None:
+        chosen = rng.choice(len(patches), size=min(max_patches, len(patches)), replace=False)
+        rows = [chosen[i:i + n_per_row] for i in range(0, len(chosen), n_per_row)]
+        row_names = [""] * len(rows)
+    else:
+        labels = np.asarray(labels)
+        if labels.shape != (len(patches),):
+            raise ValueError(f"labels must have shape ({len(patches)},), got {labels.shape}")
+        rows, row_names = [], []
+        for lab in np.unique(labels):
+            members = np.flatnonzero(labels == lab)
+            rows.append(rng.choice(members, size=min(n_per_row, len(members)), replace=False))
+            row_names.append(f"cluster {lab} (n={len(members)})")
+    w = patches.shape[-1]
+    gap = 2
+    canvas = np.full((len(rows) * (w + gap), n_per_row * (w + gap)), np.nan, dtype=np.float32)
+    for r, members in enumerate(rows):
+        for c, i in enumerate(members):
+            canvas[r * (w + gap): r * (w + gap) + w, c * (w + gap): c * (w + gap) + w] = patches[i, channel, w // 2]
+    fig = go.Figure(go.Heatmap(z=canvas, colorscale="Gray", showscale=False, hoverinfo="skip"))
+    fig.update_yaxes(autorange="reversed", scaleanchor="x", showticklabels=labels is not None,
+                     tickvals=[r * (w + gap) + w / 2 for r in range(len(rows))], ticktext=row_names)
+    fig.update_xaxes(showticklabels=False)
+    fig.update_layout(title=title, height=max(200, 90 * len(rows) + 80), margin=dict(l=10, r=10, t=50, b=10))
+    return fig
+
+
+def plot_histograms(
+    volume: Volume,
+    regions: np.ndarray | None = None,
+    region_names: Mapping[int, str] | None = None,
+    channel: int = 0,
+    bins: int = 100,
+    max_voxels: int = 200_000,
+    seed: int = 0,
+    title: str = "Intensity histograms",
+) -> go.Figure:
+    """Intensity histograms per region (e.g. background vs foreground, or per ground-truth class).
+
+    Parameters
+    ----------
+    volume : Volume
+        The image.
+    regions : ndarray, optional
+        Integer region map ``(Z, Y, X)``; by default the mask (0 = background, 1 = foreground).
+    region_names : mapping, optional
+        Display name per region id.
+    channel : int
+        Channel to histogram.
+    bins : int
+        Number of bins.
+    max_voxels : int
+        Voxels drawn per region at most (seeded random sample), to keep the figure small.
+    seed : int
+        Seed for that sample.
+    title : str
+        Figure title.
+    """
+    data = np.asarray(volume.data[channel])
+    if regions is None:
+        regions = volume.foreground().astype(np.uint8)
+        region_names = region_names or {0: "background", 1: "foreground"}
+    regions = np.asarray(regions)
+    if regions.shape != volume.shape:
+        raise ValueError(f"regions shape {regions.shape} does not match the volume shape {volume.shape}")
+    rng = np.random.default_rng(seed)
+    fig = go.Figure()
+    ids, counts = np.unique(regions, return_counts=True)
+    for rid, count in zip(ids, counts):
+        values = data[regions == rid]
+        if count > max_voxels:
+            values = rng.choice(values, size=max_voxels, replace=False)
+        name = (region_names or {}).get(int(rid), f"region {rid}")
+        fig.add_trace(go.Histogram(x=values, nbinsx=bins, name=f"{name} ({count:,} voxels)",
+                                   opacity=0.6, histnorm="probability density"))
+    fig.update_layout(barmode="overlay", title=title, xaxis_title="intensity", yaxis_title="density",
+                      height=350, margin=dict(l=10, r=10, t=50, b=10))
+    return fig
+
+
+def plot_history(history: Sequence[Mapping[str, float]], title: str = "JULE training") -> go.Figure:
+    """Cluster count, loss and (when present) NMI per period of a JULE run.
+
+    Parameters
+    ----------
+    history : sequence of mapping
+        One record per period with keys ``period``, ``n_clusters``, ``loss`` and optionally ``nmi``.
+    title : str
+        Figure title.
+    """
+    if not history:
+        raise ValueError("history is empty: nothing to plot")
+    period = [h["period"] for h in history]
+    has_nmi = any(h.get("nmi") is not None for h in history)
+    cols = 3 if has_nmi else 2
+    names = ["clusters", "triplet loss", "NMI vs ground truth"][:cols]
+    fig = make_subplots(rows=1, cols=cols, subplot_titles=names)
+    fig.add_trace(go.Scatter(x=period, y=[h["n_clusters"] for h in history], mode="lines+markers",
+                             name="clusters"), row=1, col=1)
+    fig.update_yaxes(type="log", row=1, col=1)
+    fig.add_trace(go.Scatter(x=period, y=[h.get("loss") for h in history], mode="lines+markers",
+                             name="loss"), row=1, col=2)
+    if has_nmi:
+        fig.add_trace(go.Scatter(x=period, y=[h.get("nmi") for h in history], mode="lines+markers",
+                                 name="NMI"), row=1, col=3)
+        fig.update_yaxes(range=[0, 1], row=1, col=3)
+    fig.update_xaxes(title_text="period")
+    fig.update_layout(title=title, height=330, showlegend=False, margin=dict(l=10, r=10, t=60, b=10))
+    return fig
+
+
+def plot_label_meshes(
+    labels: np.ndarray,
+    spacing_zyx: Sequence[float] = (1.0, 1.0, 1.0),
+    max_faces: int = 60_000,
+    opacity: float = 0.5,
+    names: Mapping[int, str] | None = None,
+    title: str = "3D rendering of the label surfaces",
+) -> go.Figure:
+    """Surfaces of each label (marching cubes) as plotly meshes: a 3D view that renders offline.
+
+    Parameters
+    ----------
+    labels : ndarray
+        Integer label volume ``(Z, Y, X)``; 0 is not drawn.
+    spacing_zyx : sequence of float
+        Voxel size in array order, so the rendering has physical proportions.
+    max_faces : int
+        Total triangle budget; labels are downsampled (by an integer factor) to stay under it.
+    opacity : float
+        Mesh opacity.
+    names : mapping, optional
+        Display name per label id.
+    title : str
+        Figure title.
+    """
+    from skimage.measure import marching_cubes
+
+    labels = np.asarray(labels)
+    if labels.ndim != 3:
+        raise ValueError(f"labels must be 3D (Z, Y, X), got shape {labels.shape}")
+    ids = [int(i) for i in np.unique(labels) if i != 0]
+    colors = label_colors(max(ids) if ids else 1)
+    # Faces of a surface grow with the square of the resolution: pick a factor that keeps the total bounded.
+    surface = sum(int(np.count_nonzero(np.diff((labels == i).astype(np.int8), axis=a))) for i in ids for a in range(3))
+    factor = max(1, int(np.ceil(np.sqrt(2 * surface / max(max_faces, 1)))))
+    small = labels[::factor, ::factor, ::factor]
+    spacing = np.asarray(spacing_zyx, dtype=float) * factor
+    fig = go.Figure()
+    for lab in ids:
+        mask = np.pad(small == lab, 1)
+        if mask.sum() == 0:
+            continue
+        verts, faces, _, _ = marching_cubes(mask.astype(np.float32), level=0.5, spacing=tuple(spacing))
+        verts -= spacing  # undo the padding
+        fig.add_trace(go.Mesh3d(
+            x=verts[:, 2], y=verts[:, 1], z=verts[:, 0], i=faces[:, 0], j=faces[:, 1], k=faces[:, 2],
+            color=colors[lab - 1], opacity=opacity, name=(names or {}).get(lab, f"class {lab}"),
+            showlegend=True, flatshading=True,
+        ))
+    fig.update_layout(title=title, height=550, scene=dict(aspectmode="data", xaxis_title="x (mm)",
+                      yaxis_title="y (mm)", zaxis_title="z (mm)"), margin=dict(l=0, r=0, t=50, b=0))
+    return fig
+
+
+def plot_embedding(
+    embedding: np.ndarray,
+    color: np.ndarray,
+    color_name: str = "cluster",
+    hover: Mapping[str, np.ndarray] | None = None,
+    title: str = "t-SNE of patch features",
+) -> go.Figure:
+    """2D scatter of an embedding coloured by a discrete label, with extra hover fields.
+
+    Parameters
+    ----------
+    embedding : ndarray
+        ``(N, 2)`` coordinates.
+    color : ndarray
+        ``(N,)`` discrete labels used for colour.
+    color_name : str
+        Legend title for the labels.
+    hover : mapping, optional
+        Extra per-point values (name -> ``(N,)`` array) shown on hover.
+    title : str
+        Figure title.
+    """
+    embedding = np.asarray(embedding)
+    color = np.asarray(color)
+    if embedding.ndim != 2 or embedding.shape[1] != 2:
+        raise ValueError(f"embedding must have shape (N, 2), got {embedding.shape}")
+    if color.shape != (len(embedding),):
+        raise ValueError(f"color must have shape ({len(embedding)},), got {color.shape}")
+    hover = dict(hover or {})
+    fig = go.Figure()
+    ids = np.unique(color)
+    palette = label_colors(len(ids))
+    for k, lab in enumerate(ids):
+        sel = color == lab
+        custom = np.stack([np.asarray(v)[sel] for v in hover.values()], axis=1) if hover else None
+        template = "<br>".join(f"{name}: %{{customdata[{i}]}}" for i, name in enumerate(hover))
+        fig.add_trace(go.Scattergl(
+            x=embedding[sel, 0], y=embedding[sel, 1], mode="markers", name=f"{color_name} {lab}",
+            marker=dict(size=4, color=palette[k], opacity=0.75), customdata=custom,
+            hovertemplate=(template + "<extra></extra>") if hover else None,
+        ))
+    fig.update_layout(title=title, height=480, legend_title=color_name, margin=dict(l=10, r=10, t=50, b=10))
+    return fig

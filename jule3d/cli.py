@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 from typing import Callable, Sequence
 
 __all__ = ["main", "build_parser"]
@@ -50,6 +51,101 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"jule3d {args.command}: interrupted", file=sys.stderr)
         return 130
+
+
+def _parse_value(text: str):
+    """A parameter value from the command line, typed like YAML: 3 -> int, 0.5 -> float, [1, 2] -> list."""
+    import yaml
+
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def _collect_parameters(args: argparse.Namespace) -> dict:
+    from .pipeline import load_params_file
+
+    params: dict = {}
+    for path in args.params_file or []:
+        params.update(load_params_file(path))
+    for name, value in args.param or []:
+        params[name] = _parse_value(value)
+    return params
+
+
+def _add_parameter_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-p", "--param", nargs=2, action="append", metavar=("NAME", "VALUE"),
+                   help="notebook parameter (repeatable); VALUE is read as YAML (3, 0.5, true, [1, 2])")
+    p.add_argument("-f", "--params-file", action="append", metavar="PARAMS.yaml",
+                   help="YAML file of name: value parameters (repeatable; -p wins)")
+    p.add_argument("--cell-timeout", type=int, default=1800, metavar="S",
+                   help="seconds one notebook cell may run (default 1800)")
+
+
+@subcommand
+def _register_run(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "run", help="run the notebook pipeline and write an HTML report",
+        description="Execute notebooks 01-04 with papermill into RUN_DIR: executed notebooks, report.html, "
+                    "the label volume, metrics.json and params.yaml. With no VOLUME, the bundled texture phantom.",
+    )
+    p.add_argument("volumes", nargs="*", metavar="VOLUME", help="input volume file(s); several = channels")
+    p.add_argument("--out", required=True, metavar="RUN_DIR", help="run folder to create")
+    _add_parameter_options(p)
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--overwrite", action="store_true", help="replace an existing run folder")
+    group.add_argument("--resume", action="store_true", help="continue a run: keep notebooks that finished")
+    p.set_defaults(func=_cmd_run)
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from .pipeline import PipelineError, run_pipeline
+
+    try:
+        result = run_pipeline(args.out, args.volumes, _collect_parameters(args), overwrite=args.overwrite,
+                              resume=args.resume, cell_timeout=args.cell_timeout)
+    except PipelineError as exc:
+        print(f"jule3d run: {exc}", file=sys.stderr)
+        return 1
+    print(result.timing_table(), file=sys.stderr)
+    print(f"report: {result.report}")
+    return 0
+
+
+@subcommand
+def _register_batch(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "batch", help="run the pipeline over many volumes and/or a parameter grid on Dask",
+        description="One run folder per (volume, parameter combination) under OUT_DIR, an index.html table of "
+                    "metrics and links; failed jobs are recorded and the rest carry on; finished jobs are skipped "
+                    "when the batch is run again.",
+    )
+    p.add_argument("volumes", nargs="*", metavar="VOLUME_OR_FOLDER",
+                   help="volume files or folders of volumes (none: the bundled phantom)")
+    p.add_argument("--out", required=True, metavar="OUT_DIR", help="batch folder")
+    p.add_argument("-g", "--grid", nargs=2, action="append", metavar=("NAME", "VALUES"),
+                   help="grid parameter and its values as a YAML list, e.g. -g K_s '[10, 20]' (repeatable)")
+    p.add_argument("--scheduler", metavar="ADDRESS", help="existing Dask scheduler (default: a local cluster)")
+    p.add_argument("--workers", type=int, default=1, help="workers of the local cluster (default 1)")
+    _add_parameter_options(p)
+    p.set_defaults(func=_cmd_batch)
+
+
+def _cmd_batch(args: argparse.Namespace) -> int:
+    from .batch import run_batch
+
+    grid = {}
+    for name, values in args.grid or []:
+        parsed = _parse_value(values)
+        grid[name] = parsed if isinstance(parsed, list) else [parsed]
+    results = run_batch(args.out, args.volumes, grid, _collect_parameters(args), scheduler=args.scheduler,
+                        n_workers=args.workers, cell_timeout=args.cell_timeout)
+    for r in results:
+        line = f"{r.status:8s} {r.name}  ({r.seconds:.0f} s)"
+        print(line + (f"  {r.error.splitlines()[0]}" if r.error else ""), file=sys.stderr)
+    print(f"index: {Path(args.out).resolve() / 'index.html'}")
+    return 1 if any(r.status == "failed" for r in results) else 0
 
 
 if __name__ == "__main__":  # pragma: no cover

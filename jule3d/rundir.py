@@ -1,0 +1,166 @@
+"""The run folder shared by the pipeline notebooks: where each stage reads its inputs and writes its results.
+
+Notebook 01 records the inputs (volume files, mask, ground truth) in ``inputs.json``; every later notebook
+reloads them from there, so one ``run_dir`` parameter is all a notebook needs to pick up the run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from .volume import Volume
+
+__all__ = ["Inputs", "RunDir"]
+
+
+@dataclass
+class Inputs:
+    """The volume of a run, its ground truth (if any) and the files they came from."""
+
+    volume: Volume
+    ground_truth: np.ndarray | None
+    volume_paths: list[str]
+    mask_path: str
+    ground_truth_path: str
+    is_phantom: bool
+
+    @property
+    def evaluation_mask(self) -> np.ndarray | None:
+        """Voxels on which metrics are computed: the foreground, within labelled voxels for a phantom."""
+        if self.ground_truth is None:
+            return None
+        if self.is_phantom:
+            return self.ground_truth > 0
+        return self.volume.foreground()
+
+
+def _as_paths(value: str | os.PathLike | Sequence[str | os.PathLike] | None) -> list[str]:
+    if value is None or value == "":
+        return []
+    if isinstance(value, (str, os.PathLike)):
+        return [str(value)]
+    return [str(v) for v in value if str(v)]
+
+
+class RunDir:
+    """Standard file names inside one run folder.
+
+    Parameters
+    ----------
+    path : path
+        The run folder (created on first write).
+    """
+
+    INPUTS = "inputs.json"
+    PATCHES = "patches.npz"
+    MODEL = "model.pt"
+    CLUSTERS = "clusters.npz"
+    HISTORY = "history.json"
+    CHECKPOINTS = "checkpoints"
+    EMBEDDING = "embedding.npz"
+    LABELS = "labels.nii.gz"
+    METRICS = "metrics.json"
+    PHANTOM = "phantom.nii.gz"
+    PHANTOM_LABELS = "phantom_labels.nii.gz"
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = Path(path)
+
+    def __repr__(self) -> str:
+        return f"RunDir({str(self.path)!r})"
+
+    def file(self, name: str) -> Path:
+        """Path of a file in the run folder (the folder is created if needed)."""
+        self.path.mkdir(parents=True, exist_ok=True)
+        return self.path / name
+
+    def require(self, name: str, produced_by: str) -> Path:
+        """Path of a file an earlier notebook must have written; a clear error when it is missing."""
+        path = self.path / name
+        if not path.exists():
+            raise FileNotFoundError(
+                f"{path} not found: run {produced_by} with run_dir={str(self.path)!r} first"
+            )
+        return path
+
+    def prepare_inputs(
+        self,
+        volume_path: str | Sequence[str] = "",
+        mask_path: str = "",
+        ground_truth_path: str = "",
+        phantom_shape: int = 96,
+        phantom_variant: str = "texture",
+        n_classes: int = 3,
+        seed: int = 0,
+    ) -> Inputs:
+        """Load (or, with no ``volume_path``, generate the texture phantom) and record the inputs.
+
+        Parameters
+        ----------
+        volume_path : str or sequence of str
+            Volume file(s); several files are channels. Empty: the bundled texture phantom, written
+            into the run folder with its ground truth.
+        mask_path : str
+            Foreground mask file; empty for the automatic mask.
+        ground_truth_path : str
+            Optional label map of the same geometry, for evaluation only.
+        phantom_shape : int
+            Side of the phantom cube (voxels), when it is used.
+        phantom_variant : str
+            ``"texture"`` (classes differ in texture only) or ``"intensity"``.
+        n_classes : int
+            Tissue classes of the phantom.
+        seed : int
+            Seed of the phantom.
+        """
+        from .phantom import write_phantom
+
+        paths = _as_paths(volume_path)
+        is_phantom = not paths
+        if is_phantom:
+            if ground_truth_path:
+                raise ValueError("ground_truth_path is given but volume_path is empty (the phantom has its own)")
+            image, labels = self.path / self.PHANTOM, self.path / self.PHANTOM_LABELS
+            if not (image.exists() and labels.exists()):
+                self.path.mkdir(parents=True, exist_ok=True)
+                write_phantom(image, labels, shape=(phantom_shape,) * 3, n_classes=n_classes,
+                              variant=phantom_variant, seed=seed)
+            paths, ground_truth_path = [str(image)], str(labels)
+        record = dict(volume_paths=[str(Path(p).resolve()) for p in paths],
+                      mask_path=str(Path(mask_path).resolve()) if mask_path else "",
+                      ground_truth_path=str(Path(ground_truth_path).resolve()) if ground_truth_path else "",
+                      is_phantom=is_phantom)
+        inputs = self._load(record)
+        tmp = self.file(self.INPUTS + ".tmp")
+        tmp.write_text(json.dumps(record, indent=2))
+        tmp.replace(self.path / self.INPUTS)
+        return inputs
+
+    def load_inputs(self) -> Inputs:
+        """Reload the inputs recorded by notebook 01."""
+        record = json.loads(self.require(self.INPUTS, "notebook 01_patch_sampling").read_text())
+        return self._load(record)
+
+    @staticmethod
+    def _load(record: dict) -> Inputs:
+        from .io import load_volume, read_image
+
+        volume = load_volume(record["volume_paths"], mask=record["mask_path"] or None)
+        truth = None
+        if record["ground_truth_path"]:
+            truth, geometry = read_image(record["ground_truth_path"])
+            if not geometry.matches(volume.geometry):
+                raise ValueError(
+                    f"ground_truth_path {record['ground_truth_path']} does not match the volume's geometry: "
+                    + geometry.describe_mismatch(volume.geometry)
+                )
+            truth = np.asarray(truth).astype(np.int32)
+        return Inputs(volume=volume, ground_truth=truth, volume_paths=record["volume_paths"],
+                      mask_path=record["mask_path"], ground_truth_path=record["ground_truth_path"],
+                      is_phantom=bool(record["is_phantom"]))

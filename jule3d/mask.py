@@ -1,0 +1,182 @@
+"""Foreground (specimen / body / brain) versus air or background.
+
+Every later stage only looks inside the foreground mask, so the mask decides what the clustering
+sees. :func:`foreground_mask` works on the three kinds of data jule3d is used with:
+
+* raw scans with air around the specimen (CT in HU, micro-CT in uint8): an Otsu threshold
+  separates air from tissue;
+* *pre-masked* scans whose background was set to one constant value that lies inside the
+  intensity range (BraTS MRI, z-scored inside the brain with the background exactly 0): there
+  an intensity threshold would cut through the tissue, so the foreground is every voxel that
+  differs from that constant. This case is detected automatically by ``method="otsu"``;
+* anything else through ``method="nonzero"`` (voxels different from 0).
+
+The raw mask is then cleaned: a binary closing with a ball, keeping the largest 6-connected
+component, and hole filling (3D cavities and in-plane holes of each ``Z`` slice, so that lungs
+and airways, which reach the image border through the trachea, belong to the body).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy import ndimage as ndi
+from skimage.filters import threshold_otsu
+from skimage.morphology import ball
+
+from jule3d.volume import Volume
+
+__all__ = ["foreground_mask", "METHODS"]
+
+METHODS = ("otsu", "nonzero")
+"""Names accepted by ``foreground_mask(method=...)``."""
+
+_MAX_THRESHOLD_SAMPLES = 1_000_000
+_PREMASKED_MIN_FRACTION = 0.2
+_PREMASKED_MIN_ABOVE_FRACTION = 0.01
+
+
+def foreground_mask(
+    volume_or_array: Volume | np.ndarray,
+    method: str = "otsu",
+    closing_radius: int = 2,
+    keep_largest: bool = True,
+    fill_holes: bool = True,
+) -> np.ndarray:
+    """Boolean foreground mask of a volume: specimen versus air / background.
+
+    Parameters
+    ----------
+    volume_or_array : Volume or numpy.ndarray
+        A :class:`~jule3d.volume.Volume` or an array ``(Z, Y, X)`` or ``(C, Z, Y, X)``. Several
+        channels are averaged before thresholding.
+    method : {"otsu", "nonzero"}
+        ``"otsu"``: Otsu threshold (computed on a strided sample of at most about a million
+        voxels), foreground above it; when a single value fills at least 20 % of the volume and
+        lies strictly inside the intensity range (pre-masked data such as BraTS), the foreground
+        is every voxel differing from that value instead. ``"nonzero"``: voxels different from 0.
+    closing_radius : int
+        Radius in voxels of the ball used for the binary closing (0 disables it).
+    keep_largest : bool
+        Keep only the largest 6-connected component (drops the CT table, dust, noise).
+    fill_holes : bool
+        Fill enclosed cavities in 3D and holes enclosed within each ``Z`` slice.
+
+    Returns
+    -------
+    numpy.ndarray of bool
+        Mask of shape ``(Z, Y, X)``.
+
+    Raises
+    ------
+    ValueError
+        If ``method`` is unknown, ``closing_radius`` is negative, the array is not 3D/4D, the
+        volume is constant, or no voxel ends up in the foreground.
+    """
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if int(closing_radius) != closing_radius or closing_radius < 0:
+        raise ValueError(f"closing_radius must be a non-negative integer, got {closing_radius!r}")
+    image = _reduce_channels(volume_or_array)
+    if method == "nonzero":
+        mask = image != 0
+    else:
+        mask = _otsu_or_premasked(image)
+    if not mask.any():
+        raise ValueError(f"foreground_mask(method={method!r}) found no foreground voxel")
+    if closing_radius:
+        mask = _closing(mask, int(closing_radius))
+    if keep_largest:
+        mask = _largest_component(mask)
+    if fill_holes:
+        mask = _fill_holes(mask)
+    return mask
+
+
+def _reduce_channels(volume_or_array: Volume | np.ndarray) -> np.ndarray:
+    """The one image to threshold: the single channel, or the mean over channels."""
+    data = volume_or_array.data if isinstance(volume_or_array, Volume) else volume_or_array
+    data = np.asarray(data)
+    if data.ndim == 3:
+        return data
+    if data.ndim == 4:
+        return data[0] if data.shape[0] == 1 else data.mean(axis=0, dtype=np.float32)
+    raise ValueError(
+        f"volume_or_array must be (Z, Y, X) or (C, Z, Y, X), got shape {data.shape}"
+    )
+
+
+def _threshold_sample(image: np.ndarray) -> np.ndarray:
+    """A regular strided sample of at most about ``_MAX_THRESHOLD_SAMPLES`` voxels."""
+    step = max(1, int(np.ceil((image.size / _MAX_THRESHOLD_SAMPLES) ** (1 / 3))))
+    return np.asarray(image[::step, ::step, ::step]).ravel()
+
+
+def _premasked_background(sample: np.ndarray) -> float | None:
+    """The constant background value of pre-masked data, or ``None`` when there is none."""
+    values, counts = np.unique(sample, return_counts=True)
+    mode = values[np.argmax(counts)]
+    if counts.max() < _PREMASKED_MIN_FRACTION * sample.size:
+        return None
+    if np.count_nonzero(sample > mode) < _PREMASKED_MIN_ABOVE_FRACTION * sample.size:
+        return None
+    return float(mode)
+
+
+def _otsu_or_premasked(image: np.ndarray) -> np.ndarray:
+    """Raw mask: differs from a constant background, or above the Otsu threshold."""
+    sample = _threshold_sample(image)
+    if sample.min() == sample.max():
+        raise ValueError(
+            "cannot compute a foreground mask of a constant volume "
+            f"(every sampled voxel equals {sample.min()})"
+        )
+    background = _premasked_background(sample)
+    if background is not None:
+        return image != background
+    return image > threshold_otsu(sample)
+
+
+def _closing(mask: np.ndarray, radius: int) -> np.ndarray:
+    """Binary closing with a ball, computed in the padded bounding box of the mask.
+
+    The padding makes voxels beyond the array edge count as background, so a specimen that
+    touches the edge is not eroded there.
+    """
+    box = ndi.find_objects(mask.astype(np.uint8))[0]
+    sub = np.pad(mask[box], radius)
+    closed = ndi.binary_closing(sub, structure=ball(radius))
+    inner = (slice(radius, -radius),) * 3
+    out = mask.copy()
+    out[box] |= closed[inner]
+    return out
+
+
+def _largest_component(mask: np.ndarray) -> np.ndarray:
+    """The largest 6-connected component of ``mask``."""
+    labels, n = ndi.label(mask)
+    if n <= 1:
+        return mask
+    sizes = np.bincount(labels.ravel())
+    sizes[0] = 0
+    return labels == np.argmax(sizes)
+
+
+def _fill_holes(mask: np.ndarray) -> np.ndarray:
+    """Fill background regions enclosed in 3D, then those enclosed within each ``Z`` slice."""
+    mask = ~_border_connected(~mask, ndi.generate_binary_structure(3, 1), axes=(0, 1, 2))
+    in_plane = np.zeros((3, 3, 3), dtype=bool)
+    in_plane[1] = ndi.generate_binary_structure(2, 1)
+    return ~_border_connected(~mask, in_plane, axes=(1, 2))
+
+
+def _border_connected(background: np.ndarray, structure: np.ndarray, axes: tuple[int, ...]) -> np.ndarray:
+    """Voxels of ``background`` connected (by ``structure``) to the array faces along ``axes``."""
+    labels, n = ndi.label(background, structure=structure)
+    if n == 0:
+        return background
+    on_border = np.zeros(n + 1, dtype=bool)
+    for axis in axes:
+        on_border[np.take(labels, 0, axis=axis)] = True
+        on_border[np.take(labels, -1, axis=axis)] = True
+    on_border[0] = False
+    return on_border[labels]

@@ -1,0 +1,407 @@
+"""A synthetic texture phantom with ground truth.
+
+The phantom is a blobby ellipsoidal specimen in air, divided into large regions (one or a few per tissue
+class). Every class is filled with a different *texture*: a random field with its own power spectrum
+(fine grain, coarse grain, lamellae, foam walls, fibres, oblique fine lamellae). In the ``"texture"``
+variant every class has exactly the same intensity distribution: each texture field is made Gaussian
+(rank transform) and standardised to mean 0 / std 1 inside its own region, then mapped to a common
+tissue mean and standard deviation. Classes therefore differ in texture only, and any method that looks
+at one voxel's intensity at a time (k-means or Otsu on intensities) cannot separate them, while a method
+that looks at a neighbourhood (a 3D CNN on patches) can. The ``"intensity"`` variant also spreads the class
+means evenly over ``1 ± 0.25``, an easier case.
+
+Intensities are in arbitrary units: air ``0``, tissue mean ``1`` with texture std ``0.2``. On top of the
+textures come a mild smooth multiplicative bias field (``1 ± bias``) and additive Gaussian noise (std
+``noise``), both over the whole volume, air included. Air is far darker than tissue, so an automatic
+(Otsu) foreground mask finds the specimen.
+
+Everything is drawn from independent streams of one ``numpy.random.SeedSequence(seed)``, so the same
+arguments always give the same arrays.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+from scipy import ndimage, special
+
+from .volume import Volume
+
+__all__ = [
+    "Phantom",
+    "make_phantom",
+    "write_phantom",
+    "TEXTURE_NAMES",
+    "VARIANTS",
+    "DEFAULT_SPACING",
+]
+
+#: Names of the available textures, in the order classes ``1..k`` receive them.
+TEXTURE_NAMES: tuple[str, ...] = (
+    "fine_grain",
+    "coarse_grain",
+    "lamellae",
+    "foam",
+    "fibres",
+    "oblique_lamellae",
+)
+#: Phantom variants: classes differ in texture only, or in texture and mean intensity.
+VARIANTS: tuple[str, ...] = ("texture", "intensity")
+#: Default voxel size in mm ``(x, y, z)``: isotropic, so 27-voxel patches are physical cubes, and not
+#: 1 mm, so that code which ignores the spacing shows up in tests.
+DEFAULT_SPACING: tuple[float, float, float] = (0.5, 0.5, 0.5)
+
+AIR_MEAN = 0.0
+TISSUE_MEAN = 1.0
+TEXTURE_STD = 0.2
+#: The ``"intensity"`` variant spreads the class means evenly over ``TISSUE_MEAN ± INTENSITY_SPREAD``.
+INTENSITY_SPREAD = 0.25
+#: Semi-axes of the specimen ellipsoid ``(Z, Y, X)`` as a fraction of the half-extent of the volume,
+#: and the relative amplitude of the smooth random modulation of its radius.
+SPECIMEN_SEMI_AXES = (0.86, 0.92, 0.90)
+SPECIMEN_WOBBLE = 0.06
+#: Largest displacement (voxels) of the smooth warp that makes region boundaries gently curved.
+BOUNDARY_WARP = 3.0
+#: Smoothness (voxels) and strength (radians, std) of the phase perturbation that bends lamellae.
+LAMELLA_WARP_SMOOTHNESS = 6.0
+LAMELLA_WAVINESS = 2.0
+
+
+@dataclass
+class Phantom:
+    """A synthetic volume and its ground truth.
+
+    Parameters
+    ----------
+    volume : Volume
+        One-channel float32 volume; ``volume.mask`` is the specimen (``labels > 0``).
+    labels : numpy.ndarray
+        ``uint8`` array ``(Z, Y, X)``: ``0`` air, ``1..k`` tissue classes.
+    class_names : tuple of str
+        ``class_names[i]`` names the texture of class ``i + 1``.
+    """
+
+    volume: Volume
+    labels: np.ndarray
+    class_names: tuple[str, ...]
+
+    @property
+    def n_classes(self) -> int:
+        """Number of tissue classes ``k``."""
+        return len(self.class_names)
+
+
+# ----------------------------------------------------------------------------------------------
+# Random fields
+# ----------------------------------------------------------------------------------------------
+
+
+def _frequency_grid(shape: tuple[int, int, int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Frequencies (cycles/voxel) of ``numpy.fft.rfftn`` bins along Z, Y, X, broadcastable."""
+    fz = np.fft.fftfreq(shape[0]).astype(np.float32)[:, None, None]
+    fy = np.fft.fftfreq(shape[1]).astype(np.float32)[None, :, None]
+    fx = np.fft.rfftfreq(shape[2]).astype(np.float32)[None, None, :]
+    return fz, fy, fx
+
+
+def _lowpass(sigma_zyx: Sequence[float]) -> Callable[..., np.ndarray]:
+    """Transfer function of a Gaussian blur with the given standard deviations (voxels)."""
+    sz, sy, sx = (float(s) for s in sigma_zyx)
+
+    def transfer(fz: np.ndarray, fy: np.ndarray, fx: np.ndarray) -> np.ndarray:
+        return np.exp(-2.0 * np.pi**2 * ((sz * fz) ** 2 + (sy * fy) ** 2 + (sx * fx) ** 2))
+
+    return transfer
+
+
+def _filtered_noise(
+    shape: tuple[int, int, int], transfer: Callable[..., np.ndarray], rng: np.random.Generator
+) -> np.ndarray:
+    """White Gaussian noise shaped by ``transfer`` in the Fourier domain (periodic, float32)."""
+    noise = rng.standard_normal(shape, dtype=np.float32)
+    spectrum = np.fft.rfftn(noise)
+    spectrum *= transfer(*_frequency_grid(shape))
+    return np.fft.irfftn(spectrum, s=shape).astype(np.float32)
+
+
+def _lamellae(
+    shape: tuple[int, int, int], period: float, direction_zyx: Sequence[float], rng: np.random.Generator
+) -> np.ndarray:
+    """Gently wavy parallel sheets: a plane wave of ``period`` voxels along ``direction_zyx``.
+
+    The phase is perturbed by a smooth random field (std ``LAMELLA_WAVINESS`` radians), so the sheets
+    bend, but the amplitude stays constant: every patch shows the same stripe contrast.
+    """
+    d = np.asarray(direction_zyx, dtype=np.float32)
+    d /= np.linalg.norm(d)
+    z, y, x = (np.arange(n, dtype=np.float32).reshape([-1 if a == axis else 1 for a in range(3)])
+               for axis, n in enumerate(shape))
+    warp = _filtered_noise(shape, _lowpass((LAMELLA_WARP_SMOOTHNESS,) * 3), rng)
+    warp *= LAMELLA_WAVINESS / max(float(warp.std()), 1e-12)
+    phase = (2 * np.pi / period) * (d[0] * z + d[1] * y + d[2] * x) + rng.uniform(0, 2 * np.pi) + warp
+    return np.sin(phase)
+
+
+def _texture_field(name: str, shape: tuple[int, int, int], rng: np.random.Generator) -> np.ndarray:
+    """The raw (not yet standardised) random field of texture ``name``."""
+    if name == "fine_grain":
+        return _filtered_noise(shape, _lowpass((0.8, 0.8, 0.8)), rng)
+    if name == "coarse_grain":
+        return _filtered_noise(shape, _lowpass((2.5, 2.5, 2.5)), rng)
+    if name == "lamellae":
+        return _lamellae(shape, 6.0, (1.0, 0.4, 0.2), rng)
+    if name == "foam":
+        # Thin bright walls where a coarse field crosses zero, dark cell interiors.
+        return -np.abs(_filtered_noise(shape, _lowpass((2.5, 2.5, 2.5)), rng))
+    if name == "fibres":
+        return _filtered_noise(shape, _lowpass((0.8, 0.8, 6.0)), rng)
+    if name == "oblique_lamellae":
+        return _lamellae(shape, 4.0, (0.2, 1.0, -0.8), rng)
+    raise ValueError(f"unknown texture {name!r}; known: {TEXTURE_NAMES}")
+
+
+def _gaussianise(values: np.ndarray) -> np.ndarray:
+    """Map values to standard normal scores by rank: same order, exactly N(0, 1) histogram."""
+    ranks = np.empty(values.size, dtype=np.float64)
+    ranks[np.argsort(values, kind="stable")] = np.arange(values.size)
+    scores = special.ndtri((ranks + 0.5) / values.size)
+    return ((scores - scores.mean()) / scores.std()).astype(np.float32)
+
+
+def _smooth_field(shape: tuple[int, int, int], rng: np.random.Generator) -> np.ndarray:
+    """Smooth random field scaled to ``[-1, 1]``: noise low-passed at an eighth of each side."""
+    field = _filtered_noise(shape, _lowpass([n / 8 for n in shape]), rng)
+    return field / max(float(np.abs(field).max()), 1e-12)
+
+
+# ----------------------------------------------------------------------------------------------
+# Geometry of the specimen and of its regions
+# ----------------------------------------------------------------------------------------------
+
+
+def _normalised_coordinates(shape: tuple[int, int, int]) -> list[np.ndarray]:
+    """Per-axis coordinates in ``[-1, 1]`` (voxel centres), broadcastable ``(Z,1,1)``, ``(1,Y,1)``, ``(1,1,X)``."""
+    axes = []
+    for axis, n in enumerate(shape):
+        c = (np.arange(n, dtype=np.float32) - (n - 1) / 2) / max((n - 1) / 2, 1.0)
+        axes.append(c.reshape([-1 if a == axis else 1 for a in range(3)]))
+    return axes
+
+
+def _specimen(shape: tuple[int, int, int], rng: np.random.Generator) -> np.ndarray:
+    """Blobby ellipsoid: an ellipsoid whose radius is modulated by a smooth random field."""
+    z, y, x = _normalised_coordinates(shape)
+    az, ay, ax = SPECIMEN_SEMI_AXES
+    radius = np.sqrt((z / az) ** 2 + (y / ay) ** 2 + (x / ax) ** 2)
+    return radius <= 1.0 + SPECIMEN_WOBBLE * _smooth_field(shape, rng)
+
+
+def _lloyd_centres(coords: np.ndarray, n: int, rng: np.random.Generator, iterations: int = 30) -> np.ndarray:
+    """Centres of ``n`` compact clusters of similar size among the points ``coords`` (k-means, Lloyd)."""
+    sample = coords[rng.choice(len(coords), min(len(coords), 20000), replace=False)]
+    centres = sample[rng.choice(len(sample), n, replace=False)]
+    for _ in range(iterations):
+        nearest = ((sample[:, None, :] - centres[None]) ** 2).sum(-1).argmin(1)
+        counts = np.bincount(nearest, minlength=n)
+        sums = np.stack([np.bincount(nearest, weights=sample[:, a], minlength=n) for a in range(3)], 1)
+        centres = np.where(counts[:, None] > 0, sums / np.maximum(counts, 1)[:, None], centres)
+    return centres.astype(np.float32)
+
+
+def _regions(specimen: np.ndarray, n_regions: int, rng: np.random.Generator) -> np.ndarray:
+    """Split the grid into ``n_regions`` compact regions of similar specimen volume; ids ``0..n-1``.
+
+    Region centres come from Lloyd (k-means) iterations on the specimen's voxel coordinates, so the
+    Voronoi cells hold similar numbers of specimen voxels; the coordinates are displaced by a smooth
+    random warp (at most ``BOUNDARY_WARP`` voxels) so that the boundaries are gently curved.
+    """
+    shape = specimen.shape
+    centres = _lloyd_centres(np.argwhere(specimen).astype(np.float32), n_regions, rng)
+    grid = [
+        np.arange(n, dtype=np.float32).reshape([-1 if a == axis else 1 for a in range(3)])
+        + BOUNDARY_WARP * _smooth_field(shape, rng)
+        for axis, n in enumerate(shape)
+    ]
+    best = np.full(shape, np.inf, dtype=np.float32)
+    region = np.zeros(shape, dtype=np.int64)
+    for i, centre in enumerate(centres):
+        d = sum((g - c) ** 2 for g, c in zip(grid, centre))
+        closer = d < best
+        best[closer] = d[closer]
+        region[closer] = i
+    return region
+
+
+# ----------------------------------------------------------------------------------------------
+# Public API
+# ----------------------------------------------------------------------------------------------
+
+
+def _check_arguments(
+    shape: Sequence[int],
+    n_classes: int,
+    variant: str,
+    noise: float,
+    bias: float,
+    regions_per_class: int,
+) -> tuple[int, int, int]:
+    """Validate :func:`make_phantom`'s arguments; returns the shape as a tuple of int."""
+    if len(shape) != 3 or any(int(s) != s for s in shape) or min(shape) < 16:
+        raise ValueError(f"shape must be 3 integers (Z, Y, X), each at least 16, got {tuple(shape)}")
+    if isinstance(n_classes, bool) or int(n_classes) != n_classes or not 2 <= n_classes <= len(TEXTURE_NAMES):
+        raise ValueError(f"n_classes must be an integer in [2, {len(TEXTURE_NAMES)}], got {n_classes!r}")
+    if variant not in VARIANTS:
+        raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
+    if not np.isfinite(noise) or noise < 0:
+        raise ValueError(f"noise must be a finite number >= 0, got {noise!r}")
+    if not np.isfinite(bias) or not 0 <= bias < 1:
+        raise ValueError(f"bias must be in [0, 1), got {bias!r}")
+    if isinstance(regions_per_class, bool) or int(regions_per_class) != regions_per_class or regions_per_class < 1:
+        raise ValueError(f"regions_per_class must be a positive integer, got {regions_per_class!r}")
+    return tuple(int(s) for s in shape)  # type: ignore[return-value]
+
+
+def _class_means(n_classes: int, variant: str) -> np.ndarray:
+    """Mean tissue intensity of each class (index 0 = class 1)."""
+    if variant == "texture":
+        return np.full(n_classes, TISSUE_MEAN)
+    return TISSUE_MEAN + INTENSITY_SPREAD * np.linspace(-1.0, 1.0, n_classes)
+
+
+def make_phantom(
+    shape: Sequence[int] = (96, 96, 96),
+    n_classes: int = 3,
+    variant: str = "texture",
+    seed: int = 0,
+    noise: float = 0.05,
+    bias: float = 0.05,
+    spacing: Sequence[float] = DEFAULT_SPACING,
+    regions_per_class: int = 1,
+) -> Phantom:
+    """Generate a texture phantom with its ground truth.
+
+    Parameters
+    ----------
+    shape : sequence of 3 int, default (96, 96, 96)
+        Array shape ``(Z, Y, X)``; each side at least 16.
+    n_classes : int, default 3
+        Number of tissue classes ``k`` (2 to 6); class ``i`` gets texture ``TEXTURE_NAMES[i - 1]``.
+    variant : {"texture", "intensity"}, default "texture"
+        ``"texture"``: all classes share the same intensity distribution (mean ``1``, std ``0.2``,
+        Gaussian) and differ in texture only. ``"intensity"``: class means are also spread evenly over
+        ``1 ± 0.25``.
+    seed : int, default 0
+        Seed of every random choice; the same arguments give identical arrays.
+    noise : float, default 0.05
+        Standard deviation of the additive white Gaussian noise (tissue mean is 1, texture std 0.2).
+    bias : float, default 0.05
+        Amplitude of the smooth multiplicative bias field: intensities are scaled by ``1 ± bias``.
+    spacing : sequence of 3 float, default (0.5, 0.5, 0.5)
+        Voxel size in mm, ``(x, y, z)``. The origin is set so that the volume is centred on ``0``.
+    regions_per_class : int, default 1
+        Number of separate regions of each class. One region per class gives the largest regions
+        (fewest boundary voxels), a few make the layout less regular.
+
+    Returns
+    -------
+    Phantom
+        ``volume`` (float32, one channel ``"phantom"``, mask = specimen), ``labels`` (uint8,
+        ``0`` air, ``1..k`` classes) and ``class_names``.
+
+    Raises
+    ------
+    ValueError
+        If an argument is out of range (the message names it).
+    """
+    shape = _check_arguments(shape, n_classes, variant, noise, bias, regions_per_class)
+    streams = [np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(5)]
+    rng_specimen, rng_regions, rng_textures, rng_bias, rng_noise = streams
+
+    specimen = _specimen(shape, rng_specimen)
+    region = _regions(specimen, n_classes * regions_per_class, rng_regions)
+    region_class = rng_regions.permutation(np.repeat(np.arange(n_classes), regions_per_class))
+    labels = np.where(specimen, region_class[region] + 1, 0).astype(np.uint8)
+
+    image = np.full(shape, AIR_MEAN, dtype=np.float32)
+    means = _class_means(n_classes, variant)
+    texture_seeds = rng_textures.spawn(n_classes)
+    for c in range(n_classes):
+        inside = labels == c + 1
+        field = _texture_field(TEXTURE_NAMES[c], shape, texture_seeds[c])
+        image[inside] = means[c] + TEXTURE_STD * _gaussianise(field[inside])
+
+    image *= 1.0 + bias * _smooth_field(shape, rng_bias)
+    image += rng_noise.normal(0.0, noise, size=shape).astype(np.float32) if noise > 0 else 0.0
+
+    origin = tuple(-(n - 1) / 2 * s for n, s in zip(shape[::-1], spacing))
+    volume = Volume.from_array(
+        image, spacing=tuple(spacing), origin=origin, mask=labels > 0, channel_names=("phantom",)
+    )
+    return Phantom(volume=volume, labels=labels, class_names=TEXTURE_NAMES[:n_classes])
+
+
+def _check_writable(path: Path, what: str, overwrite: bool) -> None:
+    """Raise before anything is written if ``path`` cannot be created."""
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{what} {str(path)!r} exists; pass overwrite=True (--overwrite) to replace it")
+    if not path.parent.is_dir():
+        raise FileNotFoundError(f"folder of {what} {str(path)!r} does not exist")
+
+
+def write_phantom(
+    out_path: str | os.PathLike,
+    labels_path: str | os.PathLike | None = None,
+    shape: Sequence[int] = (96, 96, 96),
+    n_classes: int = 3,
+    variant: str = "texture",
+    seed: int = 0,
+    overwrite: bool = False,
+    **kwargs: float | Sequence[float] | int,
+) -> Phantom:
+    """Generate a phantom (:func:`make_phantom`) and write it, and optionally its labels, to files.
+
+    Parameters
+    ----------
+    out_path : str or path-like
+        Image file to write (any format SimpleITK writes, e.g. ``.nii.gz``, ``.nrrd``, ``.mha``).
+    labels_path : str or path-like, optional
+        Ground-truth label file, written with the same geometry; not written when ``None``.
+    shape, n_classes, variant, seed
+        As in :func:`make_phantom`.
+    overwrite : bool, default False
+        Replace existing files. Without it, an existing file raises before anything is written.
+    **kwargs
+        Further :func:`make_phantom` arguments (``noise``, ``bias``, ``spacing``, ``regions_per_class``).
+
+    Returns
+    -------
+    Phantom
+        The phantom that was written.
+
+    Raises
+    ------
+    FileExistsError
+        If a target file exists and ``overwrite`` is false.
+    FileNotFoundError
+        If the folder of a target file does not exist.
+    ValueError
+        If both paths are the same file, or a phantom argument is out of range.
+    """
+    from .io import save_labels, save_volume
+
+    out = Path(out_path)
+    _check_writable(out, "out_path", overwrite)
+    if labels_path is not None:
+        labels_out = Path(labels_path)
+        if labels_out.resolve() == out.resolve():
+            raise ValueError(f"labels_path and out_path are the same file: {str(out)!r}")
+        _check_writable(labels_out, "labels_path", overwrite)
+    phantom = make_phantom(shape=shape, n_classes=n_classes, variant=variant, seed=seed, **kwargs)
+    save_volume(phantom.volume, out, overwrite=overwrite)
+    if labels_path is not None:
+        save_labels(phantom.labels, labels_out, reference=phantom.volume, overwrite=overwrite)
+    return phantom

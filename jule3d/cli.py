@@ -12,6 +12,8 @@ import sys
 from pathlib import Path
 from typing import Callable, Sequence
 
+import numpy as np
+
 __all__ = ["main", "build_parser"]
 
 
@@ -51,6 +53,48 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"jule3d {args.command}: interrupted", file=sys.stderr)
         return 130
+
+
+@subcommand
+def _register_segment(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "segment", help="segment a volume without labels (JULE-3D) into a label map",
+        description="Train JULE-3D on patches of the input (or use --model), then label every voxel: "
+                    "0 = background, 1..K = classes ordered by mean intensity. Several inputs = channels.",
+    )
+    p.add_argument("inputs", nargs="+", metavar="INPUT", help="volume file(s); several = co-registered channels")
+    p.add_argument("--out", required=True, metavar="LABELS.nii.gz", help="label map to write (input geometry)")
+    p.add_argument("--n-clusters", type=int, default=3, metavar="K", help="number of classes (default 3)")
+    p.add_argument("--preset", choices=["fast", "paper"], default="fast", help="network preset (default fast)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument("--mask", metavar="MASK", help="foreground mask file (default: automatic)")
+    p.add_argument("--model", metavar="MODEL.pt", help="trained model: skip training")
+    p.add_argument("--stride", type=int, default=2, help="grid stride of the dense features (default 2)")
+    p.add_argument("--n-patches", type=int, default=2000, help="training patches (default 2000)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    p.set_defaults(func=_cmd_segment)
+
+
+def _cmd_segment(args: argparse.Namespace) -> int:
+    from .io import load_volume, save_labels
+    from .segmentation import segment
+
+    out = Path(args.out)
+    if any(out.resolve() == Path(i).resolve() for i in args.inputs + ([args.mask] if args.mask else [])):
+        raise ValueError(f"--out {out} is one of the inputs; refusing to overwrite an input")
+    if not out.parent.exists():
+        raise FileNotFoundError(f"--out folder {out.parent} does not exist")
+    if out.exists() and not args.overwrite:
+        raise FileExistsError(f"--out {out} exists; pass --overwrite to replace it")
+    volume = load_volume(args.inputs, mask=args.mask)
+    labels = segment(volume, n_clusters=args.n_clusters, preset=args.preset, seed=args.seed,
+                     model=args.model, stride=args.stride, n_patches=args.n_patches)
+    save_labels(labels, out, reference=volume, overwrite=args.overwrite)
+    counts = np.bincount(labels.ravel(), minlength=args.n_clusters + 1)[1:]
+    mm3 = volume.geometry.voxel_volume
+    summary = ", ".join(f"class {k + 1}: {c * mm3:.1f} mm³" for k, c in enumerate(counts))
+    print(f"jule3d segment: wrote {out} ({summary})", file=sys.stderr)
+    return 0
 
 
 def _parse_value(text: str):

@@ -1,0 +1,108 @@
+"""2D embeddings of patch features (openTSNE's FFT-accelerated t-SNE; UMAP when installed) and their scores."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+__all__ = ["Embedding", "embed", "raw_patch_features", "embedding_scores"]
+
+
+@dataclass
+class Embedding:
+    """A 2D layout of ``N`` feature vectors.
+
+    Attributes
+    ----------
+    coords : numpy.ndarray
+        ``(N, 2)`` float32 coordinates.
+    method : str
+        ``"tsne"`` or ``"umap"``.
+    seconds : float
+        Wall time of the embedding.
+    """
+
+    coords: np.ndarray
+    method: str
+    seconds: float
+
+
+def raw_patch_features(patches: np.ndarray) -> np.ndarray:
+    """Flattened, L2-normalised raw patches: JULE's period-0 features, the baseline for comparison."""
+    flat = np.asarray(patches, dtype=np.float32).reshape(len(patches), -1)
+    norms = np.linalg.norm(flat, axis=1, keepdims=True)
+    return flat / np.maximum(norms, 1e-12)
+
+
+def embed(
+    features: np.ndarray,
+    method: str = "tsne",
+    seed: int = 0,
+    perplexity: float = 30.0,
+    n_jobs: int = -1,
+    pca_dims: int = 50,
+) -> Embedding:
+    """Embed features in 2D.
+
+    Parameters
+    ----------
+    features : numpy.ndarray
+        ``(N, D)`` features.
+    method : {"tsne", "umap"}
+        openTSNE (FFT-interpolated gradients, PCA initialisation) or umap-learn (optional dependency).
+    seed : int
+        Random seed.
+    perplexity : float
+        t-SNE perplexity (lowered automatically for tiny ``N``).
+    n_jobs : int
+        Threads (-1 = all cores).
+    pca_dims : int
+        Reduce to this many principal components first when ``D`` is larger (speeds up the kNN search).
+
+    Returns
+    -------
+    Embedding
+    """
+    import time
+
+    features = np.asarray(features, dtype=np.float32)
+    if features.ndim != 2 or len(features) < 5:
+        raise ValueError(f"features must be an (N, D) array with N >= 5, got shape {features.shape}")
+    if not np.all(np.isfinite(features)):
+        raise ValueError("features contain NaN or Inf values")
+    if method not in ("tsne", "umap"):
+        raise ValueError(f"method must be 'tsne' or 'umap', got {method!r}")
+    start = time.perf_counter()
+    if features.shape[1] > pca_dims:
+        from sklearn.decomposition import PCA
+
+        features = PCA(n_components=pca_dims, random_state=seed).fit_transform(features).astype(np.float32)
+    if method == "tsne":
+        from openTSNE import TSNE
+
+        perplexity = float(min(perplexity, (len(features) - 1) / 3))
+        coords = TSNE(perplexity=perplexity, initialization="pca", random_state=seed, n_jobs=n_jobs,
+                      neighbors="auto", negative_gradient_method="fft", verbose=False).fit(features)
+    else:
+        try:
+            import umap
+        except ImportError:
+            raise ValueError("method='umap' needs umap-learn: pip install umap-learn") from None
+        coords = umap.UMAP(random_state=seed, n_jobs=1).fit_transform(features)
+    return Embedding(np.asarray(coords, dtype=np.float32), method, time.perf_counter() - start)
+
+
+def embedding_scores(coords: np.ndarray, labels: np.ndarray, seed: int = 0, max_points: int = 5000) -> float:
+    """Silhouette score of ``labels`` in the 2D layout (on a seeded sample of at most ``max_points``).
+
+    Returns NaN when fewer than two labels are present.
+    """
+    from sklearn.metrics import silhouette_score
+
+    labels = np.asarray(labels)
+    if len(np.unique(labels)) < 2:
+        return float("nan")
+    n = len(coords)
+    sample = min(max_points, n)
+    return float(silhouette_score(coords, labels, sample_size=sample if sample < n else None, random_state=seed))

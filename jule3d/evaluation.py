@@ -1,0 +1,152 @@
+"""Side-by-side evaluation of segmentation methods: metrics, seconds and peak memory, one row per method.
+
+Protocol (``benchmarks.md``): every method sees the same volume, mask and ``k``, runs in the same process
+one after another, and is scored on the same evaluation voxels.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+
+from .baselines import run_baseline
+from .metrics import evaluate
+from .volume import Volume
+
+__all__ = ["Measured", "measure", "MethodResult", "compare_methods", "results_table", "class_volumes"]
+
+
+@dataclass
+class Measured:
+    """Return value, wall time and peak resident-memory growth of one call."""
+
+    value: Any
+    seconds: float
+    peak_mb: float
+
+
+def _rss() -> int:
+    import psutil
+
+    return psutil.Process().memory_info().rss
+
+
+def measure(fn: Callable[..., Any], *args: Any, interval: float = 0.02, **kwargs: Any) -> Measured:
+    """Call ``fn`` and measure its wall time and peak memory.
+
+    Peak memory is the largest resident set size sampled every ``interval`` seconds during the call,
+    minus the resident set size just before it: the extra memory the call needed, including memory
+    allocated by native libraries (torch, BLAS), which ``tracemalloc`` does not see.
+    """
+    before = _rss()
+    peak = [before]
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.wait(interval):
+            peak[0] = max(peak[0], _rss())
+
+    thread = threading.Thread(target=sample, daemon=True)
+    thread.start()
+    start = time.perf_counter()
+    try:
+        value = fn(*args, **kwargs)
+    finally:
+        seconds = time.perf_counter() - start
+        done.set()
+        thread.join()
+    peak[0] = max(peak[0], _rss())
+    return Measured(value, seconds, (peak[0] - before) / 2**20)
+
+
+@dataclass
+class MethodResult:
+    """One method's labels, metrics and cost."""
+
+    method: str
+    labels: np.ndarray
+    seconds: float
+    peak_mb: float
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+    def row(self) -> dict[str, Any]:
+        """Flat record for a table: method, metrics (without per-class Dice), seconds, peak_mb."""
+        flat = {k: v for k, v in self.metrics.items() if not isinstance(v, dict)}
+        return {"method": self.method, **flat, "seconds": self.seconds, "peak_mb": self.peak_mb}
+
+
+def compare_methods(
+    volume: Volume,
+    n_clusters: int,
+    methods: Sequence[str] = ("kmeans", "otsu", "gmm", "slic"),
+    ground_truth: np.ndarray | None = None,
+    evaluation_mask: np.ndarray | None = None,
+    extra: Mapping[str, Callable[[], np.ndarray] | Measured | np.ndarray] | None = None,
+    seed: int = 0,
+) -> list[MethodResult]:
+    """Run baselines (and any extra methods) on one volume and score them against the ground truth.
+
+    Parameters
+    ----------
+    volume : Volume
+        Normalised volume with its mask (every method uses the same mask).
+    n_clusters : int
+        ``k`` for every method.
+    methods : sequence of str
+        Names from :data:`jule3d.baselines.BASELINES`.
+    ground_truth : ndarray, optional
+        Labels ``(Z, Y, X)``; without it only labels and costs are returned.
+    evaluation_mask : ndarray, optional
+        Voxels to score (default: the volume's foreground).
+    extra : mapping, optional
+        More methods: name -> a zero-argument callable returning labels (timed here), a :class:`Measured`
+        result of :func:`measure` (labels timed elsewhere, e.g. JULE-3D), or bare labels (cost unknown: NaN).
+    seed : int
+        Seed passed to every baseline.
+    """
+    results: list[MethodResult] = []
+    runs: dict[str, Callable[[], np.ndarray] | Measured | np.ndarray] = dict(extra or {})
+    for name in methods:
+        runs[name] = (lambda n=name: run_baseline(n, volume, n_clusters, mask=volume.mask, seed=seed))
+    eval_mask = volume.foreground() if evaluation_mask is None else evaluation_mask
+    for name, run in runs.items():
+        if callable(run):
+            run = measure(run)
+        if isinstance(run, Measured):
+            labels, seconds, peak = run.value, run.seconds, run.peak_mb
+        else:
+            labels, seconds, peak = np.asarray(run), float("nan"), float("nan")
+        metrics = evaluate(ground_truth, labels, eval_mask) if ground_truth is not None else {}
+        results.append(MethodResult(name, labels, seconds, peak, metrics))
+    return results
+
+
+def results_table(results: Sequence[MethodResult], digits: int = 3) -> str:
+    """A markdown table of :class:`MethodResult` rows (NMI, geometric NMI, ARI, matched Dice, cost)."""
+    cols = [("method", "method"), ("nmi", "NMI"), ("nmi_geometric", "NMI (geom.)"), ("ari", "ARI"),
+            ("dice_mean", "matched Dice"), ("seconds", "seconds"), ("peak_mb", "peak MB")]
+    rows = [r.row() for r in results]
+    present = [(k, h) for k, h in cols if any(k in row for row in rows)]
+    lines = ["| " + " | ".join(h for _, h in present) + " |", "|" + "---|" * len(present)]
+    for row in rows:
+        cells = []
+        for key, _ in present:
+            value = row.get(key, "")
+            cells.append(f"{value:.{digits}f}" if isinstance(value, float) else str(value))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def class_volumes(labels: np.ndarray, volume: Volume) -> dict[int, dict[str, float]]:
+    """Voxel count, physical volume (mm³) and fraction of the foreground per label ``1..k``."""
+    counts = np.bincount(np.asarray(labels).ravel())
+    total = counts[1:].sum()
+    mm3 = volume.geometry.voxel_volume
+    return {
+        int(k): {"voxels": int(c), "mm3": float(c * mm3), "fraction": float(c / total) if total else 0.0}
+        for k, c in enumerate(counts) if k > 0 and c > 0
+    }

@@ -1,0 +1,381 @@
+"""Phase 2 of JULE-3D: features on a grid over the whole volume → k-means → labels for every voxel.
+
+The trained network is applied *fully convolutionally* (its final linear layer read as a convolution), chunk
+by chunk with the overlap one patch needs, so memory stays bounded whatever the volume size and each grid
+position costs a fraction of cropping its patch and running the network on it (Moriya et al. 2018, §2.3;
+``method.md`` step 8).
+
+Projection rule (documented here, tested in ``tests/test_segmentation.py``):
+
+* A grid position's patch has its centre at ``corner + (w - 1) / 2`` where ``corner = index * stride``.
+* Only positions whose centre lies in the foreground mask are clustered.
+* Every foreground voxel takes the label of the nearest clustered grid centre (in mm): inside the grid
+  this is the ``stride³`` block around each centre; at the volume border (within ``w // 2`` voxels, where
+  no whole patch fits) and in foreground pockets without a centre it is the nearest labelled position.
+* Voxels outside the mask are 0 (background). Cluster ids ``1..k`` are ordered by the mean intensity of the
+  first channel (ascending), so the same seed gives the same ids.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from scipy import ndimage
+
+from .models import JuleNet3D
+from .volume import Volume
+
+__all__ = ["GridFeatures", "grid_features", "cluster_features", "project_labels", "label_volume", "segment"]
+
+#: Grid features above this many bytes are kept in a temporary memory-mapped file instead of RAM.
+IN_MEMORY_BYTES = 1 << 30
+
+
+@dataclass
+class GridFeatures:
+    """Features of the foreground positions of a regular grid.
+
+    Attributes
+    ----------
+    features : numpy.ndarray
+        ``(M, D)`` float32 unit-norm features of the positions whose centre is in the foreground
+        (a memory map for very large volumes).
+    grid_shape : tuple of int
+        Number of grid positions along ``(Z, Y, X)``.
+    selected : numpy.ndarray
+        Bool ``grid_shape`` array: which grid positions have a feature (row order of ``features``).
+    offset : int
+        Voxel index of the first centre along every axis, ``(patch_size - 1) // 2``.
+    stride : int
+        Voxels between neighbouring centres.
+    """
+
+    features: np.ndarray
+    grid_shape: tuple[int, int, int]
+    selected: np.ndarray
+    offset: int
+    stride: int
+
+    @property
+    def centers(self) -> np.ndarray:
+        """``(M, 3)`` voxel coordinates ``(z, y, x)`` of the featured positions."""
+        return np.argwhere(self.selected) * self.stride + self.offset
+
+
+def _check_model_volume(model: JuleNet3D, volume: Volume, stride: int) -> None:
+    cfg = model.config
+    if cfg.in_channels != volume.n_channels:
+        raise ValueError(
+            f"the model was trained on {cfg.in_channels} channel(s) but the volume has {volume.n_channels}: "
+            "use a model trained on the same channels"
+        )
+    if min(volume.shape) < cfg.patch_size:
+        raise ValueError(
+            f"the volume {volume.shape} is smaller than the model's patch size {cfg.patch_size} along some axis"
+        )
+    if not isinstance(stride, (int, np.integer)) or stride < 1:
+        raise ValueError(f"stride must be a positive integer, got {stride!r}")
+    if stride % model.stride and model.stride % stride:
+        raise ValueError(
+            f"stride={stride} must divide or be a multiple of the network's own stride {model.stride}"
+        )
+
+
+def _grid_shape(shape: Sequence[int], patch_size: int, stride: int) -> tuple[int, int, int]:
+    return tuple((int(s) - patch_size) // stride + 1 for s in shape)  # type: ignore[return-value]
+
+
+def _feature_store(n: int, dim: int) -> np.ndarray:
+    if n * dim * 4 <= IN_MEMORY_BYTES:
+        return np.empty((n, dim), dtype=np.float32)
+    handle, path = tempfile.mkstemp(suffix=".features.npy")
+    os.close(handle)
+    store = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=(n, dim))
+    os.unlink(path)  # the mapping stays valid; the file disappears with it
+    return store
+
+
+def grid_features(
+    model: JuleNet3D,
+    volume: Volume,
+    stride: int = 2,
+    method: str = "dense",
+    chunk: int = 24,
+    batch_size: int = 256,
+    device: str | torch.device | None = None,
+    progress: bool = False,
+) -> GridFeatures:
+    """Features of the network at every foreground position of a stride-``stride`` grid.
+
+    Parameters
+    ----------
+    model : JuleNet3D
+        Trained network (used in eval mode).
+    volume : Volume
+        The (normalised) volume; positions whose centre is outside ``volume.mask`` are skipped.
+    stride : int
+        Voxels between grid positions; a divisor or a multiple of ``model.stride``.
+    method : {"dense", "patchwise"}
+        ``"dense"`` runs the fully convolutional network chunk by chunk; ``"patchwise"`` crops every patch
+        and runs the network on it (the slow reference that ``dense`` must agree with).
+    chunk : int
+        Grid positions per chunk side for ``"dense"`` (memory grows with its cube).
+    batch_size : int
+        Patches per forward pass for ``"patchwise"``.
+    device : str or torch.device, optional
+        Where to compute; default: the model's device.
+    progress : bool
+        Show a progress bar over chunks.
+
+    Returns
+    -------
+    GridFeatures
+    """
+    from tqdm.auto import tqdm
+
+    _check_model_volume(model, volume, stride)
+    if method not in ("dense", "patchwise"):
+        raise ValueError(f"method must be 'dense' or 'patchwise', got {method!r}")
+    if chunk < 1:
+        raise ValueError(f"chunk must be >= 1, got {chunk}")
+    w = model.config.patch_size
+    offset = (w - 1) // 2
+    grid = _grid_shape(volume.shape, w, stride)
+    centres = np.stack(np.meshgrid(*[np.arange(g) * stride + offset for g in grid], indexing="ij"), axis=-1)
+    selected = volume.foreground()[tuple(np.moveaxis(centres, -1, 0))]
+    if not selected.any():
+        raise ValueError("no grid position has its centre in the foreground mask; lower the stride or check the mask")
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    store = _feature_store(int(selected.sum()), model.feature_dim)
+    row_of = np.cumsum(selected.ravel()).reshape(grid) - 1  # row in `store` of each selected position
+
+    if method == "patchwise":
+        from .patches import extract_patches
+
+        pos = np.argwhere(selected)
+        for start in tqdm(range(0, len(pos), batch_size * 8), disable=not progress, desc="patch-wise features"):
+            batch_pos = pos[start:start + batch_size * 8]
+            patches = extract_patches(volume, batch_pos * stride + offset, w)
+            store[start:start + len(batch_pos)] = model.embed(patches, batch_size=batch_size, device=device)
+        return GridFeatures(store, grid, selected, offset, stride)
+
+    # Dense: the network's native grid has step model.stride; finer strides interleave shifted passes,
+    # coarser ones subsample.
+    native = model.stride
+    shifts = range(0, native, stride) if stride < native else [0]
+    step = max(stride // native, 1)  # subsampling of the native grid
+    starts = [range(0, g, chunk) for g in grid]
+    blocks = [(a, b, c) for a in starts[0] for b in starts[1] for c in starts[2]]
+    data = volume.data
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            for g0 in tqdm(blocks, disable=not progress, desc="dense features"):
+                g1 = [min(g0[i] + chunk, grid[i]) for i in range(3)]
+                sel = selected[g0[0]:g1[0], g0[1]:g1[1], g0[2]:g1[2]]
+                if not sel.any():
+                    continue
+                out = np.empty(tuple(g1[i] - g0[i] for i in range(3)) + (model.feature_dim,), dtype=np.float32)
+                for sz in shifts:
+                    for sy in shifts:
+                        for sx in shifts:
+                            shift = (sz, sy, sx)
+                            # grid indices of this block served by this shift
+                            idx = [np.arange(g0[i], g1[i]) for i in range(3)]
+                            idx = [ix[(ix * stride) % native == shift[i]] if stride < native else ix
+                                   for i, ix in enumerate(idx)]
+                            if any(len(ix) == 0 for ix in idx):
+                                continue
+                            lo = [int(ix[0]) * stride for ix in idx]
+                            hi = [int(ix[-1]) * stride + w for ix in idx]
+                            block = np.asarray(data[:, lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]], dtype=np.float32)
+                            feats = model.dense(torch.from_numpy(block)[None].to(device))[0]
+                            feats = feats[:, ::step, ::step, ::step].permute(1, 2, 3, 0).float().cpu().numpy()
+                            local = [ix - g0[i] for i, ix in enumerate(idx)]
+                            out[np.ix_(*local)] = feats[: len(local[0]), : len(local[1]), : len(local[2])]
+                store[row_of[g0[0]:g1[0], g0[1]:g1[1], g0[2]:g1[2]][sel]] = out[sel]
+    finally:
+        model.train(was_training)
+    return GridFeatures(store, grid, selected, offset, stride)
+
+
+def cluster_features(
+    features: np.ndarray, n_clusters: int, seed: int = 0, max_fit: int = 100_000
+) -> np.ndarray:
+    """k-means on features: fit on a seeded sample of at most ``max_fit`` rows, assign every row.
+
+    Returns
+    -------
+    numpy.ndarray
+        ``(M,)`` cluster index ``0..k-1`` per row.
+    """
+    from sklearn.cluster import KMeans
+
+    n = len(features)
+    if not isinstance(n_clusters, (int, np.integer)) or n_clusters < 2:
+        raise ValueError(f"n_clusters must be an integer >= 2, got {n_clusters!r}")
+    if n_clusters > n:
+        raise ValueError(f"n_clusters={n_clusters} exceeds the {n} grid positions with a feature; lower the stride")
+    rng = np.random.default_rng(seed)
+    fit = features if n <= max_fit else features[np.sort(rng.choice(n, size=max_fit, replace=False))]
+    km = KMeans(n_clusters=n_clusters, n_init=10, random_state=seed).fit(np.asarray(fit, dtype=np.float32))
+    out = np.empty(n, dtype=np.int32)
+    for start in range(0, n, 262_144):
+        out[start:start + 262_144] = km.predict(np.asarray(features[start:start + 262_144], dtype=np.float32))
+    return out
+
+
+def project_labels(grid: GridFeatures, clusters: np.ndarray, volume: Volume) -> np.ndarray:
+    """Voxel labels from the clusters of the grid positions (the rule in the module docstring).
+
+    Returns
+    -------
+    numpy.ndarray
+        ``(Z, Y, X)`` int32 labels ``1..k`` in the foreground (ordered by intensity), 0 outside.
+    """
+    from .baselines import order_labels_by_intensity
+
+    coarse = np.zeros(grid.grid_shape, dtype=np.int32)
+    coarse[grid.selected] = np.asarray(clusters) + 1
+    if not grid.selected.all():  # positions without a feature take their nearest featured neighbour
+        spacing = np.asarray(volume.geometry.spacing_zyx) * grid.stride
+        nearest = ndimage.distance_transform_edt(coarse == 0, sampling=spacing, return_distances=False,
+                                                 return_indices=True)
+        coarse = coarse[tuple(nearest)]
+    s, o = grid.stride, grid.offset
+    fine = np.repeat(np.repeat(np.repeat(coarse, s, 0), s, 1), s, 2)
+    # centre c labels the block [c - s//2, c - s//2 + s); pad with edge values to cover the border
+    start = o - s // 2
+    pad = [(max(start, 0), max(volume.shape[i] - (start + fine.shape[i]), 0)) for i in range(3)]
+    crop = [slice(max(-start, 0), max(-start, 0) + volume.shape[i]) for i in range(3)]
+    fine = np.pad(fine, pad, mode="edge")[tuple(crop)]
+    mask = volume.foreground()
+    return order_labels_by_intensity(fine, np.asarray(volume.data[0]), mask)
+
+
+def label_volume(
+    model: JuleNet3D,
+    volume: Volume,
+    n_clusters: int,
+    stride: int = 2,
+    seed: int = 0,
+    progress: bool = False,
+    **feature_options: Any,
+) -> np.ndarray:
+    """Segment a volume with a trained network: grid features → k-means → labels for every voxel.
+
+    Parameters
+    ----------
+    model : JuleNet3D
+        Trained network (same channels as the volume).
+    volume : Volume
+        Normalised volume with its foreground mask.
+    n_clusters : int
+        Number of classes ``k``.
+    stride : int
+        Grid stride in voxels.
+    seed : int
+        Seed of k-means.
+    progress : bool
+        Show progress bars.
+    **feature_options
+        Passed to :func:`grid_features` (``chunk``, ``device``, ...).
+
+    Returns
+    -------
+    numpy.ndarray
+        ``(Z, Y, X)`` labels, ``uint8`` (``uint16`` above 255 classes): 0 background, 1..k classes.
+    """
+    grid = grid_features(model, volume, stride=stride, progress=progress, **feature_options)
+    clusters = cluster_features(grid.features, n_clusters, seed=seed)
+    return project_labels(grid, clusters, volume)
+
+
+def segment(
+    volume: Volume | str | os.PathLike | Sequence[str | os.PathLike] | np.ndarray,
+    n_clusters: int = 3,
+    preset: str = "fast",
+    seed: int = 0,
+    mask: np.ndarray | str | os.PathLike | None = None,
+    model: JuleNet3D | str | os.PathLike | None = None,
+    n_patches: int = 2000,
+    min_foreground: float = 0.9,
+    stride: int = 2,
+    progress: bool = True,
+    **jule_overrides: Any,
+) -> np.ndarray:
+    """The whole method in one call: patches → JULE training → grid features → k-means → voxel labels.
+
+    Parameters
+    ----------
+    volume : Volume, path, list of paths or ndarray
+        The image. Paths are read with :func:`jule3d.load_volume` (several paths = channels), arrays are
+        ``(Z, Y, X)`` or ``(C, Z, Y, X)`` with unit spacing; both are normalised and masked automatically.
+        A :class:`Volume` is used as is (normalise it first).
+    n_clusters : int
+        Number of tissue classes ``k`` (also JULE's target cluster count).
+    preset : {"fast", "paper"}
+        Network and schedule preset.
+    seed : int
+        Seed of everything random.
+    mask : ndarray or path, optional
+        Foreground mask; default: the volume's own, or the automatic one.
+    model : JuleNet3D or path, optional
+        A trained network: skips training (Phase 1).
+    n_patches : int
+        Training patches (Phase 1).
+    min_foreground : float
+        Minimum foreground fraction of a training patch.
+    stride : int
+        Grid stride of Phase 2.
+    progress : bool
+        Show progress bars.
+    **jule_overrides
+        Fields of :class:`jule3d.jule.JuleConfig` (``K_s``, ``eta``, ``epochs_per_period``, ...).
+
+    Returns
+    -------
+    numpy.ndarray
+        ``(Z, Y, X)`` labels, 0 = background, 1..k = classes.
+    """
+    from .io import load_volume
+    from .jule import jule_config, load_model, train_jule
+    from .models import net_config
+    from .normalize import normalize_intensity
+    from .patches import sample_patches
+
+    if isinstance(volume, Volume):
+        vol = volume if mask is None else volume.with_mask(_mask_array(mask, volume))
+    elif isinstance(volume, np.ndarray):
+        from .mask import foreground_mask
+
+        vol = Volume.from_array(volume.astype(np.float32, copy=False))
+        vol = vol.with_mask(_mask_array(mask, vol) if mask is not None else foreground_mask(vol))
+        vol = normalize_intensity(vol)
+    else:
+        vol = load_volume(volume, mask=mask)
+    if isinstance(model, (str, os.PathLike)):
+        model = load_model(model)
+    if model is None:
+        config = jule_config(preset, n_clusters=n_clusters, seed=seed, **jule_overrides)
+        patch_size = net_config(config.net, **config.net_overrides).patch_size
+        patches = sample_patches(vol, n_patches, patch_size=patch_size, min_foreground=min_foreground, seed=seed)
+        model = train_jule(patches, config, progress=progress).model
+    return label_volume(model, vol, n_clusters, stride=stride, seed=seed, progress=progress)
+
+
+def _mask_array(mask: np.ndarray | str | os.PathLike, volume: Volume) -> np.ndarray:
+    if isinstance(mask, np.ndarray):
+        return mask
+    from .io import read_image
+
+    array, geometry = read_image(mask)
+    if not geometry.matches(volume.geometry):
+        raise ValueError(f"mask {mask} does not match the volume's geometry: {geometry.describe_mismatch(volume.geometry)}")
+    return np.asarray(array) > 0

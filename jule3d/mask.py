@@ -137,17 +137,21 @@ def _otsu_or_premasked(image: np.ndarray) -> np.ndarray:
 
 
 def _closing(mask: np.ndarray, radius: int) -> np.ndarray:
-    """Binary closing with a ball, computed in the padded bounding box of the mask.
+    """Binary closing with a ball, computed in the bounding box of the mask grown by ``radius``.
 
-    The padding makes voxels beyond the array edge count as background, so a specimen that
-    touches the edge is not eroded there.
+    Where the grown box passes the array edge it is padded by repeating the edge voxels, so a
+    specimen cut by the field of view is closed there as if it went on beyond the edge.
     """
     box = ndi.find_objects(mask.astype(np.uint8))[0]
-    sub = np.pad(mask[box], radius)
+    starts = [max(s.start - radius, 0) for s in box]
+    stops = [min(s.stop + radius, n) for s, n in zip(box, mask.shape)]
+    grown = tuple(slice(a, b) for a, b in zip(starts, stops))
+    pads = [(radius - (s.start - a), radius - (b - s.stop)) for s, a, b in zip(box, starts, stops)]
+    sub = np.pad(mask[grown], pads, mode="edge")
     closed = ndi.binary_closing(sub, structure=ball(radius))
-    inner = (slice(radius, -radius),) * 3
+    inner = tuple(slice(before, before + b - a) for (before, _), a, b in zip(pads, starts, stops))
     out = mask.copy()
-    out[box] |= closed[inner]
+    out[grown] |= closed[inner]
     return out
 
 

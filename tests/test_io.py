@@ -385,6 +385,7 @@ def test_load_mask_accepts_a_volume_reference(tmp_path: Path, specimen_volume: V
     np.testing.assert_array_equal(load_mask(tmp_path / "m.nrrd", specimen_volume), specimen_truth)
 
 
+@pytest.mark.realdata
 def test_load_volume_real_brats_two_channels(shared_data: Path) -> None:
     folder = shared_data / "brats2015" / "brats_2013_pat0003_1"
     volume = load_volume(

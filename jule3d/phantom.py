@@ -1,6 +1,6 @@
 """A synthetic texture phantom with ground truth.
 
-The phantom is a blobby ellipsoidal specimen in air, divided into large regions (one or a few per tissue
+The phantom is a blobby specimen (a rounded block) in air, divided into large regions (one or a few per tissue
 class). Every class is filled with a different *texture*: a random field with its own power spectrum
 (fine grain, coarse grain, lamellae, foam walls, fibres, oblique fine lamellae). In the ``"texture"``
 variant every class has exactly the same intensity distribution: each texture field is made Gaussian
@@ -60,12 +60,15 @@ TISSUE_MEAN = 1.0
 TEXTURE_STD = 0.2
 #: The ``"intensity"`` variant spreads the class means evenly over ``TISSUE_MEAN ± INTENSITY_SPREAD``.
 INTENSITY_SPREAD = 0.25
-#: Semi-axes of the specimen ellipsoid ``(Z, Y, X)`` as a fraction of the half-extent of the volume,
-#: and the relative amplitude of the smooth random modulation of its radius.
-SPECIMEN_SEMI_AXES = (0.86, 0.92, 0.90)
+#: The specimen is a rounded block: a superellipsoid ``sum(|u_i / a_i| ** p) <= 1`` with exponent ``p``
+#: (2 would be an ellipsoid; 4 fills the box better, so class regions hold many whole 27³ patches),
+#: semi-axes ``a`` ``(Z, Y, X)`` as a fraction of the half-extent of the volume, and a radius modulated
+#: by a smooth random field of relative amplitude ``SPECIMEN_WOBBLE``.
+SPECIMEN_EXPONENT = 4.0
+SPECIMEN_SEMI_AXES = (0.88, 0.92, 0.90)
 SPECIMEN_WOBBLE = 0.06
 #: Largest displacement (voxels) of the smooth warp that makes region boundaries gently curved.
-BOUNDARY_WARP = 3.0
+BOUNDARY_WARP = 2.0
 #: Smoothness (voxels) and strength (radians, std) of the phase perturbation that bends lamellae.
 LAMELLA_WARP_SMOOTHNESS = 6.0
 LAMELLA_WAVINESS = 2.0
@@ -125,7 +128,7 @@ def _filtered_noise(
     noise = rng.standard_normal(shape, dtype=np.float32)
     spectrum = np.fft.rfftn(noise)
     spectrum *= transfer(*_frequency_grid(shape))
-    return np.fft.irfftn(spectrum, s=shape).astype(np.float32)
+    return np.fft.irfftn(spectrum, s=shape, axes=(0, 1, 2)).astype(np.float32)
 
 
 def _lamellae(
@@ -193,11 +196,10 @@ def _normalised_coordinates(shape: tuple[int, int, int]) -> list[np.ndarray]:
 
 
 def _specimen(shape: tuple[int, int, int], rng: np.random.Generator) -> np.ndarray:
-    """Blobby ellipsoid: an ellipsoid whose radius is modulated by a smooth random field."""
-    z, y, x = _normalised_coordinates(shape)
-    az, ay, ax = SPECIMEN_SEMI_AXES
-    radius = np.sqrt((z / az) ** 2 + (y / ay) ** 2 + (x / ax) ** 2)
-    return radius <= 1.0 + SPECIMEN_WOBBLE * _smooth_field(shape, rng)
+    """Blobby rounded block: a superellipsoid whose radius is modulated by a smooth random field."""
+    p = SPECIMEN_EXPONENT
+    radius = sum(np.abs(u / a) ** p for u, a in zip(_normalised_coordinates(shape), SPECIMEN_SEMI_AXES))
+    return radius ** (1 / p) <= 1.0 + SPECIMEN_WOBBLE * _smooth_field(shape, rng)
 
 
 def _lloyd_centres(coords: np.ndarray, n: int, rng: np.random.Generator, iterations: int = 30) -> np.ndarray:

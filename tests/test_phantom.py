@@ -1,0 +1,219 @@
+"""Tests of the texture phantom: determinism, ground truth, equal intensity statistics, difficulty."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from scipy import ndimage
+from skimage.filters import threshold_multiotsu
+from sklearn.cluster import KMeans
+from sklearn.metrics import normalized_mutual_info_score
+
+from jule3d.cli import main
+from jule3d.patches import sample_patches
+from jule3d.phantom import DEFAULT_SPACING, TEXTURE_NAMES, make_phantom, write_phantom
+
+SMALL = (64, 64, 64)
+
+
+@pytest.fixture(scope="module")
+def phantom():
+    return make_phantom(shape=SMALL, n_classes=3, seed=3)
+
+
+@pytest.fixture(scope="module")
+def default_phantom():
+    return make_phantom()
+
+
+def _tissue(ph) -> tuple[np.ndarray, np.ndarray]:
+    """Intensities and labels of the specimen voxels."""
+    inside = ph.labels > 0
+    return ph.volume.data[0][inside], ph.labels[inside]
+
+
+def _texture_features(image: np.ndarray, mask: np.ndarray, scale: float = 5.0) -> np.ndarray:
+    """Local energies of directional derivatives and of two band-pass filters, averaged in the mask."""
+    image = np.where(mask, image, image[mask].mean()).astype(np.float32)
+    weight = ndimage.gaussian_filter(mask.astype(np.float32), scale) + 1e-6
+    responses = [ndimage.gaussian_filter1d(image, 1.0, axis=a, order=1) for a in range(3)]
+    responses += [ndimage.gaussian_filter(image, s1) - ndimage.gaussian_filter(image, s2)
+                  for s1, s2 in ((0.7, 1.5), (1.5, 3.0))]
+    energies = [ndimage.gaussian_filter(r * r * mask, scale)[mask] / weight[mask] for r in responses]
+    features = np.log(np.stack(energies, axis=1) + 1e-6)
+    return (features - features.mean(0)) / features.std(0)
+
+
+def _kmeans_nmi(features: np.ndarray, truth: np.ndarray, k: int) -> float:
+    model = KMeans(k, n_init=4, random_state=0).fit(features[::5])
+    return normalized_mutual_info_score(truth, model.predict(features))
+
+
+def test_shapes_dtypes_and_ground_truth(phantom):
+    volume, labels = phantom.volume, phantom.labels
+    assert volume.data.shape == (1,) + SMALL and volume.data.dtype == np.float32
+    assert labels.shape == SMALL and labels.dtype == np.uint8
+    assert set(np.unique(labels)) == {0, 1, 2, 3}
+    np.testing.assert_array_equal(volume.mask, labels > 0)
+    assert phantom.class_names == TEXTURE_NAMES[:3] and phantom.n_classes == 3
+    assert volume.spacing == DEFAULT_SPACING
+    # Centred on the physical origin: first and last voxel centres are symmetric.
+    assert volume.geometry.origin == pytest.approx(tuple(-(n - 1) / 2 * 0.5 for n in SMALL))
+    # Specimen in air: no tissue on the outer faces of the volume.
+    for axis in range(3):
+        assert not np.take(labels, [0, -1], axis=axis).any()
+
+
+def test_same_seed_same_arrays_other_seed_different():
+    a = make_phantom(shape=(32, 36, 40), seed=5)
+    b = make_phantom(shape=(32, 36, 40), seed=5)
+    c = make_phantom(shape=(32, 36, 40), seed=6)
+    np.testing.assert_array_equal(a.volume.data, b.volume.data)
+    np.testing.assert_array_equal(a.labels, b.labels)
+    assert not np.array_equal(a.volume.data, c.volume.data)
+    assert not np.array_equal(a.labels, c.labels)
+
+
+@pytest.mark.parametrize("k", [2, 3, 6])
+def test_classes_are_balanced(k):
+    ph = make_phantom(shape=(48, 48, 48), n_classes=k, seed=1)
+    counts = np.bincount(ph.labels[ph.labels > 0], minlength=k + 1)[1:]
+    fractions = counts / counts.sum()
+    assert fractions.min() > 0.6 / k and fractions.max() < 1.4 / k, fractions
+
+
+def test_regions_hold_several_whole_patches(default_phantom):
+    """Every class region of the default phantom contains many 27³ cubes of that class only."""
+    ph = default_phantom
+    for c in range(1, ph.n_classes + 1):
+        only_c = ph.volume.with_mask(ph.labels == c)
+        patches = sample_patches(only_c, 20, patch_size=27, min_foreground=1.0, labels=ph.labels)
+        assert np.all(patches.labels == c)
+
+
+@pytest.mark.parametrize("k", [3, 6])
+def test_texture_classes_share_mean_and_std(k):
+    ph = make_phantom(shape=SMALL, n_classes=k, seed=2)
+    values, truth = _tissue(ph)
+    means = np.array([values[truth == c].mean() for c in range(1, k + 1)])
+    stds = np.array([values[truth == c].std() for c in range(1, k + 1)])
+    assert means.max() / means.min() < 1.05, means
+    assert stds.max() / stds.min() < 1.05, stds
+
+
+def test_without_noise_and_bias_every_class_is_exactly_standardised():
+    ph = make_phantom(shape=(40, 40, 40), n_classes=4, seed=0, noise=0.0, bias=0.0)
+    values, truth = _tissue(ph)
+    for c in range(1, 5):
+        v = values[truth == c]
+        assert v.mean() == pytest.approx(1.0, abs=1e-4)
+        assert v.std() == pytest.approx(0.2, rel=1e-3)
+    assert np.all(ph.volume.data[0][ph.labels == 0] == 0.0)
+
+
+def test_intensity_variant_spreads_class_means():
+    ph = make_phantom(shape=SMALL, variant="intensity", seed=2)
+    values, truth = _tissue(ph)
+    means = [values[truth == c].mean() for c in (1, 2, 3)]
+    assert means == pytest.approx([0.75, 1.0, 1.25], abs=0.03)
+
+
+def test_air_is_darker_and_the_automatic_mask_finds_the_specimen(phantom):
+    from jule3d.mask import foreground_mask
+
+    image, specimen = phantom.volume.data[0], phantom.labels > 0
+    assert image[specimen].mean() - image[~specimen].mean() > 10 * image[~specimen].std()
+    auto = foreground_mask(image)
+    dice = 2 * (auto & specimen).sum() / (auto.sum() + specimen.sum())
+    assert dice > 0.99
+
+
+def test_intensity_only_methods_score_near_zero_on_the_texture_variant(phantom):
+    values, truth = _tissue(phantom)
+    kmeans = KMeans(3, n_init=3, random_state=0).fit(values[::5, None]).predict(values[:, None])
+    otsu = np.digitize(values, threshold_multiotsu(values, classes=3))
+    assert normalized_mutual_info_score(truth, kmeans) < 0.05
+    assert normalized_mutual_info_score(truth, otsu) < 0.05
+
+
+def test_intensity_only_methods_do_see_the_intensity_variant():
+    ph = make_phantom(shape=SMALL, variant="intensity", seed=3)
+    values, truth = _tissue(ph)
+    kmeans = KMeans(3, n_init=3, random_state=0).fit(values[::5, None]).predict(values[:, None])
+    assert normalized_mutual_info_score(truth, kmeans) > 0.15
+
+
+def test_texture_features_separate_the_classes(default_phantom):
+    """Local filter energies at patch scale + k-means recover the classes the intensities hide."""
+    ph = default_phantom
+    inside = ph.labels > 0
+    features = _texture_features(ph.volume.data[0], inside)
+    assert _kmeans_nmi(features, ph.labels[inside], ph.n_classes) > 0.5
+
+
+@pytest.mark.parametrize(
+    "kwargs, name",
+    [
+        ({"shape": (32, 32)}, "shape"),
+        ({"shape": (8, 32, 32)}, "shape"),
+        ({"n_classes": 1}, "n_classes"),
+        ({"n_classes": 7}, "n_classes"),
+        ({"n_classes": 2.5}, "n_classes"),
+        ({"variant": "colour"}, "variant"),
+        ({"noise": -0.1}, "noise"),
+        ({"bias": 1.0}, "bias"),
+        ({"regions_per_class": 0}, "regions_per_class"),
+    ],
+)
+def test_bad_arguments_are_named(kwargs, name):
+    with pytest.raises(ValueError, match=name):
+        make_phantom(**kwargs)
+
+
+def test_several_regions_per_class():
+    ph = make_phantom(shape=(48, 48, 48), n_classes=2, regions_per_class=3, seed=4)
+    counts = np.bincount(ph.labels[ph.labels > 0])[1:]
+    assert len(counts) == 2 and counts.min() / counts.max() > 0.5
+
+
+def test_write_phantom_round_trip(tmp_path):
+    from jule3d.io import load_volume
+
+    out, lab = tmp_path / "ph.nii.gz", tmp_path / "ph_labels.nii.gz"
+    ph = write_phantom(out, lab, shape=(32, 32, 32), seed=1)
+    image = load_volume(out, normalize=False, foreground=None)
+    labels = load_volume(lab, normalize=False, foreground=None)
+    assert image.geometry.matches(ph.volume.geometry) and labels.geometry.matches(image.geometry)
+    np.testing.assert_array_equal(image.data[0], ph.volume.data[0])
+    np.testing.assert_array_equal(labels.data[0], ph.labels)
+
+
+def test_write_phantom_refuses_existing_files_before_writing(tmp_path):
+    out, lab = tmp_path / "ph.nii.gz", tmp_path / "ph_labels.nii.gz"
+    lab.write_bytes(b"keep me")
+    with pytest.raises(FileExistsError, match="labels_path"):
+        write_phantom(out, lab, shape=(32, 32, 32))
+    assert not out.exists() and lab.read_bytes() == b"keep me"
+    with pytest.raises(ValueError, match="same file"):
+        write_phantom(out, out, shape=(32, 32, 32))
+    with pytest.raises(FileNotFoundError, match="out_path"):
+        write_phantom(tmp_path / "missing" / "ph.nii.gz", shape=(32, 32, 32))
+
+
+def test_cli_writes_volume_and_labels_with_identical_geometry(tmp_path, capsys):
+    from jule3d.io import load_volume
+
+    out, lab = tmp_path / "ph.nrrd", tmp_path / "gt.nii.gz"
+    argv = ["phantom", str(out), "--labels", str(lab), "--seed", "2", "--shape", "24", "28", "32",
+            "--n-classes", "4", "--variant", "intensity"]
+    assert main(argv) == 0
+    image = load_volume(out)  # automatic mask and normalisation, as a user would load it
+    labels = load_volume(lab, normalize=False, foreground=None)
+    assert image.shape == (24, 28, 32) and image.spacing == DEFAULT_SPACING
+    assert labels.geometry.matches(image.geometry)
+    expected = make_phantom(shape=(24, 28, 32), n_classes=4, variant="intensity", seed=2)
+    np.testing.assert_array_equal(labels.data[0], expected.labels)
+    assert (image.mask == (expected.labels > 0)).mean() > 0.98
+    assert main(argv) == 2  # exists, no --overwrite
+    assert "exists" in capsys.readouterr().err
+    assert main(argv + ["--overwrite"]) == 0

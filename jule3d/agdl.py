@@ -437,9 +437,8 @@ class _FastAgdl:
         self.slot = labels.copy()
         self.slot_of = list(range(c))
         self.cluster_of_slot = np.arange(c)
-        self.members: list[list[int] | None] = [[] for _ in range(c)]
-        for i, a in enumerate(labels.tolist()):
-            self.members[a].append(i)
+        by_cluster = np.split(np.argsort(labels, kind="stable"), np.cumsum(self.size)[:-1])
+        self.members: list[list[int] | None] = [part.tolist() for part in by_cluster]
         self.alive = np.ones(c, dtype=bool)
         U = _linkage_u(W, labels, c)
         self.u_out = _rows_as_dicts(U)  # u_out[a][x] = U(a, x)

@@ -344,7 +344,15 @@ def test_agglomerate_rejects_mismatched_inputs() -> None:
 
 @pytest.mark.parametrize(
     ("n_clusters", "eta", "target", "expected"),
-    [(100, 0.9, 3, 90), (100, 0.7, 3, 70), (10, 0.9, 5, 5), (3, 0.9, 3, 0), (2, 0.9, 5, 0), (7, 0.2, 1, 2), (4, 1.0, 1, 3)],
+    [
+        (100, 0.9, 3, 90),
+        (100, 0.7, 3, 70),
+        (10, 0.9, 5, 5),
+        (3, 0.9, 3, 0),
+        (2, 0.9, 5, 0),
+        (7, 0.2, 1, 2),
+        (4, 1.0, 1, 3),
+    ],
 )
 def test_unfolding_merges(n_clusters: int, eta: float, target: int, expected: int) -> None:
     assert unfolding_merges(n_clusters, eta, target) == expected

@@ -12,8 +12,11 @@ signal in such patches and an unsupervised method learns "edge vs interior" inst
 tissue". ``background`` decides what the air voxels of a patch become:
 
 ``"zero"`` (default)
-    0. After :func:`jule3d.normalize.normalize_intensity` (z-score inside the mask) 0 is the mean
-    tissue intensity, so the edge's contrast disappears while the tissue voxels are unchanged.
+    0. After :func:`jule3d.normalize.normalize_intensity` (z-score inside the mask, what
+    :func:`jule3d.io.load_volume` applies by default) 0 is the mean foreground intensity, so the edge's
+    contrast disappears while the tissue voxels are unchanged. That normalisation already sets air to
+    exactly 0, so on such volumes ``"zero"`` and ``"keep"`` give the same patches; ``"zero"`` also
+    protects volumes that were not normalised.
 ``"mean"``
     The mean of the patch's own foreground voxels (per channel): no contrast step whatever the
     normalisation.

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
-from scipy import ndimage, special
+from scipy import special
 
 from .volume import Volume
 

@@ -53,6 +53,7 @@ from __future__ import annotations
 
 import heapq
 import math
+import operator
 from fractions import Fraction
 from typing import Any
 
@@ -444,7 +445,7 @@ class _FastAgdl:
         self.u_out = _rows_as_dicts(U)  # u_out[a][x] = U(a, x)
         self.u_in = _rows_as_dicts(sp.csr_matrix(U.T))  # u_in[a][x] = U(x, a)
         self.aff = _rows_as_dicts(_normalised_affinity(U, np.asarray(self.size)))
-        self.top = [heapq.nsmallest(K_c, ((-v, x) for x, v in row.items())) for row in self.aff]
+        self.top = [_top_k(row, K_c) for row in self.aff]
         self.neg_score = [0.0] * c
         self.heap: list[tuple[float, int]] = []
 
@@ -491,31 +492,40 @@ class _FastAgdl:
     # -- merge -----------------------------------------------------------------------------
 
     def _cross_term(self, a: int, b: int) -> dict[int, float]:
-        """``sum_{k in C_x} in_a(k) out_b(k) + in_b(k) out_a(k)`` for every other cluster ``x``."""
+        """``sum_{k in C_x} in_a(k) out_b(k) + in_b(k) out_a(k)`` for every other cluster ``x``.
+
+        With ``s`` the smaller and ``l`` the larger of the two clusters, the summand is
+        ``in_s(k) out_l(k) + out_s(k) in_l(k)``: non-zero only on the out- and in-neighbours of
+        ``C_s``, read from ``C_s``'s rows of ``W`` and ``W^T``.
+        """
         sa, sb = self.slot_of[a], self.slot_of[b]
-        small = sa if len(self.members[sa]) <= len(self.members[sb]) else sb
+        small, large = (sa, sb) if len(self.members[sa]) <= len(self.members[sb]) else (sb, sa)
         mem = np.asarray(self.members[small], dtype=np.int64)
-        around = np.unique(np.concatenate([_gather_rows(self.W, mem)[1], _gather_rows(self.WT, mem)[1]]))
-        out_a, out_b = self._sums_into(self.W, around, sa, sb)
-        in_a, in_b = self._sums_into(self.WT, around, sa, sb)
-        z = in_a * out_b + in_b * out_a
-        slots = self.slot[around]
-        keep = (z > 0) & (slots != sa) & (slots != sb)
-        clusters, inverse = np.unique(self.cluster_of_slot[slots[keep]], return_inverse=True)
+        k_in, z_in = self._half_cross(self.W, mem, small, large)  # in_s(k) out_l(k)
+        k_out, z_out = self._half_cross(self.WT, mem, small, large)  # out_s(k) in_l(k)
+        ks, z = np.concatenate([k_in, k_out]), np.concatenate([z_in, z_out])
+        keep = z > 0
+        clusters, inverse = np.unique(self.cluster_of_slot[self.slot[ks[keep]]], return_inverse=True)
         sums = np.bincount(inverse.reshape(-1), weights=z[keep], minlength=clusters.size)
         return dict(zip(clusters.tolist(), sums.tolist()))
 
-    def _sums_into(
-        self, M: sp.csr_matrix, rows: np.ndarray, sa: int, sb: int
+    def _half_cross(
+        self, M: sp.csr_matrix, mem: np.ndarray, small: int, large: int
     ) -> tuple[np.ndarray, np.ndarray]:
-        """Row sums of ``M[rows]`` restricted to the columns of slots ``sa`` and ``sb``."""
-        where, cols, vals = _gather_rows(M, rows)
-        col_slot = self.slot[cols]
-        in_a, in_b = col_slot == sa, col_slot == sb
-        return (
-            np.bincount(where[in_a], weights=vals[in_a], minlength=rows.size),
-            np.bincount(where[in_b], weights=vals[in_b], minlength=rows.size),
-        )
+        """Samples ``k`` outside both clusters and ``M[i, k] * sum_{j in C_large} M[k, j]``.
+
+        One value per stored ``M[i, k]`` with ``i`` in the small cluster: ``M = W`` gives the terms
+        of ``in_s(k) out_l(k)``, ``M = W^T`` those of ``out_s(k) in_l(k)``.
+        """
+        _, ks, vals = _gather_rows(M, mem)
+        k_slot = self.slot[ks]
+        outside = (k_slot != small) & (k_slot != large)
+        ks, vals = ks[outside], vals[outside]
+        rows, inverse = np.unique(ks, return_inverse=True)
+        where, cols, row_vals = _gather_rows(M, rows)
+        hit = self.slot[cols] == large
+        to_large = np.bincount(where[hit], weights=row_vals[hit], minlength=rows.size)
+        return ks, vals * to_large[inverse.reshape(-1)]
 
     def _merge_members(self, a: int, b: int) -> None:
         """Move the smaller cluster's samples into the larger one's slot, owned by ``a``."""
@@ -571,24 +581,27 @@ class _FastAgdl:
         touched.discard(b)
         return sorted(touched)
 
-    def _refresh_top(self, x: int, a: int, b: int) -> None:
-        """Update cluster ``x``'s top-K cache after ``b`` merged into ``a``."""
+    def _refresh_top(self, x: int, a: int, b: int) -> bool:
+        """Update cluster ``x``'s top-K cache after ``b`` merged into ``a``; True if it changed."""
         cached = self.top[x]
         v = self.aff[x].get(a)
         held = [t for t in cached if t[1] == a or t[1] == b]
         # the cache stays exact without a rescan unless an entry left it or moved down in it
         if held and not (len(held) == 1 and held[0][1] == a and v is not None and -v <= held[0][0]):
-            self.top[x] = heapq.nsmallest(self.K, ((-w, y) for y, w in self.aff[x].items()))
-            return
-        if v is None:
-            return
-        if held:
-            cached.remove(held[0])
-        entry = (-v, a)
-        if len(cached) < self.K or entry < cached[-1]:
-            cached.append(entry)
-            cached.sort()
-            del cached[self.K :]
+            fresh = _top_k(self.aff[x], self.K)
+        elif v is None:
+            return False
+        else:
+            fresh = [t for t in cached if t[1] != a]
+            entry = (-v, a)
+            if len(fresh) < self.K or entry < fresh[-1]:
+                fresh.append(entry)
+                fresh.sort()
+                del fresh[self.K :]
+        if fresh == cached:
+            return False
+        self.top[x] = fresh
+        return True
 
     def merge(self, a: int, b: int) -> None:
         """Merge cluster ``b`` into cluster ``a`` (``a < b``) and update affinities and scores."""
@@ -596,11 +609,10 @@ class _FastAgdl:
         self._merge_members(a, b)
         row, col = self._merge_linkage(a, b, cross)
         touched = self._merge_affinity(a, b, row, col)
-        for x in touched:
-            self._refresh_top(x, a, b)
-        self.top[a] = heapq.nsmallest(self.K, ((-v, y) for y, v in self.aff[a].items()))
+        changed = [x for x in touched if self._refresh_top(x, a, b)]
+        self.top[a] = _top_k(self.aff[a], self.K)
         self.top[b] = []
-        self._push_scores([a, *touched])
+        self._push_scores([a, *changed])
 
     def labels(self) -> np.ndarray:
         """Current labels, compacted to ``0..c'-1`` in order of cluster id."""
@@ -611,6 +623,11 @@ def _rows_as_dicts(M: sp.csr_matrix) -> list[dict[int, float]]:
     """One ``{column: value}`` dict per row of a CSR matrix."""
     indptr, cols, vals = M.indptr, M.indices.tolist(), M.data.tolist()
     return [dict(zip(cols[s:e], vals[s:e])) for s, e in zip(indptr[:-1].tolist(), indptr[1:].tolist())]
+
+
+def _top_k(row: dict[int, float], k: int) -> list[tuple[float, int]]:
+    """The ``k`` largest entries of ``row`` as ``(-value, id)``, ascending (ties: lowest id first)."""
+    return heapq.nsmallest(k, zip(map(operator.neg, row.values()), row.keys()))
 
 
 def _added(first: dict, second: dict, a: int, b: int) -> dict:

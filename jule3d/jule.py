@@ -1,0 +1,881 @@
+"""JULE: joint training of the 3D CNN and AGDL agglomerative clustering on patches (Phase 1).
+
+The recurrent process follows the JULE reference code (``jwyang/JULE.torch``, ``train.lua``) and
+``method.md``:
+
+1. Period 0: features ``F`` = L2-normalised raw patches; ``W = knn_affinity(F, k_s)``; the initial
+   clusters follow each sample's nearest neighbour (:func:`jule3d.agdl.initial_clusters`); the CNN is
+   trained ``epochs_per_period`` epochs on those labels.
+2. Each later period: features from the CNN (eval mode, batched, no gradient); ``W`` rebuilt;
+   ``T = unfolding_merges(n_c, eta, n_clusters)`` AGDL merges; if ``n_c`` is still above the target,
+   the CNN is trained ``epochs_per_period`` epochs on the new labels. The loop stops when
+   ``n_c <= n_clusters`` (after ``max_periods`` periods the last one merges straight to the target).
+3. Final update (Moriya 2018): the CNN is trained ``final_epochs`` more epochs on the final labels,
+   and the final features are computed.
+
+Minibatches (``train.lua``, ``updateCNN``): each epoch is a fresh random permutation of all patches cut
+into batches of ``batch_size``. In a batch every same-cluster pair ``(a, p)``, ``a`` before ``p``, is
+an anchor-positive pair and gets ``min(n_negatives, #other-cluster samples in the batch)`` distinct
+negatives drawn uniformly from the batch (``organize_samples``; the reference loops per triplet, here
+it is one top-k over random keys). The weighted triplet loss (``criterions/TripletEmbedding.lua``) is
+``mean over triplets of max(0, gamma·‖f_a − f_p‖² − ‖f_a − f_n‖² + margin)``. A batch without any
+same-cluster pair has no loss: it is skipped (no forward pass, no optimiser step) but still counts
+as an iteration of the learning-rate schedule, as in the reference.
+
+Optimiser: SGD with momentum 0.9, *dampening* 0.9 (Lua ``optim.sgd`` defaults the dampening to the
+momentum, which torch's SGD does not), weight decay 5e-5 on every parameter, learning rate
+``lr · (1 + lr_gamma · it) ** -lr_power`` with ``it`` the global batch counter (``train.lua``'s
+"inv" policy).
+
+Checkpoints (``checkpoint_dir``) are written after every period and after the final update; they hold
+only tensors and plain containers so they load with ``torch.load(weights_only=True)``. Resuming
+restores the model, optimiser, iteration counter, labels, history and sampling RNG, so a resumed run
+ends with exactly the same labels and weights as an uninterrupted one (on the CPU).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from jule3d import agdl
+from jule3d.metrics import nmi
+from jule3d.models import PRESETS as NET_PRESETS
+from jule3d.models import JuleNet3D, NetConfig, net_config
+
+__all__ = [
+    "CHECKPOINT_NAME",
+    "JULE_PRESETS",
+    "JuleConfig",
+    "JuleResult",
+    "jule_config",
+    "load_model",
+    "sample_triplets",
+    "save_model",
+    "train_jule",
+    "weighted_triplet_loss",
+]
+
+CHECKPOINT_NAME = "jule_checkpoint.pt"
+"""File name of the checkpoint inside ``checkpoint_dir``."""
+
+_CHECKPOINT_FORMAT = "jule3d-jule-checkpoint-v1"
+_MODEL_FORMAT = "jule3d-model-v1"
+# fields that do not change the result, left out of the checkpoint fingerprint
+_NON_RESULT_FIELDS = ("device", "feature_batch_size")
+
+
+def _check_int(name: str, value: Any, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+        raise ValueError(f"JuleConfig.{name} must be an integer >= {minimum}, got {value!r}")
+
+
+def _check_range(
+    name: str, value: Any, low: float, high: float, low_open: bool = False, high_open: bool = False
+) -> None:
+    ok = isinstance(value, (int, float, np.floating, np.integer)) and not isinstance(value, bool)
+    ok = ok and math.isfinite(value) and (value > low if low_open else value >= low)
+    ok = ok and (value < high if high_open else value <= high)
+    if not ok:
+        bounds = f"{'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
+        raise ValueError(f"JuleConfig.{name} must lie in {bounds}, got {value!r}")
+
+
+@dataclass(frozen=True)
+class JuleConfig:
+    """Every hyperparameter of :func:`train_jule`; defaults are the spec's (``method.md``).
+
+    Parameters
+    ----------
+    n_clusters : int
+        Target number of clusters ``n*`` (3 tissue classes in Moriya 2018).
+    k_s : int
+        Neighbours per sample in the affinity graph ``W`` (JULE ``K_s``).
+    k_c : int
+        Clusters in the AGDL merge criterion's local term (JULE ``K_c``).
+    lam : float
+        Weight ``λ`` of that local term.
+    eta : float
+        Unfolding rate: each period merges ``ceil(eta · n_c)`` times (0.9; 0.2 for many small classes).
+    epochs_per_period : int
+        CNN epochs after each period's merges (0 leaves the CNN untrained, as JULE's ``updateCNN=0``).
+    final_epochs : int
+        CNN epochs of the final update on the final labels [ours: the paper gives no number].
+    batch_size : int
+        Patches per minibatch.
+    lr, momentum, dampening, weight_decay : float
+        SGD settings (JULE reference: 0.01, 0.9, 0.9, 5e-5).
+    lr_gamma, lr_power : float
+        Schedule ``lr · (1 + lr_gamma · it) ** -lr_power``.
+    margin, gamma : float
+        Triplet margin and weight of the positive distance (0.2 and 2).
+    n_negatives : int
+        Negatives per anchor-positive pair (at most; fewer when the batch holds fewer).
+    net : str
+        Network preset, a key of :data:`jule3d.models.PRESETS`.
+    net_overrides : dict
+        :class:`~jule3d.models.NetConfig` fields to change; ``in_channels`` and ``patch_size`` are taken
+        from the patches.
+    max_periods : int
+        Safety cap: the period with this index merges straight to ``n_clusters``.
+    approximate_knn : bool
+        Passed to :func:`jule3d.agdl.knn_affinity`.
+    channels_last : bool
+        Train with ``torch.channels_last_3d`` tensors (off: it was slower on the 2-core CPU measured,
+        see ``benchmarks/bench_training.py``).
+    feature_batch_size : int
+        Patches per forward pass when computing features.
+    seed : int
+        Seed of the weight initialisation and of the minibatch / negative sampling.
+    device : str
+        ``"auto"`` (CUDA when available, else CPU), ``"cpu"``, ``"cuda"``, ``"cuda:1"``, ...
+
+    Raises
+    ------
+    ValueError
+        Naming the first field that is out of range.
+    """
+
+    n_clusters: int = 3
+    k_s: int = 20
+    k_c: int = 5
+    lam: float = 1.0
+    eta: float = 0.9
+    epochs_per_period: int = 20
+    final_epochs: int = 20
+    batch_size: int = 100
+    lr: float = 0.01
+    momentum: float = 0.9
+    dampening: float = 0.9
+    weight_decay: float = 5e-5
+    lr_gamma: float = 1e-4
+    lr_power: float = 0.75
+    margin: float = 0.2
+    gamma: float = 2.0
+    n_negatives: int = 20
+    net: str = "paper"
+    net_overrides: dict[str, Any] = field(default_factory=dict)
+    max_periods: int = 100
+    approximate_knn: bool = False
+    channels_last: bool = False
+    feature_batch_size: int = 256
+    seed: int = 0
+    device: str = "auto"
+
+    def __post_init__(self) -> None:
+        for name in ("n_clusters", "k_s", "k_c", "batch_size", "n_negatives", "max_periods", "feature_batch_size"):
+            _check_int(name, getattr(self, name), minimum=1)
+        for name in ("epochs_per_period", "final_epochs", "seed"):
+            _check_int(name, getattr(self, name), minimum=0)
+        _check_range("eta", self.eta, 0.0, 1.0, low_open=True)
+        _check_range("momentum", self.momentum, 0.0, 1.0, high_open=True)
+        _check_range("dampening", self.dampening, 0.0, 1.0)
+        _check_range("lr", self.lr, 0.0, math.inf, low_open=True)
+        _check_range("gamma", self.gamma, 0.0, math.inf, low_open=True)
+        for name in ("lam", "weight_decay", "lr_gamma", "lr_power", "margin"):
+            _check_range(name, getattr(self, name), 0.0, math.inf)
+        if self.net not in NET_PRESETS:
+            raise ValueError(f"JuleConfig.net must be one of {sorted(NET_PRESETS)}, got {self.net!r}")
+        if not isinstance(self.net_overrides, Mapping):
+            raise ValueError(f"JuleConfig.net_overrides must be a dict, got {type(self.net_overrides).__name__}")
+        object.__setattr__(self, "net_overrides", dict(self.net_overrides))
+        net_config(self.net, **self.net_overrides)  # validates the override names and values
+        if self.device != "auto":
+            try:
+                torch.device(self.device)
+            except (RuntimeError, TypeError) as exc:
+                raise ValueError(f"JuleConfig.device {self.device!r} is not a torch device: {exc}") from exc
+
+    def network_config(self, in_channels: int, patch_size: int) -> NetConfig:
+        """The :class:`~jule3d.models.NetConfig` for patches of ``in_channels × patch_size³``.
+
+        Raises
+        ------
+        ValueError
+            If ``net_overrides`` sets ``in_channels`` or ``patch_size`` to other values.
+        """
+        for name, value in (("in_channels", in_channels), ("patch_size", patch_size)):
+            if name in self.net_overrides and self.net_overrides[name] != value:
+                raise ValueError(
+                    f"JuleConfig.net_overrides[{name!r}]={self.net_overrides[name]} does not match the "
+                    f"patches ({name}={value})"
+                )
+        overrides = {**self.net_overrides, "in_channels": in_channels, "patch_size": patch_size}
+        return net_config(self.net, **overrides)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-type dictionary that :meth:`from_dict` reads back (JSON- and checkpoint-safe)."""
+        out = asdict(self)
+        out["net_overrides"] = {
+            k: list(v) if isinstance(v, tuple) else v for k, v in self.net_overrides.items()
+        }
+        return out
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "JuleConfig":
+        """Build a config from :meth:`to_dict` output (unknown keys raise ``ValueError``)."""
+        _check_config_fields(data, "data")
+        return cls(**data)
+
+
+JULE_PRESETS: dict[str, JuleConfig] = {
+    "paper": JuleConfig(net="paper"),
+    "fast": JuleConfig(net="fast", epochs_per_period=3, final_epochs=10),
+}
+"""Named training configurations; ``net`` names the :data:`jule3d.models.PRESETS` entry of the same name."""
+
+
+def jule_config(preset: str = "fast", **overrides: Any) -> JuleConfig:
+    """A preset training configuration with some fields replaced.
+
+    Parameters
+    ----------
+    preset : str
+        A key of :data:`JULE_PRESETS` (``"paper"`` or ``"fast"``).
+    **overrides
+        :class:`JuleConfig` fields to change.
+
+    Raises
+    ------
+    ValueError
+        If ``preset`` is unknown or an override is not a field (the message lists the valid ones).
+    """
+    if preset not in JULE_PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; valid presets: {sorted(JULE_PRESETS)}")
+    _check_config_fields(overrides, "overrides")
+    return replace(JULE_PRESETS[preset], **overrides)
+
+
+def _check_config_fields(values: Mapping[str, Any], what: str) -> None:
+    valid = [f.name for f in fields(JuleConfig)]
+    unknown = sorted(set(values) - set(valid))
+    if unknown:
+        raise ValueError(f"unknown JuleConfig field(s) in {what}: {unknown}; valid fields: {valid}")
+
+
+@dataclass
+class JuleResult:
+    """Output of :func:`train_jule`.
+
+    Attributes
+    ----------
+    model : JuleNet3D
+        The trained network (eval mode, on the training device).
+    labels : numpy.ndarray
+        ``(N,)`` int64 cluster of each patch, ``0..c-1``.
+    history : list of dict
+        One record per period, then one for the final update (``stage == "final"``): ``period``,
+        ``stage`` (``"period"`` / ``"final"``), ``n_clusters``, ``loss`` (mean over the period's
+        triplets; NaN when there was none), ``n_triplets``, ``iteration`` (batches so far), ``lr``,
+        ``seconds``, and ``nmi`` (arithmetic-mean NMI of the labels against ``ground_truth``, when given).
+    config : JuleConfig
+    features : numpy.ndarray
+        ``(N, D)`` float32 final features of the patches.
+    """
+
+    model: JuleNet3D
+    labels: np.ndarray
+    history: list[dict[str, Any]]
+    config: JuleConfig
+    features: np.ndarray
+
+
+# --------------------------------------------------------------------------------------------------
+# the weighted triplet loss
+
+
+def sample_triplets(
+    labels: torch.Tensor, n_negatives: int, generator: torch.Generator | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Triplets of one minibatch, as batch positions.
+
+    Every same-cluster pair ``(a, p)`` with ``a < p`` is an anchor-positive pair; it gets
+    ``min(n_negatives, number of batch samples in other clusters)`` distinct negatives drawn uniformly
+    (the top-``k`` of random keys over the allowed positions).
+
+    Parameters
+    ----------
+    labels : torch.Tensor
+        ``(B,)`` integer cluster labels of the batch (CPU).
+    n_negatives : int
+        Most negatives per anchor-positive pair.
+    generator : torch.Generator, optional
+        CPU generator of the random keys.
+
+    Returns
+    -------
+    anchors, positives, negatives : torch.Tensor
+        ``(T,)`` int64 indices into the batch; empty when the batch has no same-cluster pair or no
+        other-cluster sample.
+    """
+    labels = torch.as_tensor(labels).reshape(-1).cpu()
+    same = labels[:, None] == labels[None, :]
+    anchors, positives = torch.triu(same, diagonal=1).nonzero(as_tuple=True)
+    n_keep = min(int(n_negatives), labels.numel())
+    if anchors.numel() == 0 or n_keep == 0:
+        empty = torch.empty(0, dtype=torch.int64)
+        return empty, empty, empty
+    keys = torch.rand(anchors.numel(), labels.numel(), generator=generator)
+    keys = torch.where(same[anchors], torch.full_like(keys, -1.0), keys)
+    top, negatives = keys.topk(n_keep, dim=1)
+    valid = top >= 0
+    anchors = anchors[:, None].expand(-1, n_keep)[valid]
+    positives = positives[:, None].expand(-1, n_keep)[valid]
+    return anchors, positives, negatives[valid]
+
+
+def weighted_triplet_loss(
+    features: torch.Tensor,
+    anchors: torch.Tensor,
+    positives: torch.Tensor,
+    negatives: torch.Tensor,
+    gamma: float = 2.0,
+    margin: float = 0.2,
+) -> torch.Tensor:
+    """``mean max(0, gamma·‖f_a − f_p‖² − ‖f_a − f_n‖² + margin)`` over the given triplets.
+
+    Squared distances come from one ``(B, B)`` pairwise matrix, indexed by the triplets.
+
+    Parameters
+    ----------
+    features : torch.Tensor
+        ``(B, D)`` features of the batch.
+    anchors, positives, negatives : torch.Tensor
+        ``(T,)`` batch indices (from :func:`sample_triplets`), ``T >= 1``.
+    gamma, margin : float
+        Weight of the positive distance and margin.
+
+    Returns
+    -------
+    torch.Tensor
+        Scalar loss.
+    """
+    if anchors.numel() == 0:
+        raise ValueError("anchors is empty: a triplet loss needs at least one triplet")
+    d2 = (features[:, None, :] - features[None, :, :]).pow(2).sum(-1)
+    return (gamma * d2[anchors, positives] - d2[anchors, negatives] + margin).clamp_min(0).mean()
+
+
+# --------------------------------------------------------------------------------------------------
+# input handling
+
+
+def _patch_array(patches: Any) -> np.ndarray:
+    """The ``(N, C, w, w, w)`` float32 array of a PatchSet or array, validated."""
+    array = np.asarray(getattr(patches, "patches", patches))
+    if array.ndim != 5 or len(set(array.shape[2:])) != 1:
+        raise ValueError(f"patches must be a PatchSet or an (N, C, w, w, w) array, got shape {array.shape}")
+    if array.shape[0] < 2:
+        raise ValueError(f"patches must hold at least 2 patches, got {array.shape[0]}")
+    if not np.issubdtype(array.dtype, np.number) or not np.isfinite(array).all():
+        raise ValueError("patches must be finite numbers (found NaN/inf or a non-numeric dtype)")
+    return np.ascontiguousarray(array, dtype=np.float32)
+
+
+def _check_against_data(config: JuleConfig, n: int) -> None:
+    if config.n_clusters > n:
+        raise ValueError(f"JuleConfig.n_clusters={config.n_clusters} exceeds the number of patches ({n})")
+    if config.k_s >= n:
+        raise ValueError(f"JuleConfig.k_s={config.k_s} must be smaller than the number of patches ({n})")
+
+
+def _ground_truth(ground_truth: Any, n: int) -> np.ndarray | None:
+    if ground_truth is None:
+        return None
+    gt = np.asarray(ground_truth).reshape(-1)
+    if gt.shape != (n,):
+        raise ValueError(f"ground_truth must hold one label per patch ({n}), got shape {np.shape(ground_truth)}")
+    return gt
+
+
+def _resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def _l2_rows(x: np.ndarray) -> np.ndarray:
+    norms = np.linalg.norm(x, axis=1, keepdims=True)
+    return x / np.maximum(norms, 1e-12)
+
+
+def _fingerprint(config: JuleConfig, data: np.ndarray) -> dict[str, Any]:
+    """What a checkpoint must agree on: the result-relevant config and the patch set."""
+    flat = data.reshape(-1)
+    step = max(1, flat.size // (1 << 20))
+    digest = hashlib.blake2b(np.ascontiguousarray(flat[::step]).tobytes(), digest_size=16)
+    digest.update(str(data.shape).encode())
+    cfg = {k: v for k, v in config.to_dict().items() if k not in _NON_RESULT_FIELDS}
+    return {"config": cfg, "patch_shape": list(data.shape), "patch_hash": digest.hexdigest()}
+
+
+# --------------------------------------------------------------------------------------------------
+# the CNN trainer
+
+
+class _Trainer:
+    """Model, optimiser, sampling RNG and iteration counter of one JULE run."""
+
+    def __init__(self, data: np.ndarray, config: JuleConfig, device: torch.device) -> None:
+        self.data = torch.from_numpy(data)
+        self.config = config
+        self.device = device
+        self.memory_format = torch.channels_last_3d if config.channels_last else torch.contiguous_format
+        net = config.network_config(in_channels=data.shape[1], patch_size=data.shape[2])
+        self.model = JuleNet3D(net, seed=config.seed).to(device, memory_format=self.memory_format)
+        self.optimizer = torch.optim.SGD(
+            self.model.parameters(),
+            lr=config.lr,
+            momentum=config.momentum,
+            dampening=config.dampening,
+            weight_decay=config.weight_decay,
+        )
+        self.generator = torch.Generator().manual_seed(config.seed)
+        self.iteration = 0
+
+    def learning_rate(self, iteration: int) -> float:
+        """The "inv" schedule of the JULE reference code."""
+        cfg = self.config
+        return cfg.lr * (1.0 + cfg.lr_gamma * iteration) ** (-cfg.lr_power)
+
+    def train_epochs(self, labels: np.ndarray, n_epochs: int, on_epoch: Callable[[float], None]) -> tuple[float, int]:
+        """Train ``n_epochs`` epochs on ``labels``; return (mean loss over triplets, triplet count).
+
+        Raises
+        ------
+        FloatingPointError
+            If the loss or a parameter stops being finite.
+        """
+        cfg = self.config
+        labels_t = torch.as_tensor(labels, dtype=torch.int64)
+        n = labels_t.numel()
+        total, count = 0.0, 0
+        self.model.train()
+        for _ in range(n_epochs):
+            for batch in torch.randperm(n, generator=self.generator).split(cfg.batch_size):
+                iteration = self.iteration
+                self.iteration += 1
+                a, p, q = sample_triplets(labels_t[batch], cfg.n_negatives, self.generator)
+                if a.numel() == 0:
+                    continue
+                loss = self._step(batch, a, p, q, iteration)
+                total += loss * a.numel()
+                count += a.numel()
+            on_epoch(total / count if count else math.nan)
+        self._check_parameters()
+        return (total / count if count else math.nan), count
+
+    def _step(self, batch: torch.Tensor, a: torch.Tensor, p: torch.Tensor, q: torch.Tensor, iteration: int) -> float:
+        lr = self.learning_rate(iteration)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        x = self.data[batch].to(self.device).contiguous(memory_format=self.memory_format)
+        dev = self.device
+        loss = weighted_triplet_loss(
+            self.model(x), a.to(dev), p.to(dev), q.to(dev), gamma=self.config.gamma, margin=self.config.margin
+        )
+        value = float(loss.item())
+        if not math.isfinite(value):
+            raise FloatingPointError(
+                f"the triplet loss became {value} at iteration {iteration} (lr={lr:.3g}); "
+                "training stopped (try a smaller JuleConfig.lr)"
+            )
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        return value
+
+    def _check_parameters(self) -> None:
+        for name, param in self.model.named_parameters():
+            if not torch.isfinite(param).all():
+                raise FloatingPointError(
+                    f"parameter {name} is no longer finite after iteration {self.iteration}; "
+                    "training stopped (try a smaller JuleConfig.lr)"
+                )
+
+    def features(self) -> np.ndarray:
+        """Eval-mode CNN features of all patches.
+
+        Raises
+        ------
+        FloatingPointError
+            If a feature is not finite.
+        """
+        feats = self.model.embed(
+            self.data,
+            batch_size=self.config.feature_batch_size,
+            device=self.device,
+            channels_last=self.config.channels_last,
+        )
+        if not np.isfinite(feats).all():
+            raise FloatingPointError("the CNN produced non-finite features; training stopped")
+        return feats
+
+    def state(self) -> dict[str, Any]:
+        """Checkpointable state (tensors and plain containers only)."""
+        return {
+            "model": {k: v.detach().cpu() for k, v in self.model.state_dict().items()},
+            "optimizer": self.optimizer.state_dict(),
+            "iteration": self.iteration,
+            "rng": self.generator.get_state(),
+        }
+
+    def load_state(self, state: Mapping[str, Any]) -> None:
+        """Restore what :meth:`state` returned."""
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.iteration = int(state["iteration"])
+        self.generator.set_state(state["rng"])
+
+
+# --------------------------------------------------------------------------------------------------
+# checkpoints
+
+
+def _write_atomic(obj: Any, path: Path) -> None:
+    """``torch.save`` to a temporary file in the target folder, then rename it over ``path``."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _read(path: Path, expected_format: str, required: tuple[str, ...]) -> dict[str, Any]:
+    """``torch.load(weights_only=True)`` with errors turned into ``ValueError`` naming the file."""
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises many types for damaged files
+        raise ValueError(f"{path} is corrupt or not a jule3d file: {type(exc).__name__}: {exc}") from exc
+    if not isinstance(obj, dict) or obj.get("format") != expected_format:
+        raise ValueError(f"{path} is not a {expected_format} file")
+    missing = [k for k in required if k not in obj]
+    if missing:
+        raise ValueError(f"{path} is corrupt: missing entries {missing}")
+    return obj
+
+
+def _describe_mismatch(saved: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
+    problems = []
+    saved_cfg, cur_cfg = saved.get("config", {}), current["config"]
+    for key in sorted(set(saved_cfg) | set(cur_cfg)):
+        if saved_cfg.get(key) != cur_cfg.get(key):
+            problems.append(f"config.{key}: checkpoint {saved_cfg.get(key)!r}, now {cur_cfg.get(key)!r}")
+    if list(saved.get("patch_shape", [])) != current["patch_shape"]:
+        problems.append(f"patch shape: checkpoint {saved.get('patch_shape')}, now {current['patch_shape']}")
+    elif saved.get("patch_hash") != current["patch_hash"]:
+        problems.append("patch contents differ (same shape, different values)")
+    return problems
+
+
+def _load_checkpoint(path: Path, fingerprint: Mapping[str, Any]) -> dict[str, Any]:
+    ckpt = _read(
+        path,
+        _CHECKPOINT_FORMAT,
+        ("trainer", "labels", "history", "period", "stage", "fingerprint"),
+    )
+    problems = _describe_mismatch(ckpt["fingerprint"], fingerprint)
+    if problems:
+        raise ValueError(
+            f"checkpoint {path} was written for another configuration or patch set: " + "; ".join(problems)
+        )
+    return ckpt
+
+
+# --------------------------------------------------------------------------------------------------
+# the recurrent process
+
+
+@dataclass
+class _RunState:
+    """Where a JULE run stands between periods."""
+
+    period: int
+    stage: str  # "period" (merging goes on) or "done" (final update finished)
+    labels: np.ndarray
+    history: list[dict[str, Any]]
+
+
+class _Run:
+    """One call of :func:`train_jule`: data, trainer, bookkeeping and checkpoints."""
+
+    def __init__(
+        self,
+        data: np.ndarray,
+        config: JuleConfig,
+        ground_truth: np.ndarray | None,
+        checkpoint: Path | None,
+        bar: Any,
+        callback: Callable[[dict[str, Any]], None] | None,
+    ) -> None:
+        self.data = data
+        self.config = config
+        self.ground_truth = ground_truth
+        self.checkpoint = checkpoint
+        self.bar = bar
+        self.callback = callback
+        self.trainer = _Trainer(data, config, _resolve_device(config.device))
+        self.fingerprint = _fingerprint(config, data)
+
+    def affinity(self, features: np.ndarray) -> Any:
+        return agdl.knn_affinity(features, self.config.k_s, approximate=self.config.approximate_knn)
+
+    def start(self) -> _RunState:
+        """Period 0: raw-patch features, initial clusters, first training."""
+        t0 = time.perf_counter()
+        raw = _l2_rows(self.data.reshape(self.data.shape[0], -1))
+        labels = np.asarray(agdl.initial_clusters(self.affinity(raw)), dtype=np.int64)
+        state = _RunState(period=0, stage="period", labels=labels, history=[])
+        if _n_clusters(labels) > self.config.n_clusters:
+            self.train_and_record(state, "period", self.config.epochs_per_period, t0)
+        return state
+
+    def next_period(self, state: _RunState) -> bool:
+        """Merge once more; train unless the target is reached. Returns whether merging goes on."""
+        t0 = time.perf_counter()
+        cfg = self.config
+        period = state.period + 1
+        n_c = _n_clusters(state.labels)
+        if period >= cfg.max_periods:
+            n_merges = n_c - cfg.n_clusters
+        else:
+            n_merges = agdl.unfolding_merges(n_c, cfg.eta, cfg.n_clusters)
+        W = self.affinity(self.trainer.features())
+        labels = agdl.agglomerate(W, state.labels, cfg.n_clusters, n_merges=n_merges, K_c=cfg.k_c, lam=cfg.lam)
+        state.period, state.labels = period, np.asarray(labels, dtype=np.int64)
+        if _n_clusters(state.labels) <= cfg.n_clusters:
+            return False
+        self.train_and_record(state, "period", cfg.epochs_per_period, t0)
+        return True
+
+    def finish(self, state: _RunState) -> None:
+        """The final update on the final labels."""
+        self.train_and_record(state, "final", self.config.final_epochs, time.perf_counter())
+        state.stage = "done"
+        self.save(state)
+
+    def train_and_record(self, state: _RunState, stage: str, n_epochs: int, t0: float) -> None:
+        n_c = _n_clusters(state.labels)
+
+        def on_epoch(loss: float) -> None:
+            self.bar.update(1)
+            self.bar.set_postfix(period=state.period, clusters=n_c, loss=f"{loss:.4f}")
+
+        loss, n_triplets = self.trainer.train_epochs(state.labels, n_epochs, on_epoch)
+        record: dict[str, Any] = {
+            "period": state.period,
+            "stage": stage,
+            "n_clusters": n_c,
+            "loss": loss,
+            "n_triplets": n_triplets,
+            "iteration": self.trainer.iteration,
+            "lr": self.trainer.learning_rate(self.trainer.iteration),
+            "seconds": time.perf_counter() - t0,
+        }
+        if self.ground_truth is not None:
+            record["nmi"] = nmi(self.ground_truth, state.labels)
+        state.history.append(record)
+        if stage == "period":
+            self.save(state)
+        if self.callback is not None:
+            self.callback(dict(record))
+
+    def save(self, state: _RunState) -> None:
+        if self.checkpoint is None:
+            return
+        _write_atomic(
+            {
+                "format": _CHECKPOINT_FORMAT,
+                "trainer": self.trainer.state(),
+                "labels": torch.from_numpy(state.labels),
+                "history": state.history,
+                "period": state.period,
+                "stage": state.stage,
+                "fingerprint": self.fingerprint,
+            },
+            self.checkpoint,
+        )
+
+    def restore(self) -> _RunState:
+        ckpt = _load_checkpoint(self.checkpoint, self.fingerprint)
+        try:
+            self.trainer.load_state(ckpt["trainer"])
+        except (KeyError, RuntimeError, ValueError, TypeError) as exc:
+            raise ValueError(f"checkpoint {self.checkpoint} is corrupt: {exc}") from exc
+        labels = ckpt["labels"].numpy().astype(np.int64)
+        if labels.shape != (self.data.shape[0],):
+            raise ValueError(f"checkpoint {self.checkpoint} is corrupt: labels of shape {labels.shape}")
+        return _RunState(int(ckpt["period"]), str(ckpt["stage"]), labels, list(ckpt["history"]))
+
+
+def _n_clusters(labels: np.ndarray) -> int:
+    return int(np.unique(labels).size)
+
+
+def _checkpoint_path(checkpoint_dir: str | os.PathLike | None, resume: bool) -> Path | None:
+    if checkpoint_dir is None:
+        if resume:
+            raise ValueError("resume=True needs a checkpoint_dir")
+        return None
+    folder = Path(checkpoint_dir)
+    if folder.exists() and not folder.is_dir():
+        raise ValueError(f"checkpoint_dir {folder} exists and is not a folder")
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / CHECKPOINT_NAME
+    if path.exists() and not resume:
+        raise FileExistsError(
+            f"{path} already exists: pass resume=True to continue that run, or use another checkpoint_dir"
+        )
+    return path
+
+
+def train_jule(
+    patches: Any,
+    config: JuleConfig | None = None,
+    ground_truth: np.ndarray | None = None,
+    checkpoint_dir: str | os.PathLike | None = None,
+    resume: bool = False,
+    progress: bool = True,
+    callback: Callable[[dict[str, Any]], None] | None = None,
+) -> JuleResult:
+    """Learn CNN features and clusters of patches with JULE (see the module docstring).
+
+    Parameters
+    ----------
+    patches : PatchSet or numpy.ndarray
+        A :class:`jule3d.patches.PatchSet` or an ``(N, C, w, w, w)`` array of patches.
+    config : JuleConfig, optional
+        Hyperparameters; default ``JuleConfig()`` (the paper's). ``in_channels`` and ``patch_size`` of
+        the network come from the patches.
+    ground_truth : numpy.ndarray, optional
+        ``(N,)`` true class of each patch; when given, each history record holds the NMI.
+    checkpoint_dir : path, optional
+        Folder for ``jule_checkpoint.pt``, rewritten after every period and after the final update.
+    resume : bool
+        Continue from the checkpoint in ``checkpoint_dir`` (start afresh when there is none). The result
+        is identical to that of an uninterrupted run with the same config on the CPU.
+    progress : bool
+        Show a tqdm progress bar (epochs, with period, cluster count and loss).
+    callback : callable, optional
+        Called with a copy of each history record as it is added.
+
+    Returns
+    -------
+    JuleResult
+
+    Raises
+    ------
+    ValueError
+        Bad patches, ground truth or config for these patches; a checkpoint from another configuration
+        or patch set, or a corrupt one (the message names the file).
+    FileExistsError
+        If ``checkpoint_dir`` already holds a checkpoint and ``resume`` is false.
+    FloatingPointError
+        If the loss, a parameter or a feature stops being finite; the last checkpoint (written before
+        the failing period) is kept.
+    """
+    config = JuleConfig() if config is None else config
+    if not isinstance(config, JuleConfig):
+        raise ValueError(f"config must be a JuleConfig, got {type(config).__name__}")
+    data = _patch_array(patches)
+    _check_against_data(config, data.shape[0])
+    config.network_config(in_channels=data.shape[1], patch_size=data.shape[2])
+    gt = _ground_truth(ground_truth, data.shape[0])
+    checkpoint = _checkpoint_path(checkpoint_dir, resume)
+    with tqdm(desc="JULE", unit="epoch", disable=not progress) as bar:
+        run = _Run(data, config, gt, checkpoint, bar, callback)
+        state = run.restore() if checkpoint is not None and checkpoint.exists() else run.start()
+        if state.stage != "done":
+            while _n_clusters(state.labels) > config.n_clusters and run.next_period(state):
+                pass
+            run.finish(state)
+        features = run.trainer.features()
+    run.trainer.model.eval()
+    return JuleResult(run.trainer.model, state.labels, state.history, config, features)
+
+
+# --------------------------------------------------------------------------------------------------
+# model files
+
+
+def save_model(
+    result_or_model: JuleResult | JuleNet3D, path: str | os.PathLike, overwrite: bool = False
+) -> Path:
+    """Write a trained network (its :class:`~jule3d.models.NetConfig` and weights) to ``path``.
+
+    Parameters
+    ----------
+    result_or_model : JuleResult or JuleNet3D
+    path : path
+        Target file (conventionally ``.pt``); written to a temporary file and renamed.
+    overwrite : bool
+        Replace an existing file.
+
+    Returns
+    -------
+    pathlib.Path
+
+    Raises
+    ------
+    FileExistsError
+        If ``path`` exists and ``overwrite`` is false.
+    ValueError
+        If the first argument is neither a result nor a model.
+    """
+    model = result_or_model.model if isinstance(result_or_model, JuleResult) else result_or_model
+    if not isinstance(model, JuleNet3D):
+        raise ValueError(f"result_or_model must be a JuleResult or JuleNet3D, got {type(result_or_model).__name__}")
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path} already exists (pass overwrite=True to replace it)")
+    if not path.parent.is_dir():
+        raise FileNotFoundError(f"folder {path.parent} of path does not exist")
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    _write_atomic({"format": _MODEL_FORMAT, "net_config": model.config.to_dict(), "state_dict": state}, path)
+    return path
+
+
+def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> JuleNet3D:
+    """Read a network written by :func:`save_model` (``torch.load(weights_only=True)``).
+
+    Parameters
+    ----------
+    path : path
+    device : str or torch.device
+        Where to put the model.
+
+    Returns
+    -------
+    JuleNet3D
+        In eval mode.
+
+    Raises
+    ------
+    FileNotFoundError
+        If ``path`` does not exist.
+    ValueError
+        If the file is corrupt or not a jule3d model.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"model file {path} does not exist")
+    obj = _read(path, _MODEL_FORMAT, ("net_config", "state_dict"))
+    try:
+        model = JuleNet3D(NetConfig.from_dict(obj["net_config"]))
+        model.load_state_dict(obj["state_dict"])
+    except (RuntimeError, ValueError, TypeError) as exc:
+        raise ValueError(f"{path} is corrupt: {exc}") from exc
+    return model.to(device).eval()

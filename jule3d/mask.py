@@ -4,7 +4,8 @@ Every later stage only looks inside the foreground mask, so the mask decides wha
 sees. :func:`foreground_mask` works on the three kinds of data jule3d is used with:
 
 * raw scans with air around the specimen (CT in HU, micro-CT in uint8): an Otsu threshold
-  separates air from tissue;
+  separates air from tissue, refined downwards while the part below it is still clearly bimodal
+  (several tissue classes of different brightness would otherwise pull it between two tissues);
 * *pre-masked* scans whose background was set to one constant value that lies inside the
   intensity range (BraTS MRI, z-scored inside the brain with the background exactly 0): there
   an intensity threshold would cut through the tissue, so the foreground is every voxel that
@@ -33,6 +34,8 @@ METHODS = ("otsu", "nonzero")
 _MAX_THRESHOLD_SAMPLES = 1_000_000
 _PREMASKED_MIN_FRACTION = 0.2
 _PREMASKED_MIN_ABOVE_FRACTION = 0.01
+_BIMODAL_SEPARABILITY = 0.8
+_MIN_TISSUE_FRACTION = 0.02
 
 
 def foreground_mask(
@@ -133,7 +136,40 @@ def _otsu_or_premasked(image: np.ndarray) -> np.ndarray:
     background = _premasked_background(sample)
     if background is not None:
         return image != background
-    return image > threshold_otsu(sample)
+    return image > _air_threshold(sample)
+
+
+def _separability(values: np.ndarray, threshold: float) -> float:
+    """Otsu's separability: between-class variance over total variance of a two-class split (0..1)."""
+    below = values <= threshold
+    w0 = below.mean()
+    if w0 in (0.0, 1.0) or values.var() == 0:
+        return 0.0
+    between = w0 * (1 - w0) * (values[below].mean() - values[~below].mean()) ** 2
+    return float(between / values.var())
+
+
+def _air_threshold(sample: np.ndarray) -> float:
+    """Threshold between air and the darkest tissue.
+
+    Otsu's threshold splits the histogram where the between-class variance is largest; when the tissue
+    itself has several well separated intensity classes (fat / muscle / bone, or a bright and a dim
+    tissue), that can fall between two tissues and leave the darker one out. So the split is repeated
+    on the part below the threshold while that part is clearly bimodal: a separability above
+    ``_BIMODAL_SEPARABILITY`` (a single Gaussian mode split at its mean scores 2/π ≈ 0.64), with at least
+    ``_MIN_TISSUE_FRACTION`` of all voxels between the new and the old threshold.
+    """
+    threshold = threshold_otsu(sample)
+    for _ in range(3):
+        lower = sample[sample <= threshold]
+        if lower.size < 100 or lower.min() == lower.max():
+            break
+        candidate = threshold_otsu(lower)
+        moved = np.count_nonzero((sample > candidate) & (sample <= threshold))
+        if _separability(lower, candidate) < _BIMODAL_SEPARABILITY or moved < _MIN_TISSUE_FRACTION * sample.size:
+            break
+        threshold = candidate
+    return float(threshold)
 
 
 def _closing(mask: np.ndarray, radius: int) -> np.ndarray:

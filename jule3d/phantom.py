@@ -58,8 +58,10 @@ DEFAULT_SPACING: tuple[float, float, float] = (0.5, 0.5, 0.5)
 AIR_MEAN = 0.0
 TISSUE_MEAN = 1.0
 TEXTURE_STD = 0.2
-#: The ``"intensity"`` variant spreads the class means evenly over ``TISSUE_MEAN ± INTENSITY_SPREAD``.
-INTENSITY_SPREAD = 0.25
+#: The ``"intensity"`` variant spreads the class means evenly from ``TISSUE_MEAN`` up to
+#: ``TISSUE_MEAN + 2 * INTENSITY_SPREAD`` (4 texture standard deviations apart for 3 classes, and
+#: never closer to the air than the texture variant, so the automatic mask works on both).
+INTENSITY_SPREAD = 0.8
 #: The specimen is a rounded block: a superellipsoid ``sum(|u_i / a_i| ** p) <= 1`` with exponent ``p``
 #: (2 would be an ellipsoid; 4 fills the box better, so class regions hold many whole 27³ patches),
 #: semi-axes ``a`` ``(Z, Y, X)`` as a fraction of the half-extent of the volume, and a radius modulated
@@ -271,7 +273,7 @@ def _class_means(n_classes: int, variant: str) -> np.ndarray:
     """Mean tissue intensity of each class (index 0 = class 1)."""
     if variant == "texture":
         return np.full(n_classes, TISSUE_MEAN)
-    return TISSUE_MEAN + INTENSITY_SPREAD * np.linspace(-1.0, 1.0, n_classes)
+    return TISSUE_MEAN + INTENSITY_SPREAD * np.linspace(0.0, 2.0, n_classes)
 
 
 def make_phantom(

@@ -197,6 +197,7 @@ def test_phantom_intensity_variant_is_separable_and_texture_variant_is_not(
         scores[variant] = nmi(ph.labels, labels, ph.volume.mask)
         if variant == "intensity":  # class means rise with the class id, so do the baseline ids
             assert matched_dice(ph.labels, labels, ph.volume.mask)["mapping"] == {1: 1, 2: 2, 3: 3}
-    # class means 0.25 apart under a texture std of 0.2: per-voxel methods reach NMI ~0.25 here
-    assert scores["intensity"] > 0.15
-    assert scores["intensity"] > scores["texture"] + 0.1
+    # class means 0.8 apart under a texture std of 0.2: per-voxel methods separate them well (NMI ~0.85),
+    # while on the texture variant they see nothing
+    assert scores["intensity"] > 0.7
+    assert scores["texture"] < 0.15

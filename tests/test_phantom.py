@@ -115,7 +115,7 @@ def test_intensity_variant_spreads_class_means():
     ph = make_phantom(shape=SMALL, variant="intensity", seed=2)
     values, truth = _tissue(ph)
     means = [values[truth == c].mean() for c in (1, 2, 3)]
-    assert means == pytest.approx([0.75, 1.0, 1.25], abs=0.03)
+    assert means == pytest.approx([1.0, 1.8, 2.6], abs=0.05)
 
 
 def test_air_is_darker_and_the_automatic_mask_finds_the_specimen(phantom):
@@ -140,7 +140,7 @@ def test_intensity_only_methods_do_see_the_intensity_variant():
     ph = make_phantom(shape=SMALL, variant="intensity", seed=3)
     values, truth = _tissue(ph)
     kmeans = KMeans(3, n_init=3, random_state=0).fit(values[::5, None]).predict(values[:, None])
-    assert normalized_mutual_info_score(truth, kmeans) > 0.15
+    assert normalized_mutual_info_score(truth, kmeans) > 0.7
 
 
 def test_texture_features_separate_the_classes(default_phantom):

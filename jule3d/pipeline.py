@@ -362,6 +362,7 @@ def build_report(
                         seen_plotlyjs = True
                     kept.append(output)
                 cell.outputs = kept
+            cell["id"] = f"{path.stem[:2]}-{len(merged.cells)}"  # ids must stay unique across notebooks
             merged.cells.append(cell)
     exporter = HTMLExporter(exclude_input=True, exclude_input_prompt=True, exclude_output_prompt=True)
     body, _ = exporter.from_notebook_node(merged, resources={"metadata": {"name": title}})

@@ -298,7 +298,7 @@ def plot_histograms(
     regions : ndarray, optional
         Integer region map ``(Z, Y, X)``; by default the mask (0 = background, 1 = foreground).
     region_names : mapping, optional
-        Display name per region id.
+        Display name per region id (default ``class <id>``).
     channel : int
         Channel to histogram.
     bins : int
@@ -324,7 +324,7 @@ def plot_histograms(
         values = data[regions == rid]
         if count > max_voxels:
             values = rng.choice(values, size=max_voxels, replace=False)
-        name = (region_names or {}).get(int(rid), f"region {rid}")
+        name = (region_names or {}).get(int(rid), f"class {rid}")
         fig.add_trace(go.Histogram(x=values, nbinsx=bins, name=f"{name} ({count:,} voxels)",
                                    opacity=0.6, histnorm="probability density"))
     fig.update_layout(barmode="overlay", title=title, xaxis_title="intensity", yaxis_title="density",

@@ -1,0 +1,162 @@
+"""The notebook pipeline: notebooks as committed, parameter routing, `jule3d run` end to end, failures."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import nbformat
+import pytest
+
+from jule3d.cli import main
+from jule3d.pipeline import (
+    PipelineError,
+    check_parameters,
+    notebook_parameters,
+    pipeline_notebooks,
+    run_pipeline,
+)
+
+NOTEBOOKS = pipeline_notebooks()
+
+# Small enough for a 2-core CI machine; every notebook still runs every cell.
+TINY = {
+    "phantom_shape": 40,
+    "n_patches": 200,
+    "epochs_per_period": 1,
+    "final_epochs": 1,
+    "k_s": 5,
+    "max_points": 200,
+    "baselines": ["kmeans", "otsu"],
+}
+
+
+def test_the_four_notebooks_in_order() -> None:
+    assert [nb.name[:2] for nb in NOTEBOOKS] == ["01", "02", "03", "04"]
+
+
+@pytest.mark.parametrize("notebook", NOTEBOOKS, ids=lambda p: p.name)
+def test_notebook_committed_clean_with_one_parameters_cell(notebook: Path) -> None:
+    nb = nbformat.read(notebook, as_version=4)
+    nbformat.validate(nb)
+    tagged = [c for c in nb.cells if "parameters" in c.metadata.get("tags", [])]
+    assert len(tagged) == 1, f"{notebook.name} must have exactly one cell tagged 'parameters'"
+    for cell in nb.cells:
+        if cell.cell_type == "code":
+            assert cell.outputs == [], f"{notebook.name} is committed with outputs"
+            assert cell.execution_count is None, f"{notebook.name} is committed with execution counts"
+    params = notebook_parameters(notebook)
+    assert "run_dir" in params
+    for name, info in params.items():
+        assert info["type"] != "None", f"{notebook.name}: parameter {name} has no type annotation"
+        assert info["help"], f"{notebook.name}: parameter {name} has no help comment"
+
+
+def test_notebooks_contain_no_algorithm() -> None:
+    """Notebooks call the package; loops over voxels/patches or model definitions belong in jule3d/."""
+    for notebook in NOTEBOOKS:
+        source = "\n".join(c.source for c in nbformat.read(notebook, as_version=4).cells if c.cell_type == "code")
+        for forbidden in (r"torch\.nn", r"^\s*def ", r"^\s*class ", r"KMeans\(", r"for \w+ in range\("):
+            assert not re.search(forbidden, source, re.M), f"{notebook.name} defines logic ({forbidden}); move it to jule3d"
+
+
+def test_shared_parameter_vocabulary() -> None:
+    """A name declared in several notebooks means the same thing: same type and same default."""
+    seen: dict[str, tuple[str, str, str]] = {}
+    for notebook in NOTEBOOKS:
+        for name, info in notebook_parameters(notebook).items():
+            if name in seen:
+                first, type_name, default = seen[name]
+                assert (info["type"], info["default"]) == (type_name, default), (
+                    f"parameter {name}: {notebook.name} declares {info['type']} = {info['default']}, "
+                    f"{first} declares {type_name} = {default}"
+                )
+            else:
+                seen[name] = (notebook.name, info["type"], info["default"])
+    for name in ("run_dir", "seed", "n_clusters", "preset"):
+        assert name in seen
+
+
+def test_parameters_reach_every_notebook_that_declares_them() -> None:
+    routed = check_parameters({"seed": 3, "n_clusters": 4, "k_s": 7}, NOTEBOOKS)
+    for notebook, params in routed.items():
+        declared = notebook_parameters(notebook)
+        assert params == {k: v for k, v in {"seed": 3, "n_clusters": 4, "k_s": 7}.items() if k in declared}
+    assert routed[NOTEBOOKS[1]]["k_s"] == 7
+
+
+def test_unknown_parameter_suggests_the_closest_name() -> None:
+    with pytest.raises(ValueError, match=r"unknown parameter 'n_patchs'.*did you mean 'n_patches'"):
+        check_parameters({"n_patchs": 10}, NOTEBOOKS)
+
+
+@pytest.mark.parametrize("name, value", [("n_patches", "many"), ("eta", "0.5"), ("resume", 1), ("seed", 1.5)])
+def test_parameter_of_the_wrong_type(name: str, value: object) -> None:
+    with pytest.raises(ValueError, match=rf"parameter '{name}' must be"):
+        check_parameters({name: value}, NOTEBOOKS)
+
+
+def test_int_is_accepted_where_a_float_is_declared() -> None:
+    check_parameters({"eta": 1, "min_foreground": 0}, NOTEBOOKS)
+
+
+def test_existing_run_folder_is_refused(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "keep.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="--overwrite"):
+        run_pipeline(run_dir, parameters=TINY)
+    assert (run_dir / "keep.txt").read_text() == "mine"
+
+
+def test_cli_reports_bad_parameters_in_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["run", "--out", str(tmp_path / "r"), "-p", "n_patchs", "10"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "did you mean 'n_patches'" in err
+    assert not (tmp_path / "r").exists(), "a refused run must leave nothing behind"
+
+
+def test_missing_volume_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="nowhere.nii.gz"):
+        run_pipeline(tmp_path / "r", [tmp_path / "nowhere.nii.gz"])
+
+
+def test_failing_notebook_stops_the_run_and_keeps_it(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    with pytest.raises(PipelineError) as info:
+        run_pipeline(run_dir, parameters={**TINY, "min_foreground": 1.5}, progress=False)
+    message = str(info.value)
+    assert "01_patch_sampling.ipynb failed" in message and "min_foreground" in message
+    kept = run_dir / "notebooks" / "01_patch_sampling.ipynb"
+    assert kept.is_file() and "min_foreground" in kept.read_text()
+    assert not (run_dir / "notebooks" / "02_jule_training.ipynb").exists()
+
+
+@pytest.mark.slow
+def test_run_end_to_end_writes_every_artefact(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    result = run_pipeline(run_dir, parameters=TINY, progress=False)
+    for name in ("params.yaml", "inputs.json", "patches.npz", "model.pt", "clusters.npz", "history.json",
+                 "embedding.npz", "labels.nii.gz", "metrics.json", "report.html", "timings.json"):
+        assert (run_dir / name).is_file(), f"{name} missing"
+    for nb in NOTEBOOKS:
+        assert (run_dir / "notebooks" / nb.name).is_file()
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert set(metrics["methods"]) == {"jule3d", "kmeans", "otsu"}
+    assert 0.0 <= metrics["jule3d"]["nmi"] <= 1.0
+
+    report = (run_dir / "report.html").read_text()
+    assert report.count("Plotly.newPlot") >= 10, "the report must carry the figures"
+    assert report.count("define(\"plotly\"") + report.count("window.Plotly") >= 1, "plotly.js must be inlined"
+    assert "mesh3d" in report, "the 3D rendering must be in the report"
+    assert "prepare_inputs(" not in report, "code cells must be hidden in the report"
+    assert len(report) < 15e6, "plotly.js must be inlined once, not once per notebook"
+
+    timing = {n.name: n for n in result.notebooks}
+    assert all(n.seconds >= n.compute_seconds > 0 for n in timing.values())
+
+    resumed = run_pipeline(run_dir, parameters=TINY, resume=True, progress=False, report=False)
+    assert all(n.skipped for n in resumed.notebooks)
+    with pytest.raises(ValueError, match="parameters differ"):
+        run_pipeline(run_dir, parameters={**TINY, "seed": 1}, resume=True)

@@ -8,7 +8,7 @@ variant every class has exactly the same intensity distribution: each texture fi
 tissue mean and standard deviation. Classes therefore differ in texture only, and any method that looks
 at one voxel's intensity at a time (k-means or Otsu on intensities) cannot separate them, while a method
 that looks at a neighbourhood (a 3D CNN on patches) can. The ``"intensity"`` variant also spreads the class
-means evenly over ``1 ± 0.25``, an easier case.
+means evenly from 1 to 2.6 (4 texture standard deviations apart for 3 classes), an easy case.
 
 Intensities are in arbitrary units: air ``0``, tissue mean ``1`` with texture std ``0.2``. On top of the
 textures come a mild smooth multiplicative bias field (``1 ± bias``) and additive Gaussian noise (std
@@ -296,8 +296,8 @@ def make_phantom(
         Number of tissue classes ``k`` (2 to 6); class ``i`` gets texture ``TEXTURE_NAMES[i - 1]``.
     variant : {"texture", "intensity"}, default "texture"
         ``"texture"``: all classes share the same intensity distribution (mean ``1``, std ``0.2``,
-        Gaussian) and differ in texture only. ``"intensity"``: class means are also spread evenly over
-        ``1 ± 0.25``.
+        Gaussian) and differ in texture only. ``"intensity"``: class means are also spread evenly from
+        ``1`` to ``1 + 2 * INTENSITY_SPREAD`` (2.6).
     seed : int, default 0
         Seed of every random choice; the same arguments give identical arrays.
     noise : float, default 0.05

@@ -9,9 +9,11 @@ Projection rule (documented here, tested in ``tests/test_segmentation.py``):
 
 * A grid position's patch has its centre at ``corner + (w - 1) / 2`` where ``corner = index * stride``.
 * Only positions whose centre lies in the foreground mask are clustered.
-* Every foreground voxel takes the label of the nearest clustered grid centre (in mm): inside the grid
-  this is the ``stride³`` block around each centre; at the volume border (within ``w // 2`` voxels, where
-  no whole patch fits) and in foreground pockets without a centre it is the nearest labelled position.
+* Every grid centre ``c`` labels its ``stride³`` block ``[c - stride // 2, c - stride // 2 + stride)``;
+  on a full grid that is the nearest centre in mm. Blocks at the volume border (within ``w // 2`` voxels,
+  where no whole patch fits) extend the outermost blocks. A grid position whose centre is outside the mask
+  first takes the cluster of the nearest clustered position (in mm, so anisotropic spacing counts), so
+  foreground voxels in its block are labelled too.
 * Voxels outside the mask are 0 (background). Cluster ids ``1..k`` are ordered by the mean intensity of the
   first channel (ascending), so the same seed gives the same ids.
 """
@@ -78,12 +80,19 @@ def _check_model_volume(model: JuleNet3D, volume: Volume, stride: int) -> None:
         raise ValueError(
             f"the volume {volume.shape} is smaller than the model's patch size {cfg.patch_size} along some axis"
         )
-    if not isinstance(stride, (int, np.integer)) or stride < 1:
+    _check_stride(stride, model.stride)
+
+
+def _check_stride(stride: int, native: int) -> None:
+    if not isinstance(stride, (int, np.integer)) or isinstance(stride, bool) or stride < 1:
         raise ValueError(f"stride must be a positive integer, got {stride!r}")
-    if stride % model.stride and model.stride % stride:
-        raise ValueError(
-            f"stride={stride} must divide or be a multiple of the network's own stride {model.stride}"
-        )
+    if stride % native and native % stride:
+        raise ValueError(f"stride={stride} must divide or be a multiple of the network's own stride {native}")
+
+
+def _check_n_clusters(n_clusters: int) -> None:
+    if not isinstance(n_clusters, (int, np.integer)) or isinstance(n_clusters, bool) or n_clusters < 2:
+        raise ValueError(f"n_clusters must be an integer >= 2, got {n_clusters!r}")
 
 
 def _grid_shape(shape: Sequence[int], patch_size: int, stride: int) -> tuple[int, int, int]:
@@ -218,8 +227,7 @@ def cluster_features(
     from sklearn.cluster import KMeans
 
     n = len(features)
-    if not isinstance(n_clusters, (int, np.integer)) or n_clusters < 2:
-        raise ValueError(f"n_clusters must be an integer >= 2, got {n_clusters!r}")
+    _check_n_clusters(n_clusters)
     if n_clusters > n:
         raise ValueError(f"n_clusters={n_clusters} exceeds the {n} grid positions with a feature; lower the stride")
     rng = np.random.default_rng(seed)
@@ -237,7 +245,8 @@ def project_labels(grid: GridFeatures, clusters: np.ndarray, volume: Volume) -> 
     Returns
     -------
     numpy.ndarray
-        ``(Z, Y, X)`` int32 labels ``1..k`` in the foreground (ordered by intensity), 0 outside.
+        ``(Z, Y, X)`` ``uint8`` labels (``uint16`` above 255 classes): ``1..k`` in the foreground
+        (ordered by intensity), 0 outside.
     """
     from .baselines import order_labels_by_intensity
 
@@ -350,6 +359,7 @@ def segment(
     from .normalize import normalize_intensity
     from .patches import sample_patches
 
+    _check_n_clusters(n_clusters)
     if isinstance(volume, Volume):
         vol = volume if mask is None else volume.with_mask(_mask_array(mask, volume))
     elif isinstance(volume, np.ndarray):
@@ -364,7 +374,9 @@ def segment(
         model = load_model(model)
     if model is None:
         config = jule_config(preset, n_clusters=n_clusters, seed=seed, **jule_overrides)
-        patch_size = net_config(config.net, **config.net_overrides).patch_size
+        net = net_config(config.net, **config.net_overrides)
+        _check_stride(stride, net.stride)  # fail before the training, not after it
+        patch_size = net.patch_size
         patches = sample_patches(vol, n_patches, patch_size=patch_size, min_foreground=min_foreground, seed=seed)
         model = train_jule(patches, config, progress=progress).model
     return label_volume(model, vol, n_clusters, stride=stride, seed=seed, progress=progress)

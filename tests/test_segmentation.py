@@ -1,0 +1,364 @@
+"""Phase 2: dense grid features vs patch-wise ones, the projection rule, k-means and ``segment`` end to end."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+from scipy.spatial.distance import cdist
+
+import jule3d.jule
+from jule3d.io import read_image, save_labels, save_volume
+from jule3d.jule import save_model
+from jule3d.models import JuleNet3D, net_config
+from jule3d.phantom import make_phantom
+from jule3d.segmentation import (
+    GridFeatures,
+    cluster_features,
+    grid_features,
+    label_volume,
+    project_labels,
+    segment,
+)
+from jule3d.volume import Geometry, Volume
+
+TINY_TRAINING = dict(n_patches=150, epochs_per_period=1, final_epochs=1, k_s=5,
+                     net_overrides=dict(n_filters=8, feature_dim=16), progress=False)
+
+
+def _randomise(model: JuleNet3D, seed: int) -> JuleNet3D:
+    """Weights of a useful scale and BatchNorm running statistics far from the identity."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, (torch.nn.Conv3d, torch.nn.Linear)):
+                module.weight.copy_(torch.randn(module.weight.shape, generator=gen) * 0.2)
+                module.bias.copy_(torch.randn(module.bias.shape, generator=gen) * 0.1)
+            if isinstance(module, torch.nn.BatchNorm3d):
+                n = module.num_features
+                module.running_mean.copy_(torch.randn(n, generator=gen) * 0.3)
+                module.running_var.copy_(torch.rand(n, generator=gen) * 1.5 + 0.5)
+                module.weight.copy_(torch.rand(n, generator=gen) + 0.5)
+                module.bias.copy_(torch.randn(n, generator=gen) * 0.2)
+    return model
+
+
+@pytest.fixture(scope="module")
+def tiny_net() -> JuleNet3D:
+    """Network stride 2 on 13³ patches (13 -> 11 -> 5 -> 3 -> 1)."""
+    return _randomise(JuleNet3D(net_config("fast", patch_size=13, n_filters=8, feature_dim=16), seed=1), 1)
+
+
+@pytest.fixture(scope="module")
+def stride4_net() -> JuleNet3D:
+    """Network stride 4 (two poolings) on 21³ patches (21 -> 19 -> 9 -> 7 -> 3 -> 1)."""
+    cfg = net_config("fast", patch_size=21, n_filters=6, feature_dim=8, pool_after=(0, 1))
+    return _randomise(JuleNet3D(cfg, seed=2), 2)
+
+
+def _ellipsoid(shape: tuple[int, int, int], radii: tuple[float, float, float]) -> np.ndarray:
+    z, y, x = np.ogrid[tuple(slice(0, s) for s in shape)]
+    c = [(s - 1) / 2 for s in shape]
+    return ((z - c[0]) / radii[0]) ** 2 + ((y - c[1]) / radii[1]) ** 2 + ((x - c[2]) / radii[2]) ** 2 <= 1
+
+
+@pytest.fixture(scope="module")
+def aniso_volume() -> Volume:
+    """Anisotropic random volume (22, 19, 26) whose mask covers part of it."""
+    rng = np.random.default_rng(3)
+    shape = (22, 19, 26)
+    mask = _ellipsoid(shape, (7, 6, 9)) & (np.arange(shape[2]) < 17)
+    return Volume.from_array(rng.normal(size=shape).astype(np.float32), spacing=(0.7, 1.0, 2.0), mask=mask)
+
+
+# ------------------------------------------------------------------------------------------------
+# grid_features
+
+
+@pytest.mark.parametrize("stride, chunk", [(1, 6), (2, 4), (2, 100), (4, 2)])
+def test_dense_equals_patchwise(tiny_net: JuleNet3D, aniso_volume: Volume, stride: int, chunk: int) -> None:
+    dense = grid_features(tiny_net, aniso_volume, stride=stride, method="dense", chunk=chunk)
+    ref = grid_features(tiny_net, aniso_volume, stride=stride, method="patchwise", batch_size=37)
+    assert dense.grid_shape == ref.grid_shape == tuple((s - 13) // stride + 1 for s in aniso_volume.shape)
+    np.testing.assert_array_equal(dense.selected, ref.selected)
+    assert 0 < dense.selected.sum() < dense.selected.size  # the mask is partial
+    assert dense.features.shape == (dense.selected.sum(), 16)
+    np.testing.assert_allclose(dense.features, ref.features, atol=1e-5)
+    np.testing.assert_allclose(np.linalg.norm(dense.features, axis=1), 1.0, atol=1e-5)
+    # features differ between positions (the test would be vacuous with a constant network)
+    assert np.ptp(dense.features, axis=0).max() > 0.1
+
+
+@pytest.mark.parametrize("stride, chunk", [(1, 6), (2, 3), (8, 1)])
+def test_dense_equals_patchwise_network_stride_4(stride4_net: JuleNet3D, stride: int, chunk: int) -> None:
+    rng = np.random.default_rng(4)
+    shape = (23, 25, 28)
+    vol = Volume.from_array(rng.normal(size=shape).astype(np.float32), spacing=(1.0, 0.5, 1.5),
+                            mask=_ellipsoid(shape, (10, 11, 13)))
+    dense = grid_features(stride4_net, vol, stride=stride, chunk=chunk)
+    ref = grid_features(stride4_net, vol, stride=stride, method="patchwise")
+    np.testing.assert_array_equal(dense.selected, ref.selected)
+    np.testing.assert_allclose(dense.features, ref.features, atol=1e-5)
+
+
+def test_selected_positions_are_the_centres_in_the_mask(tiny_net: JuleNet3D, aniso_volume: Volume) -> None:
+    grid = grid_features(tiny_net, aniso_volume, stride=2)
+    assert grid.offset == 6 and grid.stride == 2
+    all_centres = np.argwhere(np.ones(grid.grid_shape, bool)) * 2 + 6
+    inside = aniso_volume.mask[tuple(all_centres.T)]
+    np.testing.assert_array_equal(grid.selected.ravel(), inside)
+    np.testing.assert_array_equal(grid.centers, all_centres[inside])
+
+
+def test_grid_features_restores_training_mode(tiny_net: JuleNet3D, aniso_volume: Volume) -> None:
+    tiny_net.train()
+    try:
+        grid_features(tiny_net, aniso_volume, stride=4)
+        assert tiny_net.training
+    finally:
+        tiny_net.eval()
+
+
+def test_stride_not_compatible_with_network_stride(tiny_net: JuleNet3D, aniso_volume: Volume) -> None:
+    with pytest.raises(ValueError, match="stride=3"):
+        grid_features(tiny_net, aniso_volume, stride=3)
+    with pytest.raises(ValueError, match="stride"):
+        grid_features(tiny_net, aniso_volume, stride=0)
+
+
+def test_channel_mismatch(tiny_net: JuleNet3D, aniso_volume: Volume) -> None:
+    two = Volume.from_array(np.stack([aniso_volume.data[0]] * 2), mask=aniso_volume.mask)
+    with pytest.raises(ValueError, match="channel"):
+        grid_features(tiny_net, two, stride=2)
+
+
+def test_volume_smaller_than_patch(tiny_net: JuleNet3D) -> None:
+    small = Volume.from_array(np.zeros((20, 12, 20), np.float32))
+    with pytest.raises(ValueError, match="patch size 13"):
+        grid_features(tiny_net, small, stride=2)
+
+
+def test_bad_method_chunk_and_empty_grid(tiny_net: JuleNet3D, aniso_volume: Volume) -> None:
+    with pytest.raises(ValueError, match="method"):
+        grid_features(tiny_net, aniso_volume, method="sparse")
+    with pytest.raises(ValueError, match="chunk"):
+        grid_features(tiny_net, aniso_volume, chunk=0)
+    corner = np.zeros(aniso_volume.shape, bool)
+    corner[0, 0, 0] = True  # foreground only where no patch centre can lie
+    with pytest.raises(ValueError, match="no grid position"):
+        grid_features(tiny_net, aniso_volume.with_mask(corner), stride=2)
+
+
+# ------------------------------------------------------------------------------------------------
+# cluster_features
+
+
+def test_cluster_features_bounds_and_determinism() -> None:
+    rng = np.random.default_rng(0)
+    feats = np.concatenate([rng.normal(c, 0.05, size=(40, 4)) for c in (0.0, 1.0, 2.0)]).astype(np.float32)
+    with pytest.raises(ValueError, match="n_clusters"):
+        cluster_features(feats, 1)
+    with pytest.raises(ValueError, match="n_clusters"):
+        cluster_features(feats, 2.5)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="121 exceeds the 120"):
+        cluster_features(feats, 121)
+    a = cluster_features(feats, 3, seed=5)
+    b = cluster_features(feats, 3, seed=5, max_fit=50)  # fitted on a sample, every row assigned
+    assert a.shape == b.shape == (120,) and a.dtype == np.int32
+    for out in (a, b):
+        assert len(np.unique(out)) == 3
+        for block in out.reshape(3, 40):  # the three blobs are found
+            assert len(np.unique(block)) == 1
+    np.testing.assert_array_equal(b, cluster_features(feats, 3, seed=5, max_fit=50))
+
+
+# ------------------------------------------------------------------------------------------------
+# project_labels
+
+
+def _block_expected(shape, offset, stride, grid_shape, coarse):
+    """Brute force: voxel v belongs to grid index floor((v - (offset - stride//2)) / stride), clipped."""
+    idx = [np.clip((np.arange(s) - (offset - stride // 2)) // stride, 0, g - 1) for s, g in zip(shape, grid_shape)]
+    return coarse[np.ix_(*idx)]
+
+
+@pytest.mark.parametrize("offset, stride", [(6, 2), (6, 3), (1, 4), (4, 1)])
+def test_project_labels_full_grid(offset: int, stride: int) -> None:
+    shape = (23, 20, 25)
+    w = 2 * offset + 1
+    grid_shape = tuple((s - w) // stride + 1 for s in shape)
+    rng = np.random.default_rng(stride)
+    coarse = rng.integers(0, 3, grid_shape)
+    expected_raw = _block_expected(shape, offset, stride, grid_shape, coarse)
+    mask = _ellipsoid(shape, (10, 9, 11))
+    # intensity = cluster index: the ids 1..k follow the cluster order
+    vol = Volume.from_array(expected_raw.astype(np.float32) + rng.normal(0, 0.01, shape).astype(np.float32),
+                            spacing=(1.0, 2.0, 0.5), mask=mask)
+    grid = GridFeatures(np.zeros((coarse.size, 2), np.float32), grid_shape, np.ones(grid_shape, bool),
+                        offset, stride)
+    labels = project_labels(grid, coarse.ravel(), vol)
+    assert labels.shape == shape and labels.dtype == np.uint8
+    np.testing.assert_array_equal(labels[~mask], 0)
+    present = np.unique(expected_raw[mask])
+    assert len(present) == 3
+    np.testing.assert_array_equal(labels[mask], np.searchsorted(present, expected_raw[mask]) + 1)
+    # each centre's stride³ block (clipped to the volume) carries its label
+    c = np.array([offset, offset, offset]) + stride * np.array([1, 1, 1])
+    lo = np.maximum(c - stride // 2, 0)
+    full = Volume.from_array(vol.data, spacing=(1.0, 2.0, 0.5))
+    labels_full = project_labels(grid, coarse.ravel(), full)
+    block = labels_full[tuple(slice(a, b) for a, b in zip(lo, c - stride // 2 + stride))]
+    assert np.all(block == coarse[1, 1, 1] + 1)
+    # border voxels (within w//2 of every edge, where no patch fits) are labelled too
+    assert labels_full.min() >= 1
+    assert np.all(labels_full[: w // 2] > 0) and np.all(labels_full[:, :, -(w // 2) - 1:] > 0)
+
+
+def test_project_labels_odd_stride_is_nearest_centre_in_mm() -> None:
+    shape, offset, stride = (16, 13, 18), 2, 3
+    grid_shape = tuple((s - 5) // stride + 1 for s in shape)
+    rng = np.random.default_rng(1)
+    coarse = rng.integers(0, 4, grid_shape)
+    spacing_xyz = (0.4, 1.3, 2.5)
+    centres = np.argwhere(np.ones(grid_shape, bool)) * stride + offset
+    voxels = np.argwhere(np.ones(shape, bool))
+    sz = np.array(spacing_xyz[::-1])
+    nearest = cdist(voxels * sz, centres * sz).argmin(axis=1)
+    expected_raw = coarse.ravel()[nearest].reshape(shape)
+    vol = Volume.from_array(expected_raw.astype(np.float32), spacing=spacing_xyz)
+    grid = GridFeatures(np.zeros((coarse.size, 1), np.float32), grid_shape, np.ones(grid_shape, bool),
+                        offset, stride)
+    labels = project_labels(grid, coarse.ravel(), vol)
+    present = np.unique(coarse)
+    np.testing.assert_array_equal(labels, np.searchsorted(present, expected_raw) + 1)
+
+
+def test_project_labels_missing_positions_take_nearest_featured_in_mm() -> None:
+    # grid spacing in mm: z 3 per step, y 1 per step, x 1 per step (stride 1, spacing (x, y, z) = (1, 1, 3))
+    shape, offset, stride = (9, 9, 9), 2, 1
+    grid_shape = (5, 5, 5)
+    selected = np.zeros(grid_shape, bool)
+    selected[0, 2, 3] = True  # row 0 (C order): cluster 0
+    selected[2, 2, 2] = True  # row 1: cluster 1
+    selected[2, 4, 2] = True  # row 2: cluster 2
+    clusters = np.array([0, 1, 2])
+    spacing_xyz = (1.0, 1.0, 3.0)
+    featured = np.argwhere(selected)
+    sz = np.array(spacing_xyz[::-1])
+    everything = np.argwhere(np.ones(grid_shape, bool))
+    d = cdist(everything * sz, featured * sz)
+    coarse = clusters[d.argmin(axis=1)].reshape(grid_shape)
+    expected_raw = _block_expected(shape, offset, stride, grid_shape, coarse)
+    vol = Volume.from_array(expected_raw.astype(np.float32), spacing=spacing_xyz)
+    grid = GridFeatures(np.zeros((3, 2), np.float32), grid_shape, selected, offset, stride)
+    labels = project_labels(grid, clusters, vol)
+    # (2, 2, 3) is 1 mm (one x step) from cluster 1 but 6 mm (two z steps of 3 mm) from cluster 0, although
+    # cluster 0 is nearer in grid steps along z than cluster 2 is along y: the spacing decides
+    assert labels[offset + 2, offset + 2, offset + 3] == 2
+    assert labels[offset + 0, offset + 3, offset + 3] == 1
+    # ties (equal distance) may go either way; compare only the positions with a unique nearest
+    dist_sorted = np.sort(d, axis=1)
+    unique = (dist_sorted[:, 1] - dist_sorted[:, 0] > 1e-9).reshape(grid_shape)
+    unique_vox = _block_expected(shape, offset, stride, grid_shape, unique)
+    np.testing.assert_array_equal(labels[unique_vox], expected_raw[unique_vox] + 1)
+    assert labels.min() == 1
+
+
+# ------------------------------------------------------------------------------------------------
+# label_volume / segment
+
+
+@pytest.fixture(scope="module")
+def phantom():
+    return make_phantom(shape=(40, 40, 40), seed=0)
+
+
+def test_label_volume_ordered_by_intensity(tiny_net: JuleNet3D, phantom) -> None:
+    labels = label_volume(tiny_net, phantom.volume, 3, stride=4, seed=0)
+    mask = phantom.volume.mask
+    assert set(np.unique(labels[mask])) == {1, 2, 3}
+    np.testing.assert_array_equal(labels[~mask], 0)
+    means = [phantom.volume.data[0][labels == k].mean() for k in (1, 2, 3)]
+    assert means == sorted(means)
+    np.testing.assert_array_equal(labels, label_volume(tiny_net, phantom.volume, 3, stride=4, seed=0))
+
+
+@pytest.fixture(scope="module")
+def segmented(phantom) -> np.ndarray:
+    return segment(phantom.volume, n_clusters=3, seed=0, **TINY_TRAINING)
+
+
+def test_segment_end_to_end(phantom, segmented: np.ndarray) -> None:
+    mask = phantom.volume.mask
+    assert segmented.shape == (40, 40, 40) and segmented.dtype == np.uint8
+    np.testing.assert_array_equal(segmented[~mask], 0)
+    assert set(np.unique(segmented[mask])) == {1, 2, 3}
+    means = [phantom.volume.data[0][segmented == k].mean() for k in (1, 2, 3)]
+    assert means == sorted(means)
+
+
+def test_segment_deterministic(phantom, segmented: np.ndarray) -> None:
+    again = segment(phantom.volume, n_clusters=3, seed=0, **TINY_TRAINING)
+    np.testing.assert_array_equal(again, segmented)
+
+
+def test_segment_with_model_skips_training(phantom, tiny_net: JuleNet3D, tmp_path, monkeypatch) -> None:
+    def no_training(*args, **kwargs):
+        raise AssertionError("train_jule must not run when a model is given")
+
+    monkeypatch.setattr(jule3d.jule, "train_jule", no_training)
+    expected = label_volume(tiny_net, phantom.volume, 3, stride=4, seed=0)
+    np.testing.assert_array_equal(segment(phantom.volume, 3, model=tiny_net, stride=4, progress=False), expected)
+    path = save_model(tiny_net, tmp_path / "tiny.pt")
+    np.testing.assert_array_equal(segment(phantom.volume, 3, model=path, stride=4, progress=False), expected)
+    np.testing.assert_array_equal(segment(phantom.volume, 3, model=str(path), stride=4, progress=False), expected)
+
+
+def test_segment_plain_array_and_path(phantom, tiny_net: JuleNet3D, tmp_path) -> None:
+    raw = np.asarray(phantom.volume.data[0])
+    from_array = segment(raw, 3, model=tiny_net, stride=4, progress=False)
+    assert from_array.shape == raw.shape and from_array.dtype == np.uint8
+    assert set(np.unique(from_array)) == {0, 1, 2, 3}
+    path = save_volume(phantom.volume, tmp_path / "ph.nii.gz")
+    from_path = segment(path, 3, model=tiny_net, stride=4, progress=False)
+    assert from_path.shape == raw.shape and set(np.unique(from_path)) == {0, 1, 2, 3}
+    # an explicit mask array is honoured
+    box = np.zeros(raw.shape, bool)
+    box[5:35, 5:35, 5:35] = True
+    boxed = segment(raw, 3, model=tiny_net, mask=box, stride=4, progress=False)
+    np.testing.assert_array_equal(boxed == 0, ~box)
+
+
+def test_segment_mask_file_of_other_geometry(phantom, tiny_net: JuleNet3D, tmp_path) -> None:
+    other = Geometry((40, 40, 40), spacing=(1.0, 1.0, 1.0))
+    path = save_labels(np.ones((40, 40, 40), np.uint8), tmp_path / "mask.nii.gz", reference=other)
+    with pytest.raises(ValueError, match="mask"):
+        segment(phantom.volume, 3, model=tiny_net, mask=path, stride=4, progress=False)
+
+
+def test_segment_rejects_bad_arguments_before_training(phantom, monkeypatch) -> None:
+    def no_training(*args, **kwargs):
+        raise AssertionError("bad arguments must be rejected before training")
+
+    monkeypatch.setattr(jule3d.jule, "train_jule", no_training)
+    with pytest.raises(ValueError, match="n_clusters"):
+        segment(phantom.volume, n_clusters=1, progress=False)
+    with pytest.raises(ValueError, match="stride"):
+        segment(phantom.volume, n_clusters=3, stride=0, progress=False)
+    with pytest.raises(ValueError, match="stride=3"):
+        segment(phantom.volume, n_clusters=3, stride=3, progress=False)
+
+
+def test_geometry_survives_save_labels(phantom, tiny_net: JuleNet3D, oblique_geometry, tmp_path) -> None:
+    geom = replace(oblique_geometry, shape=(40, 40, 40))
+    vol = Volume(phantom.volume.data, geom, mask=phantom.volume.mask)
+    labels = segment(vol, 3, model=tiny_net, stride=4, progress=False)
+    path = save_labels(labels, tmp_path / "labels.nii.gz", reference=vol)
+    array, read_geom = read_image(path)
+    np.testing.assert_array_equal(array, labels)
+    assert read_geom.shape == geom.shape
+    np.testing.assert_allclose(read_geom.spacing, geom.spacing, atol=1e-6)
+    np.testing.assert_allclose(read_geom.origin, geom.origin, atol=1e-5)
+    np.testing.assert_allclose(read_geom.direction, geom.direction, atol=1e-6)

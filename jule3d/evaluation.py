@@ -107,9 +107,16 @@ def compare_methods(
         result of :func:`measure` (labels timed elsewhere, e.g. JULE-3D), or bare labels (cost unknown: NaN).
     seed : int
         Seed passed to every baseline.
+
+    Raises
+    ------
+    ValueError
+        If a name in ``methods`` is not a baseline, or a name is both in ``methods`` and in ``extra``
+        (checked before any method runs).
     """
     results: list[MethodResult] = []
     runs: dict[str, Callable[[], np.ndarray] | Measured | np.ndarray] = dict(extra or {})
+    _check_method_names(methods, runs)
     for name in methods:
         runs[name] = (lambda n=name: run_baseline(n, volume, n_clusters, mask=volume.mask, seed=seed))
     eval_mask = volume.foreground() if evaluation_mask is None else evaluation_mask
@@ -123,6 +130,17 @@ def compare_methods(
         metrics = evaluate(ground_truth, labels, eval_mask) if ground_truth is not None else {}
         results.append(MethodResult(name, labels, seconds, peak, metrics))
     return results
+
+
+def _check_method_names(methods: Sequence[str], extra: Mapping[str, Any]) -> None:
+    from .baselines import BASELINES
+
+    unknown = [m for m in methods if m not in BASELINES]
+    if unknown:
+        raise ValueError(f"methods {unknown} are not baselines; valid names: {sorted(BASELINES)}")
+    clash = sorted(set(methods) & set(extra))
+    if clash:
+        raise ValueError(f"methods {clash} are named both in methods and in extra; rename the extra ones")
 
 
 def results_table(results: Sequence[MethodResult], digits: int = 3) -> str:

@@ -51,6 +51,7 @@ neighbours; here every cluster is ranked against all others and all affinities a
 
 from __future__ import annotations
 
+import bisect
 import heapq
 import math
 import operator
@@ -76,6 +77,7 @@ __all__ = [
 KC_CLUSTER_LIMIT = 100
 
 _D2_CHUNK = 1024  # rows per chunk when recomputing neighbour distances
+_CACHE_DEPTH = 2  # each cluster caches its CACHE_DEPTH * K_c largest affinities
 
 
 # --------------------------------------------------------------------------------------------
@@ -432,6 +434,7 @@ class _FastAgdl:
         self.W, self.WT = W, sp.csr_matrix(W.T)
         self.WT.sort_indices()
         self.K, self.lam = K_c, lam
+        self.depth = _CACHE_DEPTH * K_c
         self.use_kc: bool | None = None
         self.size = np.bincount(labels, minlength=c).tolist()
         # clusters own "slots"; samples point to slots, so a merge relabels the smaller cluster only
@@ -445,7 +448,7 @@ class _FastAgdl:
         self.u_out = _rows_as_dicts(U)  # u_out[a][x] = U(a, x)
         self.u_in = _rows_as_dicts(sp.csr_matrix(U.T))  # u_in[a][x] = U(x, a)
         self.aff = _rows_as_dicts(_normalised_affinity(U, np.asarray(self.size)))
-        self.top = [_top_k(row, K_c) for row in self.aff]
+        self.top = [_top_k(row, self.depth) for row in self.aff]
         self.neg_score = [0.0] * c
         self.heap: list[tuple[float, int]] = []
 
@@ -455,7 +458,7 @@ class _FastAgdl:
         """``(len(ids), K)`` array of cached largest affinities, zero-padded."""
         out = np.zeros((len(ids), self.K))
         for r, x in enumerate(ids):
-            cached = self.top[x]
+            cached = self.top[x][: self.K]
             out[r, : len(cached)] = [-t[0] for t in cached]
         return out
 
@@ -581,36 +584,41 @@ class _FastAgdl:
         touched.discard(b)
         return sorted(touched)
 
-    def _refresh_top(self, x: int, a: int, b: int) -> bool:
-        """Update cluster ``x``'s top-K cache after ``b`` merged into ``a``; True if it changed."""
-        cached = self.top[x]
-        v = self.aff[x].get(a)
-        held = [t for t in cached if t[1] == a or t[1] == b]
-        # the cache stays exact without a rescan unless an entry left it or moved down in it
-        if held and not (len(held) == 1 and held[0][1] == a and v is not None and -v <= held[0][0]):
-            fresh = _top_k(self.aff[x], self.K)
-        elif v is None:
-            return False
-        else:
-            fresh = [t for t in cached if t[1] != a]
+    def _refresh_top(self, x: int, a: int, b: int, old_a: float | None, old_b: float | None) -> bool:
+        """Update cluster ``x``'s cache after ``b`` merged into ``a``; True if its top K changed.
+
+        The cache is an exact prefix (up to ``depth`` entries) of the row sorted by
+        ``(-value, id)``. Dropping the old entries of ``a`` and ``b`` (``old_a``, ``old_b``) keeps it
+        exact; ``a``'s new value is inserted when it ranks inside the prefix (or the prefix is the
+        whole row). The row is rescanned only when fewer than ``K`` entries remain known.
+        """
+        cached, row = self.top[x], self.aff[x]
+        kept = cached.copy()
+        for old, y in ((old_a, a), (old_b, b)):
+            if old is not None:
+                i = bisect.bisect_left(kept, (-old, y))
+                if i < len(kept) and kept[i][1] == y:
+                    del kept[i]
+        v = row.get(a)
+        if v is not None:
             entry = (-v, a)
-            if len(fresh) < self.K or entry < fresh[-1]:
-                fresh.append(entry)
-                fresh.sort()
-                del fresh[self.K :]
-        if fresh == cached:
-            return False
-        self.top[x] = fresh
-        return True
+            if len(kept) == len(row) - 1 or (kept and entry < kept[-1]):
+                bisect.insort(kept, entry)
+                del kept[self.depth :]
+        if len(kept) < self.K and len(kept) < len(row):
+            kept = _top_k(row, self.depth)
+        self.top[x] = kept
+        return kept[: self.K] != cached[: self.K]
 
     def merge(self, a: int, b: int) -> None:
         """Merge cluster ``b`` into cluster ``a`` (``a < b``) and update affinities and scores."""
         cross = self._cross_term(a, b)
         self._merge_members(a, b)
         row, col = self._merge_linkage(a, b, cross)
+        old_a, old_b = self.aff[a], self.aff[b]
         touched = self._merge_affinity(a, b, row, col)
-        changed = [x for x in touched if self._refresh_top(x, a, b)]
-        self.top[a] = _top_k(self.aff[a], self.K)
+        changed = [x for x in touched if self._refresh_top(x, a, b, old_a.get(x), old_b.get(x))]
+        self.top[a] = _top_k(self.aff[a], self.depth)
         self.top[b] = []
         self._push_scores([a, *changed])
 

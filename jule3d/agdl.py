@@ -27,9 +27,10 @@ Merge updates are exact and incremental. When ``C_a`` and ``C_b`` merge into ``C
 
 The cross term is non-zero only on samples adjacent to the smaller of the two clusters, so it is
 computed from that cluster's rows of ``W`` and ``W^T`` alone. Only the merged cluster's affinities
-change; every other cluster's row changes in the merged column only. Each cluster keeps a cache of
-its ``K_c`` largest affinities, and the best score is kept in a lazy heap, so a merge costs time in
-proportion to the merged clusters' neighbourhoods, not to ``c^2``. The JULE reference code's "fast"
+change; every other cluster's row changes in the merged column only. Affinities are kept as sparse
+per-cluster dictionaries, each cluster caches an exact prefix of its ``2 * K_c`` largest affinities
+(rescanning its row only when fewer than ``K_c`` remain known), and the best score is kept in a lazy
+heap, so a merge costs time in proportion to the merged clusters' neighbourhoods, not to ``c^2``. The JULE reference code's "fast"
 mode drops the cross term (an approximation); this implementation keeps it, so it agrees with
 recomputing the affinities from scratch (:func:`agglomerate_reference`).
 
@@ -46,7 +47,9 @@ Conventions and choices, shared by :func:`agglomerate` and :func:`agglomerate_re
 Differences from the JULE Torch reference (``jwyang/JULE.torch``), all per the method spec: the
 reference ranks each cluster only against lower-indexed partners (it keeps the upper triangle of the
 affinity matrix) and computes initial affinities only between clusters whose centroids are
-neighbours; here every cluster is ranked against all others and all affinities are exact.
+neighbours; here every cluster is ranked against all others and all affinities are exact. The
+reference's initial clusters follow nearest-neighbour chains for at most 50 steps; here they are
+the full connected components.
 """
 
 from __future__ import annotations

@@ -40,7 +40,7 @@ def embed(
     method: str = "tsne",
     seed: int = 0,
     perplexity: float = 30.0,
-    n_jobs: int = -1,
+    n_jobs: int = 1,
     pca_dims: int = 50,
 ) -> Embedding:
     """Embed features in 2D.
@@ -56,7 +56,7 @@ def embed(
     perplexity : float
         t-SNE perplexity (lowered automatically for tiny ``N``).
     n_jobs : int
-        Threads (-1 = all cores).
+        Threads of openTSNE (-1 = all cores; 1 is fastest on small, busy machines, see benchmarks/bench_tsne.py).
     pca_dims : int
         Reduce to this many principal components first when ``D`` is larger (speeds up the kNN search).
 

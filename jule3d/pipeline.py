@@ -199,7 +199,7 @@ def _succeeded(notebook: Path) -> bool:
     if not notebook.is_file():
         return False
     meta = nbformat.read(str(notebook), as_version=4).metadata.get("papermill", {})
-    return meta.get("exception") is False and meta.get("end_time") is not None
+    return not meta.get("exception") and meta.get("end_time") is not None
 
 
 def _prepare_run_dir(run_dir: Path, parameters: Mapping[str, Any], overwrite: bool, resume: bool) -> None:
@@ -251,7 +251,8 @@ def run_pipeline(
     overwrite : bool
         Delete an existing run folder first.
     resume : bool
-        Keep notebooks that already ran successfully with the same parameters; run the rest.
+        Keep notebooks that already ran successfully with the same parameters; run the rest, with
+        ``resume=True`` for notebooks that declare it (training continues from its last checkpoint).
     cell_timeout : int
         Seconds a single cell may run before it is stopped.
     notebooks : sequence of Path, optional
@@ -297,6 +298,8 @@ def run_pipeline(
         nb_params["run_dir"] = str(run_dir)
         if "volume_path" in declared:
             nb_params["volume_path"] = params["volume_path"]
+        if resume and "resume" in declared:  # a notebook interrupted mid-way continues from its checkpoint
+            nb_params["resume"] = True
         nb_params = {k: v for k, v in nb_params.items() if k in declared}
         start = time.perf_counter()
         try:

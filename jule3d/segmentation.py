@@ -225,6 +225,7 @@ def cluster_features(
         ``(M,)`` cluster index ``0..k-1`` per row.
     """
     from sklearn.cluster import KMeans
+    from threadpoolctl import threadpool_limits
 
     n = len(features)
     _check_n_clusters(n_clusters)
@@ -232,10 +233,13 @@ def cluster_features(
         raise ValueError(f"n_clusters={n_clusters} exceeds the {n} grid positions with a feature; lower the stride")
     rng = np.random.default_rng(seed)
     fit = features if n <= max_fit else features[np.sort(rng.choice(n, size=max_fit, replace=False))]
-    km = KMeans(n_clusters=n_clusters, n_init=10, random_state=seed).fit(np.asarray(fit, dtype=np.float32))
     out = np.empty(n, dtype=np.int32)
-    for start in range(0, n, 262_144):
-        out[start:start + 262_144] = km.predict(np.asarray(features[start:start + 262_144], dtype=np.float32))
+    # One thread (OpenMP and BLAS): on 2 cores shared with torch or other processes, sklearn's threaded Lloyd
+    # iterations spin and ran 20x slower than one thread (measured: 7.7 s vs 0.38 s for 14k x 64).
+    with threadpool_limits(limits=1):
+        km = KMeans(n_clusters=n_clusters, n_init=10, random_state=seed).fit(np.asarray(fit, dtype=np.float32))
+        for start in range(0, n, 262_144):
+            out[start:start + 262_144] = km.predict(np.asarray(features[start:start + 262_144], dtype=np.float32))
     return out
 
 

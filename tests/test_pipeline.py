@@ -156,7 +156,9 @@ def test_run_end_to_end_writes_every_artefact(tmp_path: Path) -> None:
     timing = {n.name: n for n in result.notebooks}
     assert all(n.seconds >= n.compute_seconds > 0 for n in timing.values())
 
+    (run_dir / "notebooks" / NOTEBOOKS[-1].name).unlink()  # as if the run had stopped before notebook 04
     resumed = run_pipeline(run_dir, parameters=TINY, resume=True, progress=False, report=False)
-    assert all(n.skipped for n in resumed.notebooks)
+    assert [n.skipped for n in resumed.notebooks] == [True, True, True, False]
+    assert (run_dir / "notebooks" / NOTEBOOKS[-1].name).is_file()
     with pytest.raises(ValueError, match="parameters differ"):
         run_pipeline(run_dir, parameters={**TINY, "seed": 1}, resume=True)

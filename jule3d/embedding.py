@@ -1,4 +1,4 @@
-"""2D embeddings of patch features (openTSNE's FFT-accelerated t-SNE; UMAP when installed) and their scores."""
+"""2D embeddings of patch features (openTSNE's t-SNE; UMAP when installed) and their scores."""
 
 from __future__ import annotations
 
@@ -50,7 +50,8 @@ def embed(
     features : numpy.ndarray
         ``(N, D)`` features.
     method : {"tsne", "umap"}
-        openTSNE (FFT-interpolated gradients, PCA initialisation) or umap-learn (optional dependency).
+        openTSNE (PCA initialisation; Barnes-Hut gradients below 10,000 points, FFT-interpolated ones
+        above, openTSNE's own rule: FFT costs seconds even for 100 points) or umap-learn (optional dependency).
     seed : int
         Random seed.
     perplexity : float
@@ -83,7 +84,7 @@ def embed(
 
         perplexity = float(min(perplexity, (len(features) - 1) / 3))
         coords = TSNE(perplexity=perplexity, initialization="pca", random_state=seed, n_jobs=n_jobs,
-                      neighbors="auto", negative_gradient_method="fft", verbose=False).fit(features)
+                      neighbors="auto", negative_gradient_method="auto", verbose=False).fit(features)
     else:
         try:
             import umap

@@ -7,11 +7,14 @@ returns ``None`` and displays nothing, so notebooks can call them unconditionall
 from __future__ import annotations
 
 import os
-from typing import Any, Callable
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import numpy as np
 
 from .volume import Volume
 
-__all__ = ["live_frontend", "patch_sampling_explorer"]
+__all__ = ["live_frontend", "patch_sampling_explorer", "TUNABLE", "quick_preview", "write_params", "tuning_panel"]
 
 #: Set to 0 to force headless behaviour, 1 to force widgets (e.g. in a frontend we do not detect).
 INTERACTIVE_ENV = "JULE3D_INTERACTIVE"
@@ -98,3 +101,141 @@ def patch_sampling_explorer(
     redraw()
     return w.VBox([w.HBox([mode, size]), w.HBox([count, grid, fg]), status, figure])
 
+
+
+#: The parameters the tuning panel sets, with their defaults (names as in the notebooks and ``jule3d run``).
+TUNABLE: dict[str, Any] = {
+    "preset": "fast",
+    "patch_size": 0,
+    "n_patches": 2000,
+    "k_s": 20,
+    "k_c": 5,
+    "eta": 0.9,
+    "n_clusters": 3,
+}
+
+
+def quick_preview(
+    volume: Volume,
+    params: Mapping[str, Any],
+    n_preview: int = 300,
+    slab: int | None = None,
+    seed: int = 0,
+) -> tuple[Volume, np.ndarray]:
+    """A fast, rough preview of the segmentation that ``params`` would give.
+
+    JULE is trained on at most ``n_preview`` patches with one epoch per period and two final epochs, then
+    a slab of the volume around its middle axial slice is labelled. Minutes become seconds; the result
+    shows the *effect* of a setting (patch size, K_s, η, k), not the final quality.
+
+    Parameters
+    ----------
+    volume : Volume
+        The normalised volume with its mask.
+    params : mapping
+        Values for the names in :data:`TUNABLE` (missing names take the defaults).
+    n_preview : int
+        Training patches of the preview.
+    slab : int, optional
+        Thickness (voxels) of the labelled slab; default: the patch size plus 8.
+    seed : int
+        Seed of everything random.
+
+    Returns
+    -------
+    (Volume, numpy.ndarray)
+        The slab and its labels.
+    """
+    from .jule import jule_config, train_jule
+    from .models import net_config
+    from .patches import sample_patches
+    from .segmentation import label_volume
+
+    unknown = sorted(set(params) - set(TUNABLE))
+    if unknown:
+        raise ValueError(f"unknown tuning parameter(s) {unknown}; tunable: {sorted(TUNABLE)}")
+    p = {**TUNABLE, **params}
+    patch_size = int(p["patch_size"]) or net_config(p["preset"]).patch_size
+    n = min(int(p["n_patches"]), n_preview)
+    patches = sample_patches(volume, n, patch_size=patch_size, min_foreground=0.9, seed=seed)
+    config = jule_config(p["preset"], n_clusters=int(p["n_clusters"]), k_s=min(int(p["k_s"]), n - 1),
+                         k_c=int(p["k_c"]), eta=float(p["eta"]), epochs_per_period=1, final_epochs=2, seed=seed)
+    model = train_jule(patches, config, progress=False).model
+    thickness = slab or patch_size + 8
+    middle = volume.shape[0] // 2
+    start = int(np.clip(middle - thickness // 2, 0, max(volume.shape[0] - thickness, 0)))
+    part = volume.crop((start, 0, 0), (start + thickness, *volume.shape[1:]))
+    return part, label_volume(model, part, int(p["n_clusters"]), seed=seed)
+
+
+def write_params(params: Mapping[str, Any], path: str | os.PathLike, overwrite: bool = False) -> Path:
+    """Write chosen parameters as a YAML file for ``jule3d run -f PATH`` (refuses to overwrite by default)."""
+    import yaml
+
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path} exists; pass overwrite=True to replace it")
+    if not path.parent.is_dir():
+        raise FileNotFoundError(f"folder {path.parent} does not exist")
+    clean = {k: (v.item() if isinstance(v, np.generic) else v) for k, v in params.items()}
+    path.write_text(yaml.safe_dump(clean, sort_keys=True))
+    return path
+
+
+@_interactive
+def tuning_panel(volume: Volume, params_path: str | os.PathLike = "params.yaml", seed: int = 0) -> Any:
+    """Sliders for the main parameters, a *Preview* button (:func:`quick_preview`) and *Save* (:func:`write_params`).
+
+    Returns the widget box, or ``None`` without a live frontend.
+    """
+    import ipywidgets as w
+
+    from .plotting import plot_label_slices
+
+    controls = {
+        "preset": w.Dropdown(options=["fast", "paper"], value=TUNABLE["preset"], description="preset"),
+        "patch_size": w.IntSlider(value=TUNABLE["patch_size"], min=0, max=41, step=1,
+                                  description="patch size", tooltip="0: the preset's; odd sizes only"),
+        "n_patches": w.IntSlider(value=TUNABLE["n_patches"], min=100, max=20_000, step=100, description="patches"),
+        "k_s": w.IntSlider(value=TUNABLE["k_s"], min=2, max=50, description="K_s"),
+        "k_c": w.IntSlider(value=TUNABLE["k_c"], min=2, max=20, description="K_c"),
+        "eta": w.FloatSlider(value=TUNABLE["eta"], min=0.05, max=1.0, step=0.05, description="eta"),
+        "n_clusters": w.IntSlider(value=TUNABLE["n_clusters"], min=2, max=10, description="classes k"),
+    }
+    preview, save = w.Button(description="Preview", icon="play"), w.Button(description="Save params", icon="save")
+    status, output = w.HTML(), w.Output()
+
+    def values() -> dict[str, Any]:
+        return {name: c.value for name, c in controls.items()}
+
+    def on_preview(_: Any) -> None:
+        if controls["patch_size"].value and controls["patch_size"].value % 2 == 0:
+            status.value = "<span style='color:#c00'>patch size must be odd (or 0 for the preset's)</span>"
+            return
+        status.value = "training on a few hundred patches..."
+        try:
+            part, labels = quick_preview(volume, values(), seed=seed)
+        except ValueError as exc:
+            status.value = f"<span style='color:#c00'>{exc}</span>"
+            return
+        output.clear_output(wait=True)
+        with output:
+            plot_label_slices(part, labels, slider_axis=None, title="Preview (rough: few patches, few epochs)").show()
+        status.value = "preview done"
+
+    saved: list[Path] = []  # the panel replaces only a file it wrote itself
+
+    def on_save(_: Any) -> None:
+        try:
+            written = write_params(values(), params_path, overwrite=bool(saved))
+        except (OSError, ValueError) as exc:
+            status.value = f"<span style='color:#c00'>{exc}</span>"
+            return
+        saved.append(written)
+        status.value = f"saved {written}: run <code>jule3d run -f {written} --out RUN_DIR</code>"
+
+    preview.on_click(on_preview)
+    save.on_click(on_save)
+    rows = [w.HBox([controls["preset"], controls["n_clusters"]]), w.HBox([controls["patch_size"], controls["n_patches"]]),
+            w.HBox([controls["k_s"], controls["k_c"], controls["eta"]]), w.HBox([preview, save]), status, output]
+    return w.VBox(rows)

@@ -74,9 +74,13 @@ def _aspect(volume: Volume, axis: int) -> float:
     return sz[rows] / sz[cols]
 
 
+def _check_channel(channel: int, n_channels: int) -> None:
+    if not 0 <= channel < n_channels:
+        raise ValueError(f"channel={channel} but the data has {n_channels} channel(s)")
+
+
 def _base_slices(volume: Volume, channel: int, indices: tuple[int, int, int], title: str) -> go.Figure:
-    if not 0 <= channel < volume.n_channels:
-        raise ValueError(f"channel={channel} but the volume has {volume.n_channels} channel(s)")
+    _check_channel(channel, volume.n_channels)
     fig = make_subplots(rows=1, cols=3, subplot_titles=[f"{n} = {i}" for n, i in zip(_AXES, indices)])
     data = volume.data[channel]
     fg = volume.foreground()
@@ -124,6 +128,8 @@ def plot_orthogonal_slices(
         Figure title.
     """
     idx = _center_indices(volume.shape, indices)
+    if points is not None and (np.ndim(points) != 2 or np.shape(points)[1] != 3):
+        raise ValueError(f"points must have shape (N, 3) (z, y, x), got {np.shape(points)}")
     fig = _base_slices(volume, channel, idx, title)
     for axis in range(3):
         rows, cols = [a for a in range(3) if a != axis]
@@ -251,6 +257,7 @@ def plot_patch_gallery(
     patches = np.asarray(patches)
     if patches.ndim != 5:
         raise ValueError(f"patches must have shape (N, C, w, w, w), got {patches.shape}")
+    _check_channel(channel, patches.shape[1])
     rng = np.random.default_rng(seed)
     if labels is None:
         chosen = rng.choice(len(patches), size=min(max_patches, len(patches)), replace=False)
@@ -307,6 +314,7 @@ def plot_histograms(
     title : str
         Figure title.
     """
+    _check_channel(channel, volume.n_channels)
     data = np.asarray(volume.data[channel])
     if regions is None:
         regions = volume.foreground().astype(np.uint8)
@@ -392,10 +400,14 @@ def plot_label_meshes(
     labels = np.asarray(labels)
     if labels.ndim != 3:
         raise ValueError(f"labels must be 3D (Z, Y, X), got shape {labels.shape}")
+    if len(spacing_zyx) != 3:
+        raise ValueError(f"spacing_zyx must have 3 entries (z, y, x), got {spacing_zyx}")
     ids = [int(i) for i in np.unique(labels) if i != 0]
     colors = label_colors(max(ids) if ids else 1)
     # Faces of a surface grow with the square of the resolution: pick a factor that keeps the total bounded.
-    surface = sum(int(np.count_nonzero(np.diff((labels == i).astype(np.int8), axis=a))) for i in ids for a in range(3))
+    # Count the boundary voxel faces on the padded masks (as meshed below), so faces on the border count too.
+    surface = sum(int(np.count_nonzero(np.diff(np.pad(labels == i, 1).astype(np.int8), axis=a)))
+                  for i in ids for a in range(3))
     factor = max(1, int(np.ceil(np.sqrt(2 * surface / max(max_faces, 1)))))
     small = labels[::factor, ::factor, ::factor]
     spacing = np.asarray(spacing_zyx, dtype=float) * factor

@@ -123,24 +123,33 @@ class RunDir:
 
         paths = _as_paths(volume_path)
         is_phantom = not paths
+        phantom = dict(shape=phantom_shape, variant=phantom_variant, n_classes=n_classes, seed=seed)
         if is_phantom:
             if ground_truth_path:
                 raise ValueError("ground_truth_path is given but volume_path is empty (the phantom has its own)")
             image, labels = self.path / self.PHANTOM, self.path / self.PHANTOM_LABELS
-            if not (image.exists() and labels.exists()):
+            # reuse the phantom files only when they were made with the same parameters
+            if not (image.exists() and labels.exists() and self._recorded().get("phantom") == phantom):
                 self.path.mkdir(parents=True, exist_ok=True)
                 write_phantom(image, labels, shape=(phantom_shape,) * 3, n_classes=n_classes,
-                              variant=phantom_variant, seed=seed)
+                              variant=phantom_variant, seed=seed, overwrite=True)
             paths, ground_truth_path = [str(image)], str(labels)
         record = dict(volume_paths=[str(Path(p).resolve()) for p in paths],
                       mask_path=str(Path(mask_path).resolve()) if mask_path else "",
                       ground_truth_path=str(Path(ground_truth_path).resolve()) if ground_truth_path else "",
                       is_phantom=is_phantom)
+        if is_phantom:
+            record["phantom"] = phantom
         inputs = self._load(record)
         tmp = self.file(self.INPUTS + ".tmp")
         tmp.write_text(json.dumps(record, indent=2))
         tmp.replace(self.path / self.INPUTS)
         return inputs
+
+    def _recorded(self) -> dict:
+        """The record in ``inputs.json``, empty when there is none yet."""
+        path = self.path / self.INPUTS
+        return json.loads(path.read_text()) if path.exists() else {}
 
     def load_inputs(self) -> Inputs:
         """Reload the inputs recorded by notebook 01."""

@@ -1,0 +1,122 @@
+"""The run folder: inputs recorded by notebook 01 and reloaded by the later notebooks."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from jule3d.io import read_image, save_labels, save_volume
+from jule3d.phantom import make_phantom
+from jule3d.rundir import Inputs, RunDir
+from jule3d.volume import Volume
+
+
+def _same_inputs(a: Inputs, b: Inputs) -> None:
+    np.testing.assert_array_equal(np.asarray(a.volume.data), np.asarray(b.volume.data))
+    np.testing.assert_array_equal(a.volume.mask, b.volume.mask)
+    assert a.volume.geometry == b.volume.geometry
+    if a.ground_truth is None:
+        assert b.ground_truth is None
+    else:
+        np.testing.assert_array_equal(a.ground_truth, b.ground_truth)
+    assert (a.volume_paths, a.mask_path, a.ground_truth_path, a.is_phantom) == \
+        (b.volume_paths, b.mask_path, b.ground_truth_path, b.is_phantom)
+
+
+def test_prepare_phantom_and_reload(tmp_path: Path) -> None:
+    run = RunDir(tmp_path / "run")
+    inputs = run.prepare_inputs(phantom_shape=24, n_classes=2, seed=3)
+    assert (tmp_path / "run" / RunDir.PHANTOM).is_file() and (tmp_path / "run" / RunDir.PHANTOM_LABELS).is_file()
+    record = json.loads((tmp_path / "run" / RunDir.INPUTS).read_text())
+    assert record["is_phantom"] is True
+    assert record["volume_paths"] == [str((tmp_path / "run" / RunDir.PHANTOM).resolve())]
+    assert record["ground_truth_path"] == str((tmp_path / "run" / RunDir.PHANTOM_LABELS).resolve())
+    assert not list((tmp_path / "run").glob("*.tmp"))
+    assert inputs.is_phantom and inputs.volume.shape == (24, 24, 24)
+    phantom = make_phantom(shape=(24, 24, 24), n_classes=2, seed=3)
+    np.testing.assert_array_equal(inputs.ground_truth, phantom.labels)
+    assert inputs.ground_truth.dtype == np.int32
+    assert inputs.volume.geometry.matches(phantom.volume.geometry)
+    # the evaluation voxels of a phantom are its labelled voxels
+    np.testing.assert_array_equal(inputs.evaluation_mask, phantom.labels > 0)
+    _same_inputs(inputs, RunDir(tmp_path / "run").load_inputs())
+
+
+def test_phantom_files_reused_only_for_the_same_parameters(tmp_path: Path) -> None:
+    run = RunDir(tmp_path)
+    first = run.prepare_inputs(phantom_shape=20, seed=0)
+    stamp = (tmp_path / RunDir.PHANTOM).stat().st_mtime_ns
+    again = run.prepare_inputs(phantom_shape=20, seed=0)
+    assert (tmp_path / RunDir.PHANTOM).stat().st_mtime_ns == stamp  # not rewritten
+    _same_inputs(first, again)
+    other = run.prepare_inputs(phantom_shape=24, seed=0)
+    assert other.volume.shape == (24, 24, 24) and other.ground_truth.shape == (24, 24, 24)
+    reseeded = run.prepare_inputs(phantom_shape=24, seed=1)
+    assert not np.array_equal(reseeded.ground_truth, other.ground_truth) or \
+        not np.array_equal(np.asarray(reseeded.volume.data), np.asarray(other.volume.data))
+    _same_inputs(reseeded, run.load_inputs())
+
+
+def test_prepare_volume_file_with_ground_truth_and_mask(tmp_path: Path, specimen_volume: Volume,
+                                                        specimen_truth: np.ndarray) -> None:
+    image = save_volume(specimen_volume, tmp_path / "ct.nrrd")
+    truth = save_labels(specimen_truth.astype(np.uint8) * 2, tmp_path / "truth.nii.gz", reference=specimen_volume)
+    mask = np.zeros(specimen_truth.shape, bool)
+    mask[2:-2, 2:-2, 2:-2] = True
+    mask_file = save_labels(mask.astype(np.uint8), tmp_path / "mask.nii.gz", reference=specimen_volume)
+    run = RunDir(tmp_path / "run")
+    inputs = run.prepare_inputs(str(image), mask_path=str(mask_file), ground_truth_path=str(truth))
+    assert not inputs.is_phantom
+    assert not (tmp_path / "run" / RunDir.PHANTOM).exists()
+    assert inputs.volume_paths == [str(image.resolve())]
+    assert inputs.mask_path == str(mask_file.resolve())
+    np.testing.assert_array_equal(inputs.volume.mask, mask)
+    np.testing.assert_array_equal(inputs.ground_truth, specimen_truth * 2)
+    # a real volume is evaluated on its foreground
+    np.testing.assert_array_equal(inputs.evaluation_mask, mask)
+    _, geometry = read_image(image)
+    assert inputs.volume.geometry.matches(geometry)
+    _same_inputs(inputs, run.load_inputs())
+    # several files are channels; no ground truth: no evaluation mask
+    two = run.prepare_inputs([str(image), str(image)])
+    assert two.volume.n_channels == 2 and two.ground_truth is None and two.evaluation_mask is None
+    _same_inputs(two, run.load_inputs())
+
+
+def test_ground_truth_of_another_geometry(tmp_path: Path, specimen_volume: Volume,
+                                          specimen_truth: np.ndarray) -> None:
+    image = save_volume(specimen_volume, tmp_path / "ct.nii.gz")
+    shifted = replace(specimen_volume.geometry, origin=(0.0, 0.0, 0.0))
+    truth = save_labels(specimen_truth.astype(np.uint8), tmp_path / "truth.nii.gz", reference=shifted)
+    run = RunDir(tmp_path / "run")
+    with pytest.raises(ValueError, match="ground_truth_path .*truth.nii.gz.* origin"):
+        run.prepare_inputs(str(image), ground_truth_path=str(truth))
+    assert not (tmp_path / "run" / RunDir.INPUTS).exists()  # nothing recorded
+
+
+def test_ground_truth_without_volume(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="ground_truth_path"):
+        RunDir(tmp_path / "run").prepare_inputs("", ground_truth_path="truth.nii.gz")
+    assert not (tmp_path / "run").exists()
+
+
+def test_missing_volume_file(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="missing.nii.gz"):
+        RunDir(tmp_path / "run").prepare_inputs(str(tmp_path / "missing.nii.gz"))
+
+
+def test_require_and_file(tmp_path: Path) -> None:
+    run = RunDir(tmp_path / "run")
+    assert repr(run) == f"RunDir({str(tmp_path / 'run')!r})"
+    with pytest.raises(FileNotFoundError, match=r"model\.pt not found: run notebook 02_training with run_dir="):
+        run.require(RunDir.MODEL, "notebook 02_training")
+    with pytest.raises(FileNotFoundError, match="notebook 01_patch_sampling"):
+        run.load_inputs()
+    target = run.file(RunDir.MODEL)
+    assert target == tmp_path / "run" / RunDir.MODEL and (tmp_path / "run").is_dir()
+    target.write_bytes(b"x")
+    assert run.require(RunDir.MODEL, "notebook 02_training") == target

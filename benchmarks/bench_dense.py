@@ -116,7 +116,7 @@ def main() -> None:
           f"(phantom generation {p2['phantom_s']:.1f} s, not included)")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"compare": cmp, "phase2": p2}, indent=2))
+        args.json.write_text(json.dumps({"compare": cmp, "phase2": p2}, indent=2), encoding="utf-8")
 
 
 if __name__ == "__main__":

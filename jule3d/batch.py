@@ -114,7 +114,7 @@ def _run_job(job: Job, run_dir: str, common: Mapping[str, Any], cell_timeout: in
         run_pipeline(run_dir, job.volume_paths, params, overwrite=True, cell_timeout=cell_timeout, progress=False)
         metrics = Path(run_dir) / "metrics.json"
         if metrics.is_file():
-            result.metrics = json.loads(metrics.read_text())
+            result.metrics = json.loads(metrics.read_text(encoding="utf-8"))
     except Exception as exc:  # noqa: BLE001 - a batch records every failure and carries on
         result.status = "failed"
         result.error = f"{type(exc).__name__}: {exc}"
@@ -122,7 +122,7 @@ def _run_job(job: Job, run_dir: str, common: Mapping[str, Any], cell_timeout: in
             result.error += "\n" + traceback.format_exc(limit=3)
     result.seconds = time.perf_counter() - start
     Path(run_dir).mkdir(parents=True, exist_ok=True)
-    (Path(run_dir) / STATUS_FILE).write_text(json.dumps(asdict(result), indent=2, default=str))
+    (Path(run_dir) / STATUS_FILE).write_text(json.dumps(asdict(result), indent=2, default=str), encoding="utf-8")
     return asdict(result)
 
 
@@ -191,7 +191,7 @@ def run_batch(
     for job in jobs:
         status = out / job.name / STATUS_FILE
         if status.is_file():
-            previous = JobResult(**json.loads(status.read_text()))
+            previous = JobResult(**json.loads(status.read_text(encoding="utf-8")))
             if previous.status == "ok" and previous.parameters == {**common, **job.parameters}:
                 previous.status = "skipped"
                 results[job.name] = previous
@@ -224,7 +224,7 @@ _METRIC_COLUMNS = ("nmi", "ari", "dice_mean")
 def write_index(out_dir: Path, results: Sequence[JobResult]) -> Path:
     """Write ``index.json`` and an ``index.html`` table (status, metrics, seconds, links) for a batch."""
     out_dir = Path(out_dir)
-    (out_dir / "index.json").write_text(json.dumps([asdict(r) for r in results], indent=2, default=str))
+    (out_dir / "index.json").write_text(json.dumps([asdict(r) for r in results], indent=2, default=str), encoding="utf-8")
     rows = []
     for r in results:
         jule = r.metrics.get("jule3d", r.metrics) if isinstance(r.metrics, dict) else {}

@@ -485,7 +485,7 @@ def _read_npy(path: Path) -> tuple[np.ndarray, Geometry]:
     if not sidecar.exists():
         return array, Geometry(shape=array.shape)
     try:
-        attrs = json.loads(sidecar.read_text())
+        attrs = json.loads(sidecar.read_text(encoding="utf-8"))
         return array, _geometry_from_dict(array.shape, attrs)
     except (ValueError, TypeError, AttributeError) as exc:
         raise ValueError(f"invalid geometry sidecar {sidecar}: {exc}") from exc
@@ -702,7 +702,7 @@ def _write_sitk(array: np.ndarray, geometry: Geometry, target: Path) -> None:
 
 def _write_npy(array: np.ndarray, geometry: Geometry, target: Path) -> None:
     np.save(target, array)
-    _sidecar(target).write_text(json.dumps(_geometry_dict(geometry), indent=1))
+    _sidecar(target).write_text(json.dumps(_geometry_dict(geometry), indent=1), encoding="utf-8")
 
 
 def _write_zarr(array: np.ndarray, geometry: Geometry, target: Path) -> None:

@@ -178,7 +178,7 @@ def load_params_file(path: str | os.PathLike) -> dict[str, Any]:
     if not path.is_file():
         raise FileNotFoundError(f"params file {path} not found")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as exc:
         raise ValueError(f"params file {path} is not valid YAML: {exc}") from exc
     if not isinstance(data, dict):
@@ -207,7 +207,7 @@ def _prepare_run_dir(run_dir: Path, parameters: Mapping[str, Any], overwrite: bo
     if run_dir.exists() and any(run_dir.iterdir()):
         if resume:
             if params_file.is_file():
-                previous = yaml.safe_load(params_file.read_text()) or {}
+                previous = yaml.safe_load(params_file.read_text(encoding="utf-8")) or {}
                 if previous != dict(parameters):
                     changed = sorted(k for k in set(previous) | set(parameters) if previous.get(k) != parameters.get(k))
                     raise ValueError(
@@ -224,7 +224,7 @@ def _prepare_run_dir(run_dir: Path, parameters: Mapping[str, Any], overwrite: bo
     if not run_dir.parent.exists():
         raise FileNotFoundError(f"parent folder of the run folder does not exist: {run_dir.parent}")
     (run_dir / EXECUTED_DIR).mkdir(parents=True, exist_ok=True)
-    params_file.write_text(yaml.safe_dump(dict(parameters), sort_keys=True))
+    params_file.write_text(yaml.safe_dump(dict(parameters), sort_keys=True), encoding="utf-8")
 
 
 def run_pipeline(
@@ -321,7 +321,7 @@ def run_pipeline(
     (run_dir / "timings.json").write_text(json.dumps(
         [dict(name=n.name, seconds=n.seconds, compute_seconds=n.compute_seconds,
               overhead_seconds=n.overhead_seconds, skipped=n.skipped) for n in result.notebooks]
-        + [dict(name="report", seconds=result.report_seconds)], indent=2))
+        + [dict(name="report", seconds=result.report_seconds)], indent=2), encoding="utf-8")
     return result
 
 

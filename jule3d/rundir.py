@@ -142,18 +142,18 @@ class RunDir:
             record["phantom"] = phantom
         inputs = self._load(record)
         tmp = self.file(self.INPUTS + ".tmp")
-        tmp.write_text(json.dumps(record, indent=2))
+        tmp.write_text(json.dumps(record, indent=2), encoding="utf-8")
         tmp.replace(self.path / self.INPUTS)
         return inputs
 
     def _recorded(self) -> dict:
         """The record in ``inputs.json``, empty when there is none yet."""
         path = self.path / self.INPUTS
-        return json.loads(path.read_text()) if path.exists() else {}
+        return json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
 
     def load_inputs(self) -> Inputs:
         """Reload the inputs recorded by notebook 01."""
-        record = json.loads(self.require(self.INPUTS, "notebook 01_patch_sampling").read_text())
+        record = json.loads(self.require(self.INPUTS, "notebook 01_patch_sampling").read_text(encoding="utf-8"))
         return self._load(record)
 
     @staticmethod

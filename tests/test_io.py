@@ -57,7 +57,7 @@ def test_npy_is_memory_mapped_and_geometry_defaults_without_sidecar(tmp_path: Pa
     back, geometry = read_image(tmp_path / "a.npy")
     assert isinstance(back, np.memmap)
     assert geometry == Geometry(shape=(3, 4, 5))
-    (tmp_path / "a.npy.json").write_text('{"spacing": [0.5, 0.5, 2.0]}')
+    (tmp_path / "a.npy.json").write_text('{"spacing": [0.5, 0.5, 2.0]}', encoding="utf-8")
     assert read_image(tmp_path / "a.npy")[1].spacing == (0.5, 0.5, 2.0)
     (tmp_path / "a.npy.json").write_text("{not json")
     with pytest.raises(ValueError, match=r"a\.npy\.json"):

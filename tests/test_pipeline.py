@@ -104,10 +104,10 @@ def test_int_is_accepted_where_a_float_is_declared() -> None:
 def test_existing_run_folder_is_refused(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     run_dir.mkdir()
-    (run_dir / "keep.txt").write_text("mine")
+    (run_dir / "keep.txt").write_text("mine", encoding="utf-8")
     with pytest.raises(FileExistsError, match="--overwrite"):
         run_pipeline(run_dir, parameters=TINY)
-    assert (run_dir / "keep.txt").read_text() == "mine"
+    assert (run_dir / "keep.txt").read_text(encoding="utf-8") == "mine"
 
 
 def test_cli_reports_bad_parameters_in_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -129,7 +129,7 @@ def test_failing_notebook_stops_the_run_and_keeps_it(tmp_path: Path) -> None:
     message = str(info.value)
     assert "01_patch_sampling.ipynb failed" in message and "min_foreground" in message
     kept = run_dir / "notebooks" / "01_patch_sampling.ipynb"
-    assert kept.is_file() and "min_foreground" in kept.read_text()
+    assert kept.is_file() and "min_foreground" in kept.read_text(encoding="utf-8")
     assert not (run_dir / "notebooks" / "02_jule_training.ipynb").exists()
 
 
@@ -142,11 +142,11 @@ def test_run_end_to_end_writes_every_artefact(tmp_path: Path) -> None:
         assert (run_dir / name).is_file(), f"{name} missing"
     for nb in NOTEBOOKS:
         assert (run_dir / "notebooks" / nb.name).is_file()
-    metrics = json.loads((run_dir / "metrics.json").read_text())
+    metrics = json.loads((run_dir / "metrics.json").read_text(encoding="utf-8"))
     assert set(metrics["methods"]) == {"jule3d", "kmeans", "otsu"}
     assert 0.0 <= metrics["jule3d"]["nmi"] <= 1.0
 
-    report = (run_dir / "report.html").read_text()
+    report = (run_dir / "report.html").read_text(encoding="utf-8")
     assert report.count("Plotly.newPlot") >= 10, "the report must carry the figures"
     assert report.count("define(\"plotly\"") + report.count("window.Plotly") >= 1, "plotly.js must be inlined"
     assert "mesh3d" in report, "the 3D rendering must be in the report"

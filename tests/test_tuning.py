@@ -30,13 +30,13 @@ def test_panel_is_a_no_op_without_a_frontend(volume, monkeypatch: pytest.MonkeyP
 def test_panel_saves_only_its_own_file(volume, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("JULE3D_INTERACTIVE", "1")
     target = tmp_path / "params.yaml"
-    target.write_text("mine: 1\n")
+    target.write_text("mine: 1\n", encoding="utf-8")
     panel = tuning_panel(volume, params_path=target)
     buttons = [c for row in panel.children if hasattr(row, "children") for c in row.children
                if type(c).__name__ == "Button"]
     save = next(b for b in buttons if b.description == "Save params")
     save.click()
-    assert target.read_text() == "mine: 1\n", "a file the panel did not write must not be replaced"
+    assert target.read_text(encoding="utf-8") == "mine: 1\n", "a file the panel did not write must not be replaced"
     target.unlink()
     save.click()
     assert load_params_file(target) == TUNABLE

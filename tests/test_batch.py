@@ -25,7 +25,7 @@ TINY = {
 
 def test_jobs_are_volumes_times_grid(tmp_path: Path) -> None:
     for name in ("a.nii.gz", "b.nrrd", "notes.txt"):
-        (tmp_path / name).write_text("x")
+        (tmp_path / name).write_text("x", encoding="utf-8")
     jobs = expand_jobs([tmp_path], {"k_s": [5, 10], "eta": [0.5]})
     assert [j.name for j in jobs] == ["a__eta-0.5__k_s-5", "a__eta-0.5__k_s-10",
                                       "b__eta-0.5__k_s-5", "b__eta-0.5__k_s-10"]
@@ -70,14 +70,14 @@ def test_batch_runs_good_job_records_broken_one_and_resumes(tmp_path: Path, caps
 
     argv = ["batch", str(inputs), "--out", str(out)] + [x for k, v in TINY.items() for x in ("-p", k, json.dumps(v))]
     assert main(argv) == 1, "a batch with a failed job exits non-zero"
-    index = json.loads((out / "index.json").read_text())
+    index = json.loads((out / "index.json").read_text(encoding="utf-8"))
     status = {job["name"]: job for job in index}
     assert status["good"]["status"] == "ok"
     assert status["broken"]["status"] == "failed"
     assert "broken.nii.gz" in status["broken"]["error"]
     assert (out / "good" / "report.html").is_file() and (out / "good" / "labels.nii.gz").is_file()
     assert (out / "broken" / "notebooks" / "01_patch_sampling.ipynb").is_file(), "failed notebook kept"
-    page = (out / "index.html").read_text()
+    page = (out / "index.html").read_text(encoding="utf-8")
     assert "good/report.html" in page and "failed" in page
 
     again = run_batch(out, [inputs], parameters=TINY)

@@ -22,7 +22,7 @@ def _canonical(name: str) -> str:
 
 
 def _pyproject_requirements() -> dict[str, str]:
-    meta = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    meta = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]
     reqs = list(meta["dependencies"])
     for extra in meta["optional-dependencies"].values():
         reqs.extend(extra)
@@ -43,7 +43,7 @@ def _pyproject_requirements() -> dict[str, str]:
 
 
 def _environment_requirements() -> dict[str, str]:
-    env = yaml.safe_load((ROOT / "environment.yml").read_text())
+    env = yaml.safe_load((ROOT / "environment.yml").read_text(encoding="utf-8"))
     out: dict[str, str] = {}
     for dep in env["dependencies"]:
         if isinstance(dep, dict):

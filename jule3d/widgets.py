@@ -178,7 +178,7 @@ def write_params(params: Mapping[str, Any], path: str | os.PathLike, overwrite: 
     if not path.parent.is_dir():
         raise FileNotFoundError(f"folder {path.parent} does not exist")
     clean = {k: (v.item() if isinstance(v, np.generic) else v) for k, v in params.items()}
-    path.write_text(yaml.safe_dump(clean, sort_keys=True))
+    path.write_text(yaml.safe_dump(clean, sort_keys=True), encoding="utf-8")
     return path
 
 

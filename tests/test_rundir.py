@@ -31,7 +31,7 @@ def test_prepare_phantom_and_reload(tmp_path: Path) -> None:
     run = RunDir(tmp_path / "run")
     inputs = run.prepare_inputs(phantom_shape=24, n_classes=2, seed=3)
     assert (tmp_path / "run" / RunDir.PHANTOM).is_file() and (tmp_path / "run" / RunDir.PHANTOM_LABELS).is_file()
-    record = json.loads((tmp_path / "run" / RunDir.INPUTS).read_text())
+    record = json.loads((tmp_path / "run" / RunDir.INPUTS).read_text(encoding="utf-8"))
     assert record["is_phantom"] is True
     assert record["volume_paths"] == [str((tmp_path / "run" / RunDir.PHANTOM).resolve())]
     assert record["ground_truth_path"] == str((tmp_path / "run" / RunDir.PHANTOM_LABELS).resolve())

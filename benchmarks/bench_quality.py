@@ -1,0 +1,346 @@
+"""Segmentation quality of JULE-3D and the baselines, side by side (protocol: ``../shared/docs/benchmarks.md``).
+
+Every method runs in the same process, one after another, on the same input, foreground mask and ``k``, and is
+scored on the same evaluation voxels. One markdown table per dataset: every method on every case, then the mean
+over the cases; columns NMI (arithmetic), NMI (geometric), ARI, matched Dice, seconds and peak resident-memory
+growth (MB). The machine's core count is printed with it.
+
+Datasets
+--------
+``phantom``
+    The default texture phantom (``make_phantom()``: 96³, seed 0, k = 3), optionally also its intensity variant
+    (``--phantom-variants texture intensity``). Input: the phantom z-scored inside the specimen
+    (:func:`jule3d.normalize.normalize_intensity`, air set to 0). Evaluation voxels: the specimen.
+``brats``
+    BraTS-ROI on ``../shared/data/brats2015`` (or ``$JULE3D_SHARED_DATA/brats2015``). Input: FLAIR and T1c as stored
+    (already z-scored inside the brain), read with ``normalize=False`` and the brain mask as foreground. The
+    stored background outside the brain is the image minimum (about -3); it is set to 0, the brain mean, which is
+    what :func:`jule3d.normalize.normalize_intensity` does to the background, so JULE's patches at the brain edge
+    see neutral values instead of an artificial edge (``--brats-intensity stored-background`` keeps the stored
+    values; ``renormalized`` applies ``normalize_intensity`` instead: percentile clip and a new z-score). The
+    baselines only see brain voxels, so this choice changes JULE-3D alone. Region: the bounding box of
+    ``OTMultiClass > 0`` grown by 16 voxels and clipped to the volume; the crop is every method's input.
+    Evaluation voxels: the crop ∩ the brain mask. Ground truth: 1 = normal (label 0), 2 = oedema (label 2),
+    3 = tumour core (labels 1, 3, 4); k = 3.
+
+Usage::
+
+    python benchmarks/bench_quality.py --dataset brats                      # 4 cases, fast preset
+    python benchmarks/bench_quality.py --dataset phantom --phantom-variants texture intensity
+    python benchmarks/bench_quality.py --dataset brats --cases brats_2013_pat0004_1 \\
+        --n-patches 4000 -o 'net_overrides={"patch_size": 11}' --out results/quality_p11 --overwrite
+
+Writes ``<out>/quality_<dataset>.md`` (the table and the settings) and ``<out>/quality_<dataset>.json`` (every
+row, with the Dice of each class and the settings).
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import json
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from jule3d.evaluation import MethodResult, compare_methods
+from jule3d.normalize import normalize_intensity
+from jule3d.phantom import make_phantom
+from jule3d.segmentation import segment
+from jule3d.volume import Volume
+
+BRATS_CASES = ("brats_2013_pat0003_1", "brats_2013_pat0004_1", "brats_2013_pat0005_1", "brats_2013_pat0006_1")
+BRATS_CHANNELS = ("Flair_subtrMeanDivStd.nii.gz", "T1c_subtrMeanDivStd.nii.gz")
+BRATS_INTENSITIES = ("zero-background", "stored-background", "renormalized")
+#: BraTS ``OTMultiClass`` label -> benchmark class: 1 normal, 2 oedema, 3 tumour core.
+BRATS_CLASSES = np.array([1, 3, 2, 3, 3], dtype=np.uint8)
+BRATS_CLASS_NAMES = ("normal", "oedema", "core")
+CROP_MARGIN = 16
+DEFAULT_METHODS = ("jule3d", "kmeans", "otsu", "gmm", "slic")
+COLUMNS = (("nmi", "NMI"), ("nmi_geometric", "NMI (geom.)"), ("ari", "ARI"), ("dice_mean", "matched Dice"),
+           ("seconds", "seconds"), ("peak_mb", "peak MB"))
+
+
+@dataclass
+class Case:
+    """One benchmark input: the volume every method sees, its ground truth and the voxels that are scored."""
+
+    name: str
+    volume: Volume
+    ground_truth: np.ndarray
+    evaluation_mask: np.ndarray
+    n_clusters: int
+
+
+@dataclass
+class JuleSettings:
+    """How :func:`jule3d.segment` is called (the ``jule3d`` method)."""
+
+    preset: str = "fast"
+    n_patches: int = 2000
+    min_foreground: float = 0.9
+    stride: int = 2
+    overrides: dict[str, Any] | None = None
+
+    def label(self) -> str:
+        """Method name in the table, e.g. ``jule3d (fast)``."""
+        return f"jule3d ({self.preset})"
+
+
+def data_root() -> Path:
+    """``$JULE3D_SHARED_DATA`` if set, else ``../shared/data`` next to the repository."""
+    env = os.environ.get("JULE3D_SHARED_DATA")
+    return Path(env) if env else Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+# --------------------------------------------------------------------------------------------------
+# cases
+
+
+def lesion_box(labels: np.ndarray, margin: int = CROP_MARGIN) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """Bounding box ``[start, stop)`` (Z, Y, X) of ``labels > 0`` grown by ``margin`` voxels, clipped to the array.
+
+    Raises
+    ------
+    ValueError
+        If ``labels`` has no positive voxel or ``margin`` is negative.
+    """
+    if margin < 0:
+        raise ValueError(f"margin must be >= 0, got {margin}")
+    idx = np.argwhere(np.asarray(labels) > 0)
+    if idx.size == 0:
+        raise ValueError("labels has no positive voxel: no lesion to crop around")
+    start = np.maximum(idx.min(axis=0) - margin, 0)
+    stop = np.minimum(idx.max(axis=0) + 1 + margin, labels.shape)
+    return tuple(int(s) for s in start), tuple(int(s) for s in stop)
+
+
+def brats_ground_truth(labels: np.ndarray) -> np.ndarray:
+    """Map ``OTMultiClass`` labels (0..4) to the 3 benchmark classes: 1 normal, 2 oedema, 3 core (``uint8``).
+
+    Raises
+    ------
+    ValueError
+        If a label is not an integer in 0..4.
+    """
+    labels = np.asarray(labels)
+    codes = np.rint(labels).astype(np.int64)
+    if not np.array_equal(codes, labels) or codes.min() < 0 or codes.max() >= len(BRATS_CLASSES):
+        raise ValueError(f"labels must be integers in 0..{len(BRATS_CLASSES) - 1} (OTMultiClass)")
+    return BRATS_CLASSES[codes]
+
+
+def brats_roi(
+    volume: Volume, labels: np.ndarray, margin: int = CROP_MARGIN, name: str = "brats"
+) -> Case:
+    """The BraTS-ROI case of a loaded volume (its mask = the brain) and its ``OTMultiClass`` labels."""
+    if labels.shape != volume.shape:
+        raise ValueError(f"labels shape {labels.shape} does not match the volume's {volume.shape}")
+    start, stop = lesion_box(labels, margin)
+    crop = volume.crop(start, stop)
+    sl = tuple(slice(a, b) for a, b in zip(start, stop))
+    return Case(name, crop, brats_ground_truth(labels[sl]), crop.foreground().copy(), len(BRATS_CLASS_NAMES))
+
+
+def brats_input(case_dir: Path, intensity: str = "zero-background") -> Volume:
+    """FLAIR + T1c of one BraTS case with the brain mask as foreground (see the module docstring)."""
+    from jule3d.io import load_volume  # SimpleITK: only needed for real data
+
+    if intensity not in BRATS_INTENSITIES:
+        raise ValueError(f"intensity must be one of {BRATS_INTENSITIES}, got {intensity!r}")
+    paths = [case_dir / f for f in BRATS_CHANNELS]
+    mask = case_dir / "brainmask.nii.gz"
+    volume = load_volume(paths, mask=mask, normalize=intensity == "renormalized", channel_names=("FLAIR", "T1c"))
+    if intensity == "zero-background":
+        data = np.where(volume.foreground(), np.asarray(volume.data, dtype=np.float32), np.float32(0))
+        volume = Volume(data, volume.geometry, mask=volume.mask, channel_names=volume.channel_names,
+                        sources=volume.sources)
+    return volume
+
+
+def load_brats_case(case_dir: Path, intensity: str = "zero-background", margin: int = CROP_MARGIN) -> Case:
+    """Read one BraTS case folder and return its BraTS-ROI case.
+
+    Raises
+    ------
+    FileNotFoundError
+        If the folder or one of its files is missing.
+    """
+    from jule3d.io import load_mask, read_image
+
+    case_dir = Path(case_dir)
+    if not case_dir.is_dir():
+        raise FileNotFoundError(f"BraTS case folder {case_dir} does not exist")
+    volume = brats_input(case_dir, intensity)
+    labels, _ = read_image(case_dir / "OTMultiClass.nii.gz")
+    load_mask(case_dir / "OTMultiClass.nii.gz", volume)  # checks that the labels lie on the image grid
+    return brats_roi(volume, np.asarray(labels), margin, name=case_dir.name)
+
+
+def phantom_case(variant: str = "texture", size: int = 96, seed: int = 0, n_classes: int = 3) -> Case:
+    """The phantom (z-scored inside the specimen), its labels, evaluated on the specimen."""
+    phantom = make_phantom(shape=(size,) * 3, n_classes=n_classes, variant=variant, seed=seed)
+    volume = normalize_intensity(phantom.volume)
+    return Case(f"phantom-{variant}", volume, phantom.labels, phantom.labels > 0, n_classes)
+
+
+# --------------------------------------------------------------------------------------------------
+# running
+
+
+def jule_method(case: Case, settings: JuleSettings, seed: int) -> Callable[[], np.ndarray]:
+    """Zero-argument callable running :func:`jule3d.segment` on the case (timed by ``compare_methods``)."""
+    def run() -> np.ndarray:
+        return segment(case.volume, n_clusters=case.n_clusters, preset=settings.preset, seed=seed,
+                       n_patches=settings.n_patches, min_foreground=settings.min_foreground,
+                       stride=settings.stride, progress=False, **(settings.overrides or {}))
+    return run
+
+
+def run_case(case: Case, methods: Sequence[str], settings: JuleSettings, seed: int) -> list[MethodResult]:
+    """Every method on one case, one after another in this process, scored on the case's evaluation voxels."""
+    extra = {settings.label(): jule_method(case, settings, seed)} if "jule3d" in methods else {}
+    baselines = [m for m in methods if m != "jule3d"]
+    return compare_methods(case.volume, case.n_clusters, baselines, case.ground_truth, case.evaluation_mask,
+                           extra=extra, seed=seed)
+
+
+def records(case: str, results: Sequence[MethodResult]) -> list[dict[str, Any]]:
+    """Flat JSON-ready rows (with the Dice of every class) of one case's results."""
+    out = []
+    for r in results:
+        dice = {str(k): float(v) for k, v in r.metrics.get("dice_per_class", {}).items()}
+        out.append({"case": case, **r.row(), "dice_per_class": dice})
+    return out
+
+
+def mean_records(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One ``case = "mean"`` row per method: the mean of every numeric column over the cases."""
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    out = []
+    for method in methods:
+        mine = [r for r in rows if r["method"] == method]
+        means = {key: float(np.mean([r[key] for r in mine])) for key, _ in COLUMNS if key in mine[0]}
+        out.append({"case": f"mean of {len(mine)}", "method": method, **means})
+    return out
+
+
+def markdown_table(rows: Sequence[dict[str, Any]], digits: int = 3) -> str:
+    """Markdown table: case, method and the metric/cost columns."""
+    lines = ["| case | method | " + " | ".join(h for _, h in COLUMNS) + " |", "|---|---|" + "---:|" * len(COLUMNS)]
+    for r in rows:
+        cells = [f"{r[k]:.{digits}f}" if k in r else "" for k, _ in COLUMNS]
+        lines.append(f"| {r['case']} | {r['method']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def machine() -> str:
+    """The machine's core count (and the ones this process may use) and torch's thread count."""
+    import torch
+
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return f"{os.cpu_count()} CPU cores ({usable} usable), torch threads {torch.get_num_threads()}, " \
+           f"CUDA {'yes' if torch.cuda.is_available() else 'no'}"
+
+
+def run_dataset(
+    cases: Sequence[Callable[[], Case]], methods: Sequence[str], settings: JuleSettings, seed: int
+) -> list[dict[str, Any]]:
+    """Load and run the cases one at a time (one case in memory); print each case's table as it finishes."""
+    rows: list[dict[str, Any]] = []
+    for load in cases:
+        case = load()
+        case_rows = records(case.name, run_case(case, methods, settings, seed))
+        print(markdown_table(case_rows), flush=True)
+        rows += case_rows
+    return rows
+
+
+def write_report(out: Path, dataset: str, rows: list[dict[str, Any]], settings: dict[str, Any],
+                 overwrite: bool) -> str:
+    """Write ``quality_<dataset>.md`` and ``.json`` into ``out``; returns the markdown."""
+    md_path, json_path = out / f"quality_{dataset}.md", out / f"quality_{dataset}.json"
+    for path in (md_path, json_path):
+        if path.exists() and not overwrite:
+            raise FileExistsError(f"{path} exists; pass --overwrite to replace it")
+    table = markdown_table(rows + (mean_records(rows) if len({r['case'] for r in rows}) > 1 else []))
+    text = (f"# Quality benchmark: {dataset}\n\n{table}\n\nMachine: {settings['machine']}.\n\n"
+            f"Command: `{settings['command']}`\n\nSettings: `{json.dumps(settings['jule'])}`\n")
+    out.mkdir(parents=True, exist_ok=True)
+    md_path.write_text(text, encoding="utf-8")
+    json_path.write_text(json.dumps({"dataset": dataset, "settings": settings, "rows": rows}, indent=1), encoding="utf-8")
+    return text
+
+
+# --------------------------------------------------------------------------------------------------
+# command line
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``NAME=VALUE`` with VALUE a Python literal (``3``, ``0.5``, ``{"patch_size": 11}``) or a bare string."""
+    name, sep, value = text.partition("=")
+    if not sep or not name:
+        raise argparse.ArgumentTypeError(f"-o expects NAME=VALUE, got {text!r}")
+    try:
+        return name.strip(), ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+        return name.strip(), value
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """Command-line options (see the module docstring)."""
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--dataset", choices=("phantom", "brats", "all"), default="all")
+    p.add_argument("--preset", choices=("fast", "paper"), default="fast")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--cases", nargs="+", default=list(BRATS_CASES), help="BraTS case folders")
+    p.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS))
+    p.add_argument("--out", type=Path, default=Path("results/quality"))
+    p.add_argument("--overwrite", action="store_true", help="replace existing result files")
+    p.add_argument("--n-patches", type=int, default=2000, help="JULE training patches")
+    p.add_argument("--min-foreground", type=float, default=0.9, help="foreground fraction of a training patch")
+    p.add_argument("--stride", type=int, default=2, help="Phase 2 grid stride")
+    p.add_argument("-o", dest="overrides", action="append", type=parse_override, default=[],
+                   metavar="NAME=VALUE", help="JuleConfig field, e.g. -o epochs_per_period=5 (repeatable)")
+    p.add_argument("--phantom-variants", nargs="+", choices=("texture", "intensity"), default=["texture"])
+    p.add_argument("--brats-intensity", choices=BRATS_INTENSITIES, default="zero-background")
+    args = p.parse_args(argv)
+    unknown = [c for c in args.cases if c not in BRATS_CASES]
+    if unknown:
+        p.error(f"--cases {unknown} are not BraTS cases; valid: {list(BRATS_CASES)}")
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Run the selected datasets and write their reports."""
+    from jule3d.baselines import BASELINES
+
+    args = parse_args(argv)
+    bad = [m for m in args.methods if m != "jule3d" and m not in BASELINES]
+    if bad:
+        raise ValueError(f"--methods {bad} are unknown; valid: ['jule3d'] + {sorted(BASELINES)}")
+    settings = JuleSettings(args.preset, args.n_patches, args.min_foreground, args.stride, dict(args.overrides))
+    info = {"machine": machine(), "command": " ".join([Path(sys.argv[0]).name, *(argv or sys.argv[1:])]),
+            "jule": {**vars(settings), "seed": args.seed}}
+    print(info["machine"], flush=True)
+    datasets = ("brats", "phantom") if args.dataset == "all" else (args.dataset,)
+    for dataset in datasets:
+        if dataset == "brats":
+            root = data_root() / "brats2015"
+            if not root.is_dir():
+                raise FileNotFoundError(f"BraTS data folder {root} does not exist (set JULE3D_SHARED_DATA)")
+            loads = [lambda c=c: load_brats_case(root / c, args.brats_intensity) for c in args.cases]
+            info["brats_intensity"] = args.brats_intensity
+        else:
+            loads = [lambda v=v: phantom_case(v) for v in args.phantom_variants]  # the default phantom: seed 0
+        print(f"\n## {dataset}", flush=True)
+        rows = run_dataset(loads, args.methods, settings, args.seed)
+        print("\n" + write_report(args.out, dataset, rows, info, args.overwrite), flush=True)
+
+
+if __name__ == "__main__":
+    main()

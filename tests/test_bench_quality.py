@@ -1,0 +1,117 @@
+"""Smoke tests of benchmarks/bench_quality.py: BraTS-ROI crop and classes, tables, the phantom case end to end."""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from jule3d.volume import Volume
+
+_PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_quality.py"
+_spec = importlib.util.spec_from_file_location("bench_quality", _PATH)
+bq = importlib.util.module_from_spec(_spec)
+sys.modules.setdefault("bench_quality", bq)  # dataclasses look their module up
+_spec.loader.exec_module(bq)
+
+
+def _synthetic_brats() -> tuple[Volume, np.ndarray]:
+    """A 40³ two-channel 'brain' (a ball) with a lesion: core 1/3/4 inside oedema 2."""
+    z, y, x = np.mgrid[:40, :40, :40]
+    brain = (z - 20) ** 2 + (y - 20) ** 2 + (x - 20) ** 2 < 18 ** 2
+    labels = np.zeros((40, 40, 40), dtype=np.uint8)
+    labels[5:12, 20:30, 22:28] = 2
+    labels[7:10, 23:27, 24:26] = 4
+    labels[8, 24, 24] = 1
+    labels[9, 25, 25] = 3
+    labels[0, 0, 0] = 0
+    data = np.stack([labels * 1.0, -labels * 0.5]).astype(np.float32)
+    return Volume.from_array(data, mask=brain), labels
+
+
+def test_lesion_box_grows_and_clips() -> None:
+    labels = np.zeros((30, 30, 30), dtype=np.uint8)
+    labels[2:5, 10:20, 25:28] = 2
+    start, stop = bq.lesion_box(labels, margin=4)
+    assert start == (0, 6, 21) and stop == (9, 24, 30)
+    with pytest.raises(ValueError, match="no positive voxel"):
+        bq.lesion_box(np.zeros((5, 5, 5)))
+    with pytest.raises(ValueError, match="margin"):
+        bq.lesion_box(labels, margin=-1)
+
+
+def test_ground_truth_classes() -> None:
+    gt = bq.brats_ground_truth(np.array([0, 1, 2, 3, 4], dtype=np.float32))
+    assert gt.tolist() == [1, 3, 2, 3, 3]  # normal, core, oedema, core, core
+    with pytest.raises(ValueError, match="OTMultiClass"):
+        bq.brats_ground_truth(np.array([0, 5]))
+    with pytest.raises(ValueError, match="OTMultiClass"):
+        bq.brats_ground_truth(np.array([0.5]))
+
+
+def test_brats_roi_crop_mask_and_truth() -> None:
+    volume, labels = _synthetic_brats()
+    case = bq.brats_roi(volume, labels, margin=3, name="synthetic")
+    assert case.volume.shape == (13, 16, 12)  # z 5..11 -> [2, 15), y 20..29 -> [17, 33), x 22..27 -> [19, 31)
+    np.testing.assert_array_equal(case.volume.data, volume.data[:, 2:15, 17:33, 19:31])
+    np.testing.assert_array_equal(case.evaluation_mask, volume.mask[2:15, 17:33, 19:31])
+    assert case.volume.geometry.shape == case.volume.shape
+    expected = np.where(labels == 0, 1, np.where(labels == 2, 2, 3))[2:15, 17:33, 19:31]
+    np.testing.assert_array_equal(case.ground_truth, expected)
+    assert case.n_clusters == 3
+    with pytest.raises(ValueError, match="labels shape"):
+        bq.brats_roi(volume, labels[1:])
+
+
+def test_phantom_case_runs_every_method_with_tiny_settings(tmp_path: Path) -> None:
+    case = bq.phantom_case("intensity", size=32)
+    assert case.evaluation_mask.sum() == (case.ground_truth > 0).sum() > 0
+    settings = bq.JuleSettings(n_patches=60, overrides={"epochs_per_period": 1, "final_epochs": 1})
+    rows = bq.records(case.name, bq.run_case(case, ["jule3d", "kmeans", "otsu"], settings, seed=0))
+    assert [r["method"] for r in rows] == ["jule3d (fast)", "kmeans", "otsu"]
+    for r in rows:
+        assert 0.0 <= r["nmi"] <= 1.0 and r["seconds"] > 0 and set(r["dice_per_class"]) == {"1", "2", "3"}
+    assert rows[1]["nmi"] > 0.5  # the intensity variant is easy for k-means
+    twice = rows + [{**r, "case": "again"} for r in rows]
+    text = bq.write_report(tmp_path, "phantom", twice, {"machine": "m", "command": "c", "jule": {}}, False)
+    assert text.count("| mean of 2 |") == 3 and text.count("| phantom-intensity |") == 3
+    saved = json.loads((tmp_path / "quality_phantom.json").read_text())
+    assert len(saved["rows"]) == 6
+    with pytest.raises(FileExistsError, match="overwrite"):
+        bq.write_report(tmp_path, "phantom", rows, {"machine": "m", "command": "c", "jule": {}}, False)
+
+
+def test_mean_records_and_table() -> None:
+    rows = [{"case": c, "method": m, "nmi": v, "nmi_geometric": v, "ari": v, "dice_mean": v, "seconds": 1.0,
+             "peak_mb": 2.0} for c, m, v in [("a", "x", 0.2), ("b", "x", 0.4), ("a", "y", 0.1), ("b", "y", 0.3)]]
+    means = bq.mean_records(rows)
+    assert [(r["method"], round(r["nmi"], 6)) for r in means] == [("x", 0.3), ("y", 0.2)]
+    table = bq.markdown_table(means)
+    assert table.splitlines()[2].startswith("| mean of 2 | x | 0.300 |")
+
+
+def test_parse_override_and_arguments() -> None:
+    assert bq.parse_override("net_overrides={'patch_size': 13}") == ("net_overrides", {"patch_size": 13})
+    assert bq.parse_override("device=cpu") == ("device", "cpu")
+    with pytest.raises(argparse.ArgumentTypeError):
+        bq.parse_override("epochs")
+    args = bq.parse_args(["--dataset", "brats", "-o", "eta=0.5", "--cases", bq.BRATS_CASES[0]])
+    assert args.overrides == [("eta", 0.5)] and args.cases == [bq.BRATS_CASES[0]]
+    with pytest.raises(SystemExit):
+        bq.parse_args(["--cases", "nope"])
+
+
+def test_real_brats_case(shared_data: Path) -> None:
+    folder = shared_data / "brats2015" / bq.BRATS_CASES[1]
+    if not folder.is_dir():
+        pytest.skip(f"{folder} is absent")
+    case = bq.load_brats_case(folder)
+    assert case.volume.n_channels == 2 and case.volume.shape == (105, 104, 95)
+    assert not np.asarray(case.volume.data)[:, ~case.evaluation_mask].any()  # background set to 0
+    counts = np.bincount(case.ground_truth[case.evaluation_mask], minlength=4)
+    assert counts[0] == 0 and counts[2] == 45189 and counts[3] == 75471

@@ -219,6 +219,9 @@ def multi_otsu(
     _check_positive(nbins=nbins)
     values = features[:, 0]
     thresholds = threshold_multiotsu(values, classes=n_classes, nbins=nbins)
+    # skimage returns the centre of the last bin of each lower class; the optimal partition puts that
+    # whole bin below the cut, so cut at its upper edge (else voxels in it above the centre move up).
+    thresholds = thresholds + (values.max() - values.min()) / (2 * nbins)
     return _finish(np.digitize(values, thresholds), volume, mask)
 
 

@@ -292,6 +292,7 @@ def plot_histograms(
     region_names: Mapping[int, str] | None = None,
     channel: int = 0,
     bins: int = 100,
+    skip: Sequence[int] = (),
     title: str = "Intensity histograms",
 ) -> go.Figure:
     """Intensity histograms per region (e.g. background vs foreground, or per ground-truth class).
@@ -324,11 +325,15 @@ def plot_histograms(
         raise ValueError(f"regions shape {regions.shape} does not match the volume shape {volume.shape}")
     if bins < 2:
         raise ValueError(f"bins must be at least 2, got {bins}")
-    lo, hi = np.percentile(data, [0.1, 99.9])
+    ids, counts = np.unique(regions, return_counts=True)
+    keep = ~np.isin(ids, list(skip))
+    if not keep.any():
+        raise ValueError(f"skip={tuple(skip)} leaves no region to draw (regions: {ids.tolist()})")
+    ids, counts = ids[keep], counts[keep]
+    lo, hi = np.percentile(data[np.isin(regions, ids)], [0.1, 99.9])
     edges = np.linspace(lo, hi if hi > lo else lo + 1.0, bins + 1)
     centres = (edges[:-1] + edges[1:]) / 2
     fig = go.Figure()
-    ids, counts = np.unique(regions, return_counts=True)
     for rid, count in zip(ids, counts):
         density, _ = np.histogram(data[regions == rid], bins=edges, density=True)
         name = (region_names or {}).get(int(rid), f"class {rid}")

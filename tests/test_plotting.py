@@ -266,3 +266,16 @@ def test_embedding_plot() -> None:
         plot_embedding(np.zeros((30, 3)), color)
     with pytest.raises(ValueError, match="color"):
         plot_embedding(coords, color[:5])
+
+
+def test_histograms_skip_the_background_spike() -> None:
+    from jule3d.volume import Volume
+
+    data = np.zeros((10, 10, 10), dtype=np.float32)
+    data[2:8, 2:8, 2:8] = np.random.default_rng(0).normal(1.0, 0.2, size=(6, 6, 6))
+    regions = (data != 0).astype(np.uint8)
+    fig = plot_histograms(Volume.from_array(data), regions=regions, skip=(0,))
+    assert len(fig.data) == 1 and fig.data[0].name.startswith("class 1")
+    assert fig.data[0].x.min() > 0.3, "the bin range must come from the drawn regions only"
+    with pytest.raises(ValueError, match="leaves no region"):
+        plot_histograms(Volume.from_array(data), regions=regions, skip=(0, 1))

@@ -28,7 +28,7 @@ Usage::
     python benchmarks/bench_quality.py --dataset brats                      # 4 cases, fast preset
     python benchmarks/bench_quality.py --dataset phantom --phantom-variants texture intensity
     python benchmarks/bench_quality.py --dataset brats --cases brats_2013_pat0004_1 \\
-        --n-patches 4000 -o 'net_overrides={"patch_size": 11}' --out results/quality_p11 --overwrite
+        --n-patches 4000 -o 'net_overrides={"patch_size": 13}' --out results/quality_p13 --overwrite
 
 Writes ``<out>/quality_<dataset>.md`` (the table and the settings) and ``<out>/quality_<dataset>.json`` (every
 row, with the Dice of each class and the settings).

@@ -3,13 +3,15 @@
 The recurrent process follows the JULE reference code (``jwyang/JULE.torch``, ``train.lua``) and
 ``method.md``:
 
-1. Period 0: features ``F`` = L2-normalised raw patches; ``W = knn_affinity(F, k_s)``; the initial
+1. Period 0: features ``F`` = L2-normalised raw patches (or, [ours], another descriptor chosen by
+   :attr:`JuleConfig.raw_features`); ``W = knn_affinity(F, k_s)``; the initial
    clusters follow each sample's nearest neighbour (:func:`jule3d.agdl.initial_clusters`); the CNN is
    trained ``epochs_per_period`` epochs on those labels.
 2. Each later period: features from the CNN (eval mode, batched, no gradient); ``W`` rebuilt;
    ``T = unfolding_merges(n_c, eta, n_clusters)`` AGDL merges; if ``n_c`` is still above the target,
    the CNN is trained ``epochs_per_period`` epochs on the new labels. The loop stops when
-   ``n_c <= n_clusters`` (after ``max_periods`` periods the last one merges straight to the target).
+   ``n_c <= n_clusters`` (after ``max_periods`` periods the last one merges straight to the target;
+   [ours] :attr:`JuleConfig.stop_clusters` can stop it earlier).
 3. Final update (Moriya 2018): the CNN is trained ``final_epochs`` more epochs on the final labels,
    and the final features are computed.
 
@@ -26,6 +28,15 @@ Optimiser: SGD with momentum 0.9, *dampening* 0.9 (Lua ``optim.sgd`` defaults th
 momentum, which torch's SGD does not), weight decay 5e-5 on every parameter, learning rate
 ``lr · (1 + lr_gamma · it) ** -lr_power`` with ``it`` the global batch counter (``train.lua``'s
 "inv" policy).
+
+Known failure on texture data (measured on the 96³ texture phantom, ``benchmarks/bench_phantom_jule.py``):
+once clusters grow past ``k_s`` members, the CNN trained on them maps each cluster to a tight ball, so
+the rebuilt kNN graph has almost no edges between clusters (the share of ``W``'s weight across clusters
+fell 0.93 → 0.57 → 0.30 → 0.20 → 0.13 → 0.05 over periods of 402 → 12 clusters). AGDL's affinities then
+rest on a handful of edges and small clusters are absorbed by the largest one, which grows to more than
+half of the patches; sometimes it swallows everything (patch NMI drops from about 0.55 to below 0.05
+in one period). Slower unfolding (small ``eta``) and ``gamma = 1`` give the CNN more chances to
+memorise the clusters and make this more frequent.
 
 Checkpoints (``checkpoint_dir``) are written after every period and after the final update; they hold
 only tensors and plain containers so they load with ``torch.load(weights_only=True)``. Resuming
@@ -56,10 +67,12 @@ from jule3d.models import JuleNet3D, NetConfig, net_config
 __all__ = [
     "CHECKPOINT_NAME",
     "JULE_PRESETS",
+    "RAW_FEATURES",
     "JuleConfig",
     "JuleResult",
     "jule_config",
     "load_model",
+    "period0_features",
     "sample_triplets",
     "save_model",
     "train_jule",
@@ -68,6 +81,9 @@ __all__ = [
 
 CHECKPOINT_NAME = "jule_checkpoint.pt"
 """File name of the checkpoint inside ``checkpoint_dir``."""
+
+RAW_FEATURES: tuple[str, ...] = ("l2", "standardize", "untrained", "spectrum")
+"""Valid :attr:`JuleConfig.raw_features` (period-0 features); ``"l2"`` is JULE's."""
 
 _CHECKPOINT_FORMAT = "jule3d-jule-checkpoint-v1"
 _MODEL_FORMAT = "jule3d-model-v1"
@@ -127,7 +143,13 @@ class JuleConfig:
         :class:`~jule3d.models.NetConfig` fields to change; ``in_channels`` and ``patch_size`` are taken
         from the patches.
     max_periods : int
-        Safety cap: the period with this index merges straight to ``n_clusters``.
+        Safety cap: the period with this index merges straight to :attr:`merge_target`.
+    stop_clusters : int
+        [ours] Stop merging at ``max(n_clusters, stop_clusters)`` clusters (0: at ``n_clusters``, as
+        JULE). The final update then trains on those labels, and Phase 2's k-means groups the features
+        into ``n_clusters`` classes. Late AGDL merges between a few large clusters are the least
+        reliable ones: once the CNN has pulled every cluster into a tight ball, the kNN graph has
+        almost no edges between clusters and the merge order becomes arbitrary (one giant cluster).
     approximate_knn : bool
         Passed to :func:`jule3d.agdl.knn_affinity`.
     channels_last : bool
@@ -136,6 +158,15 @@ class JuleConfig:
         ``benchmarks/bench_training.py``).
     feature_batch_size : int
         Patches per forward pass when computing features.
+    raw_features : {"l2", "standardize", "untrained", "spectrum"}
+        Features of period 0, from which the first ``W`` and the initial clusters come. ``"l2"`` [jule]:
+        the L2-normalised raw patches. The others are [ours]: ``"standardize"`` removes each patch's
+        mean and scales it to unit variance before the L2 normalisation (so brightness and contrast
+        differences, e.g. a bias field, do not decide the neighbours); ``"untrained"`` uses the
+        features of the freshly initialised CNN (random convolutions, BatchNorm, ReLU and pooling);
+        ``"spectrum"`` uses the L2-normalised amplitude spectrum ``|FFT|`` of each standardised patch, a
+        shift-invariant texture descriptor (raw voxels of two patches of one random texture are
+        nearly uncorrelated unless the patches overlap, their spectra are alike).
     seed : int
         Seed of the weight initialisation and of the minibatch / negative sampling.
     device : str
@@ -167,16 +198,18 @@ class JuleConfig:
     net: str = "paper"
     net_overrides: dict[str, Any] = field(default_factory=dict)
     max_periods: int = 100
+    stop_clusters: int = 0
     approximate_knn: bool = False
     channels_last: bool = True
     feature_batch_size: int = 256
+    raw_features: str = "l2"
     seed: int = 0
     device: str = "auto"
 
     def __post_init__(self) -> None:
         for name in ("n_clusters", "k_s", "k_c", "batch_size", "n_negatives", "max_periods", "feature_batch_size"):
             _check_int(name, getattr(self, name), minimum=1)
-        for name in ("epochs_per_period", "final_epochs", "seed"):
+        for name in ("epochs_per_period", "final_epochs", "seed", "stop_clusters"):
             _check_int(name, getattr(self, name), minimum=0)
         _check_range("eta", self.eta, 0.0, 1.0, low_open=True)
         _check_range("momentum", self.momentum, 0.0, 1.0, high_open=True)
@@ -185,6 +218,8 @@ class JuleConfig:
         _check_range("gamma", self.gamma, 0.0, math.inf, low_open=True)
         for name in ("lam", "weight_decay", "lr_gamma", "lr_power", "margin"):
             _check_range(name, getattr(self, name), 0.0, math.inf)
+        if self.raw_features not in RAW_FEATURES:
+            raise ValueError(f"JuleConfig.raw_features must be one of {RAW_FEATURES}, got {self.raw_features!r}")
         if self.net not in NET_PRESETS:
             raise ValueError(f"JuleConfig.net must be one of {sorted(NET_PRESETS)}, got {self.net!r}")
         if not isinstance(self.net_overrides, Mapping):
@@ -196,6 +231,11 @@ class JuleConfig:
                 torch.device(self.device)
             except (RuntimeError, TypeError) as exc:
                 raise ValueError(f"JuleConfig.device {self.device!r} is not a torch device: {exc}") from exc
+
+    @property
+    def merge_target(self) -> int:
+        """Number of clusters at which merging stops: ``max(n_clusters, stop_clusters)``."""
+        return max(self.n_clusters, self.stop_clusters)
 
     def network_config(self, in_channels: int, patch_size: int) -> NetConfig:
         """The :class:`~jule3d.models.NetConfig` for patches of ``in_channels × patch_size³``.
@@ -408,6 +448,50 @@ def _resolve_device(device: str) -> torch.device:
 def _l2_rows(x: np.ndarray) -> np.ndarray:
     norms = np.linalg.norm(x, axis=1, keepdims=True)
     return x / np.maximum(norms, 1e-12)
+
+
+def period0_features(patches: np.ndarray, kind: str = "l2", chunk: int = 1024) -> np.ndarray:
+    """Period-0 features of patches computed from their voxels (see :attr:`JuleConfig.raw_features`).
+
+    Parameters
+    ----------
+    patches : numpy.ndarray
+        ``(N, C, w, w, w)`` patches.
+    kind : {"l2", "standardize", "spectrum"}
+        ``"l2"``: the flattened patch, L2-normalised [jule]. ``"standardize"``: zero mean and unit
+        variance per patch (all channels together), then L2 [ours]. ``"spectrum"``: the amplitude of
+        the 3D real FFT of each standardised channel, L2-normalised [ours].
+    chunk : int
+        Patches per FFT call (bounds the memory of ``"spectrum"``).
+
+    Returns
+    -------
+    numpy.ndarray
+        ``(N, F)`` float32 rows of unit norm (zero rows stay zero).
+
+    Raises
+    ------
+    ValueError
+        If ``patches`` is not 5-D or ``kind`` is not one of these three.
+    """
+    x = np.asarray(patches, dtype=np.float32)
+    if x.ndim != 5:
+        raise ValueError(f"patches must be an (N, C, w, w, w) array, got shape {x.shape}")
+    if kind not in ("l2", "standardize", "spectrum"):
+        raise ValueError(f"kind must be 'l2', 'standardize' or 'spectrum', got {kind!r}")
+    flat = x.reshape(x.shape[0], -1)
+    if kind == "l2":
+        return _l2_rows(flat)
+    flat = flat - flat.mean(axis=1, keepdims=True)
+    flat = flat / np.maximum(flat.std(axis=1, keepdims=True), 1e-12)
+    if kind == "standardize":
+        return _l2_rows(flat)
+    cubes = flat.reshape(x.shape)
+    parts = [
+        np.abs(np.fft.rfftn(cubes[i : i + chunk], axes=(2, 3, 4))).reshape(min(chunk, len(x) - i), -1)
+        for i in range(0, len(x), chunk)
+    ]
+    return _l2_rows(np.concatenate(parts).astype(np.float32))
 
 
 def _fingerprint(config: JuleConfig, data: np.ndarray) -> dict[str, Any]:
@@ -637,10 +721,13 @@ class _Run:
     def start(self) -> _RunState:
         """Period 0: raw-patch features, initial clusters, first training."""
         t0 = time.perf_counter()
-        raw = _l2_rows(self.data.reshape(self.data.shape[0], -1))
+        if self.config.raw_features == "untrained":
+            raw = self.trainer.features()
+        else:
+            raw = period0_features(self.data, self.config.raw_features)
         labels = np.asarray(agdl.initial_clusters(self.affinity(raw)), dtype=np.int64)
         state = _RunState(period=0, stage="period", labels=labels, history=[])
-        if _n_clusters(labels) > self.config.n_clusters:
+        if _n_clusters(labels) > self.config.merge_target:
             self.train_and_record(state, "period", self.config.epochs_per_period, t0)
         return state
 
@@ -651,13 +738,13 @@ class _Run:
         period = state.period + 1
         n_c = _n_clusters(state.labels)
         if period >= cfg.max_periods:
-            n_merges = n_c - cfg.n_clusters
+            n_merges = n_c - cfg.merge_target
         else:
-            n_merges = agdl.unfolding_merges(n_c, cfg.eta, cfg.n_clusters)
+            n_merges = agdl.unfolding_merges(n_c, cfg.eta, cfg.merge_target)
         W = self.affinity(self.trainer.features())
-        labels = agdl.agglomerate(W, state.labels, cfg.n_clusters, n_merges=n_merges, K_c=cfg.k_c, lam=cfg.lam)
+        labels = agdl.agglomerate(W, state.labels, cfg.merge_target, n_merges=n_merges, K_c=cfg.k_c, lam=cfg.lam)
         state.period, state.labels = period, np.asarray(labels, dtype=np.int64)
-        if _n_clusters(state.labels) <= cfg.n_clusters:
+        if _n_clusters(state.labels) <= cfg.merge_target:
             return False
         self.train_and_record(state, "period", cfg.epochs_per_period, t0)
         return True
@@ -800,7 +887,7 @@ def train_jule(
         run = _Run(data, config, gt, checkpoint, bar, callback)
         state = run.restore() if checkpoint is not None and checkpoint.exists() else run.start()
         if state.stage != "done":
-            while _n_clusters(state.labels) > config.n_clusters and run.next_period(state):
+            while _n_clusters(state.labels) > config.merge_target and run.next_period(state):
                 pass
             run.finish(state)
         features = run.trainer.features()

@@ -364,3 +364,54 @@ def test_save_and_load_model(data, tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="result_or_model"):
         save_model("not a model", tmp_path / "x.pt")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.pt", "net.pt"]  # no temporary left
+
+
+# ------------------------------------------------------------------------------------------------ options [ours]
+
+
+def test_period0_features_kinds() -> None:
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((6, 1, 5, 5, 5)).astype(np.float32)
+    l2 = jule.period0_features(x, "l2")
+    np.testing.assert_allclose(l2, x.reshape(6, -1) / np.linalg.norm(x.reshape(6, -1), axis=1, keepdims=True), rtol=1e-5)
+    # standardising ignores brightness and contrast: an affine copy of a patch gets the same feature
+    shifted = x.copy()
+    shifted[1] = 3.0 * x[0] + 2.0
+    std = jule.period0_features(shifted, "standardize")
+    np.testing.assert_allclose(std[1], std[0], atol=1e-5)
+    np.testing.assert_allclose(std.reshape(6, 125).sum(axis=1), 0.0, atol=1e-4)
+    assert not np.allclose(jule.period0_features(shifted, "l2")[1], jule.period0_features(shifted, "l2")[0])
+    # the amplitude spectrum is shift invariant (circular shift), the raw voxels are not
+    rolled = x.copy()
+    rolled[2] = np.roll(x[0], (1, 2, 3), axis=(1, 2, 3))
+    spec = jule.period0_features(rolled, "spectrum", chunk=4)
+    np.testing.assert_allclose(spec[2], spec[0], atol=1e-5)
+    assert spec.shape == (6, 5 * 5 * 3) and np.allclose(np.linalg.norm(spec, axis=1), 1.0, atol=1e-5)
+    with pytest.raises(ValueError, match="kind"):
+        jule.period0_features(x, "untrained")
+    with pytest.raises(ValueError, match="patches"):
+        jule.period0_features(x[0], "l2")
+
+
+@pytest.mark.parametrize("kind", ["standardize", "untrained", "spectrum"])
+def test_raw_feature_options_train_and_change_period_zero(data, kind: str) -> None:
+    x, gt = data
+    base = train_jule(x, _tiny(epochs_per_period=0, final_epochs=0), ground_truth=gt, progress=False)
+    other = train_jule(x, _tiny(epochs_per_period=0, final_epochs=0, raw_features=kind), ground_truth=gt,
+                       progress=False)
+    assert np.unique(other.labels).size == 3
+    assert other.history[0]["n_clusters"] != base.history[0]["n_clusters"] or not np.array_equal(
+        other.labels, base.labels
+    )
+    with pytest.raises(ValueError, match="raw_features"):
+        _tiny(raw_features="fft")
+
+
+def test_stop_clusters_stops_merging_early(data) -> None:
+    x, gt = data
+    result = train_jule(x, _tiny(eta=0.5, stop_clusters=6), ground_truth=gt, progress=False)
+    assert np.unique(result.labels).size == 6 and result.history[-1]["n_clusters"] == 6
+    assert all(h["n_clusters"] > 6 for h in result.history[:-1])
+    assert _tiny(stop_clusters=2).merge_target == 3 and _tiny(stop_clusters=6).merge_target == 6
+    with pytest.raises(ValueError, match="stop_clusters"):
+        _tiny(stop_clusters=-1)

@@ -79,7 +79,7 @@ __all__ = [
 #: The K_c term of the merge score is used only while more than this many clusters remain.
 KC_CLUSTER_LIMIT = 100
 
-_D2_CHUNK = 1024  # rows per chunk when recomputing neighbour distances
+_D2_CHUNK_BYTES = 32 << 20  # bytes of float64 neighbour differences held at once when recomputing distances
 _CACHE_DEPTH = 2  # each cluster caches its CACHE_DEPTH * K_c largest affinities
 
 
@@ -201,8 +201,10 @@ def _knn_indices(x: np.ndarray, k_s: int, approximate: bool) -> np.ndarray:
 def _neighbour_d2(x: np.ndarray, indices: np.ndarray) -> np.ndarray:
     """Squared Euclidean distances ``(n, k)`` from each sample to its listed neighbours (float64)."""
     d2 = np.empty(indices.shape, dtype=np.float64)
-    for start in range(0, x.shape[0], _D2_CHUNK):
-        stop = min(start + _D2_CHUNK, x.shape[0])
+    # (rows, k, d) float64 differences: bound their size, not the row count (d is 10^4 for raw patches)
+    rows = max(1, _D2_CHUNK_BYTES // (8 * max(indices.shape[1], 1) * max(x.shape[1], 1)))
+    for start in range(0, x.shape[0], rows):
+        stop = min(start + rows, x.shape[0])
         diff = x[indices[start:stop]].astype(np.float64) - x[start:stop, None, :].astype(np.float64)
         d2[start:stop] = np.einsum("ikd,ikd->ik", diff, diff)
     return d2

@@ -365,3 +365,15 @@ def test_unfolding_merges(n_clusters: int, eta: float, target: int, expected: in
 def test_unfolding_merges_validation(args: tuple, match: str) -> None:
     with pytest.raises(ValueError, match=match):
         unfolding_merges(*args)
+
+
+def test_neighbour_distances_are_chunked_by_bytes(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Raw patches have ~10^4 dimensions: the exact recomputation must work in small chunks, same result."""
+    from jule3d import agdl as agdl_module
+
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(50, 3000)).astype(np.float32)
+    full = knn_affinity(x, 5)
+    monkeypatch.setattr(agdl_module, "_D2_CHUNK_BYTES", 8 * 5 * 3000 * 3)  # three rows at a time
+    chunked = knn_affinity(x, 5)
+    assert (full != chunked).nnz == 0

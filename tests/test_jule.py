@@ -42,8 +42,11 @@ def _textures(n_per_class: int = 40, w: int = W, seed: int = 0, noise: float = 1
 
 
 def _tiny(**overrides) -> JuleConfig:
-    """A config that trains in about a second on 120 patches of 13³."""
+    """A config that trains in about a second on 120 patches of 13³ (JULE's own merging: down to 3)."""
     base = dict(
+        eta=0.9,
+        raw_features="l2",
+        stop_clusters=0,
         net_overrides={"n_filters": 8},
         k_s=8,
         epochs_per_period=1,
@@ -405,6 +408,13 @@ def test_raw_feature_options_train_and_change_period_zero(data, kind: str) -> No
     )
     with pytest.raises(ValueError, match="raw_features"):
         _tiny(raw_features="fft")
+
+
+def test_paper_preset_keeps_jules_choices_and_fast_uses_ours() -> None:
+    paper, fast = JULE_PRESETS["paper"], JULE_PRESETS["fast"]
+    assert (paper.raw_features, paper.stop_clusters, paper.merge_target) == ("l2", 0, 3)
+    assert (fast.raw_features, fast.stop_clusters, fast.eta) == ("spectrum", 6, 0.5)
+    assert fast.merge_target == 6 and jule_config("fast", n_clusters=8).merge_target == 8
 
 
 def test_stop_clusters_stops_merging_early(data) -> None:

@@ -318,7 +318,7 @@ def segment(
     mask: np.ndarray | str | os.PathLike | None = None,
     model: JuleNet3D | str | os.PathLike | None = None,
     n_patches: int = 2000,
-    min_foreground: float = 0.9,
+    min_foreground: float = 0.5,
     stride: int = 2,
     progress: bool = True,
     **jule_overrides: Any,
@@ -344,7 +344,8 @@ def segment(
     n_patches : int
         Training patches (Phase 1).
     min_foreground : float
-        Minimum foreground fraction of a training patch.
+        Minimum foreground fraction of a training patch. Keep it low enough that patches at the specimen
+        border are learnt: Phase 2 labels them too (texture phantom, ``fast``: NMI 0.84 at 0.5, 0.43 at 0.9).
     stride : int
         Grid stride of Phase 2.
     progress : bool

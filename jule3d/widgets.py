@@ -58,7 +58,7 @@ def patch_sampling_explorer(
     patch_size: int = 27,
     n_patches: int = 500,
     stride: int = 8,
-    min_foreground: float = 0.9,
+    min_foreground: float = 0.5,
     seed: int = 0,
 ) -> Any:
     """Sliders for patch size, count and grid stride that redraw the sampled centres on the slices.
@@ -157,7 +157,7 @@ def quick_preview(
     p = {**TUNABLE, **params}
     patch_size = int(p["patch_size"]) or net_config(p["preset"]).patch_size
     n = min(int(p["n_patches"]), n_preview)
-    patches = sample_patches(volume, n, patch_size=patch_size, min_foreground=0.9, seed=seed)
+    patches = sample_patches(volume, n, patch_size=patch_size, min_foreground=0.5, seed=seed)
     config = jule_config(p["preset"], n_clusters=int(p["n_clusters"]), k_s=min(int(p["k_s"]), n - 1),
                          k_c=int(p["k_c"]), eta=float(p["eta"]), epochs_per_period=1, final_epochs=2, seed=seed)
     model = train_jule(patches, config, progress=False).model

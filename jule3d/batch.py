@@ -182,9 +182,7 @@ def run_batch(
     for job in jobs:  # fail fast on bad names or types, before any worker starts
         check_parameters({**common, **job.parameters}, notebooks)
     out = Path(out_dir).resolve()
-    if not out.parent.exists():
-        raise FileNotFoundError(f"parent folder of the batch folder does not exist: {out.parent}")
-    out.mkdir(exist_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
 
     results: dict[str, JobResult] = {}
     pending = []

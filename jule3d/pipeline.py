@@ -221,8 +221,6 @@ def _prepare_run_dir(run_dir: Path, parameters: Mapping[str, Any], overwrite: bo
                 f"run folder {run_dir} already exists and is not empty; pass --overwrite to replace it "
                 "or --resume to continue it"
             )
-    if not run_dir.parent.exists():
-        raise FileNotFoundError(f"parent folder of the run folder does not exist: {run_dir.parent}")
     (run_dir / EXECUTED_DIR).mkdir(parents=True, exist_ok=True)
     params_file.write_text(yaml.safe_dump(dict(parameters), sort_keys=True), encoding="utf-8")
 

@@ -162,3 +162,10 @@ def test_run_end_to_end_writes_every_artefact(tmp_path: Path) -> None:
     assert (run_dir / "notebooks" / NOTEBOOKS[-1].name).is_file()
     with pytest.raises(ValueError, match="parameters differ"):
         run_pipeline(run_dir, parameters={**TINY, "seed": 1}, resume=True)
+
+
+def test_run_folder_parents_are_created(tmp_path: Path) -> None:
+    """The README's `--out runs/demo` must work in a fresh clone, where runs/ does not exist yet."""
+    with pytest.raises(PipelineError):  # fails in notebook 01, after the folders were made
+        run_pipeline(tmp_path / "runs" / "demo", parameters={**TINY, "min_foreground": 1.5}, progress=False)
+    assert (tmp_path / "runs" / "demo" / "params.yaml").is_file()

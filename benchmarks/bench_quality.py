@@ -82,7 +82,7 @@ class JuleSettings:
 
     preset: str = "fast"
     n_patches: int = 2000
-    min_foreground: float = 0.9
+    min_foreground: float | None = None  # None: segment's default
     stride: int = 2
     overrides: dict[str, Any] | None = None
 
@@ -194,10 +194,12 @@ def phantom_case(variant: str = "texture", size: int = 96, seed: int = 0, n_clas
 
 def jule_method(case: Case, settings: JuleSettings, seed: int) -> Callable[[], np.ndarray]:
     """Zero-argument callable running :func:`jule3d.segment` on the case (timed by ``compare_methods``)."""
+    options = {} if settings.min_foreground is None else {"min_foreground": settings.min_foreground}
+
     def run() -> np.ndarray:
         return segment(case.volume, n_clusters=case.n_clusters, preset=settings.preset, seed=seed,
-                       n_patches=settings.n_patches, min_foreground=settings.min_foreground,
-                       stride=settings.stride, progress=False, **(settings.overrides or {}))
+                       n_patches=settings.n_patches, stride=settings.stride, progress=False,
+                       **options, **(settings.overrides or {}))
     return run
 
 
@@ -302,7 +304,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, default=Path("results/quality"))
     p.add_argument("--overwrite", action="store_true", help="replace existing result files")
     p.add_argument("--n-patches", type=int, default=2000, help="JULE training patches")
-    p.add_argument("--min-foreground", type=float, default=0.9, help="foreground fraction of a training patch")
+    p.add_argument("--min-foreground", type=float, default=None,
+                   help="foreground fraction of a training patch (default: jule3d.segment's)")
     p.add_argument("--stride", type=int, default=2, help="Phase 2 grid stride")
     p.add_argument("-o", dest="overrides", action="append", type=parse_override, default=[],
                    metavar="NAME=VALUE", help="JuleConfig field, e.g. -o epochs_per_period=5 (repeatable)")

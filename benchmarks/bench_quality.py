@@ -85,10 +85,12 @@ class JuleSettings:
     min_foreground: float | None = None  # None: segment's default
     stride: int = 2
     overrides: dict[str, Any] | None = None
+    intensity_weight: float = 0.0
 
     def label(self) -> str:
-        """Method name in the table, e.g. ``jule3d (fast)``."""
-        return f"jule3d ({self.preset})"
+        """Method name in the table, e.g. ``jule3d (fast)`` or ``jule3d (fast, intensity 2)``."""
+        extra = f", intensity {self.intensity_weight:g}" if self.intensity_weight else ""
+        return f"jule3d ({self.preset}{extra})"
 
 
 def data_root() -> Path:
@@ -199,6 +201,7 @@ def jule_method(case: Case, settings: JuleSettings, seed: int) -> Callable[[], n
     def run() -> np.ndarray:
         return segment(case.volume, n_clusters=case.n_clusters, preset=settings.preset, seed=seed,
                        n_patches=settings.n_patches, stride=settings.stride, progress=False,
+                       intensity_weight=settings.intensity_weight,
                        **options, **(settings.overrides or {}))
     return run
 
@@ -307,6 +310,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--min-foreground", type=float, default=None,
                    help="foreground fraction of a training patch (default: jule3d.segment's)")
     p.add_argument("--stride", type=int, default=2, help="Phase 2 grid stride")
+    p.add_argument("--intensity-weight", type=float, default=0.0,
+                   help="[ours] local mean intensity appended to the features before k-means (0: the paper)")
     p.add_argument("-o", dest="overrides", action="append", type=parse_override, default=[],
                    metavar="NAME=VALUE", help="JuleConfig field, e.g. -o epochs_per_period=5 (repeatable)")
     p.add_argument("--phantom-variants", nargs="+", choices=("texture", "intensity"), default=["texture"])
@@ -326,7 +331,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     bad = [m for m in args.methods if m != "jule3d" and m not in BASELINES]
     if bad:
         raise ValueError(f"--methods {bad} are unknown; valid: ['jule3d'] + {sorted(BASELINES)}")
-    settings = JuleSettings(args.preset, args.n_patches, args.min_foreground, args.stride, dict(args.overrides))
+    settings = JuleSettings(args.preset, args.n_patches, args.min_foreground, args.stride, dict(args.overrides),
+                            args.intensity_weight)
     info = {"machine": machine(), "command": " ".join([Path(sys.argv[0]).name, *(argv or sys.argv[1:])]),
             "jule": {**vars(settings), "seed": args.seed}}
     print(info["machine"], flush=True)

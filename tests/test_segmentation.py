@@ -7,11 +7,13 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
+from scipy import ndimage
 from scipy.spatial.distance import cdist
 
 import jule3d.jule
 from jule3d.io import read_image, save_labels, save_volume
 from jule3d.jule import save_model
+from jule3d.metrics import nmi
 from jule3d.models import JuleNet3D, net_config
 from jule3d.phantom import make_phantom
 from jule3d.segmentation import (
@@ -19,6 +21,7 @@ from jule3d.segmentation import (
     cluster_features,
     grid_features,
     label_volume,
+    local_intensity,
     project_labels,
     segment,
 )
@@ -362,3 +365,37 @@ def test_geometry_survives_save_labels(phantom, tiny_net: JuleNet3D, oblique_geo
     np.testing.assert_allclose(read_geom.spacing, geom.spacing, atol=1e-6)
     np.testing.assert_allclose(read_geom.origin, geom.origin, atol=1e-5)
     np.testing.assert_allclose(read_geom.direction, geom.direction, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# [ours] local intensity appended to the features before k-means
+
+
+def test_local_intensity_is_standardised_box_mean() -> None:
+    rng = np.random.default_rng(0)
+    data = rng.normal(size=(2, 30, 30, 30)).astype(np.float32)
+    volume = Volume.from_array(data)
+    model = JuleNet3D(net_config("fast", in_channels=2, patch_size=13, n_filters=4, feature_dim=8), seed=0)
+    grid = grid_features(model, volume, stride=4)
+    values = local_intensity(volume, grid, window=3)
+    assert values.shape == (len(grid.features), 2)
+    np.testing.assert_allclose(values.mean(axis=0), 0, atol=1e-5)
+    np.testing.assert_allclose(values.std(axis=0), 1, atol=1e-4)
+    z, y, x = grid.centers[5]
+    raw = data[1, z - 1:z + 2, y - 1:y + 2, x - 1:x + 2].mean()
+    box = ndimage.uniform_filter(data[1], size=3, mode="nearest")[tuple(grid.centers.T)]
+    assert values[5, 1] == pytest.approx((raw - box.mean()) / box.std(), rel=1e-4)
+    with pytest.raises(ValueError, match="intensity_window"):
+        local_intensity(volume, grid, window=0)
+
+
+def test_intensity_weight_recovers_intensity_classes_an_untrained_net_misses() -> None:
+    phantom = make_phantom(shape=(40, 40, 40), variant="intensity", seed=0)
+    model = JuleNet3D(net_config("fast"), seed=0)
+    plain = label_volume(model, phantom.volume, 3, stride=2, seed=0)
+    weighted = label_volume(model, phantom.volume, 3, stride=2, seed=0, intensity_weight=3.0)
+    inside = phantom.labels > 0
+    assert nmi(phantom.labels, weighted, inside) > 0.7
+    assert nmi(phantom.labels, weighted, inside) > nmi(phantom.labels, plain, inside) + 0.2
+    with pytest.raises(ValueError, match="intensity_weight"):
+        label_volume(model, phantom.volume, 3, intensity_weight=-1.0)

@@ -299,7 +299,8 @@ def jule_config(preset: str = "fast", **overrides: Any) -> JuleConfig:
     preset : str
         A key of :data:`JULE_PRESETS` (``"paper"`` or ``"fast"``).
     **overrides
-        :class:`JuleConfig` fields to change.
+        :class:`JuleConfig` fields to change. ``None`` keeps the preset's value, so callers (the notebooks,
+        the tuning panel) can pass every field and leave unset ones to the preset.
 
     Raises
     ------
@@ -309,7 +310,7 @@ def jule_config(preset: str = "fast", **overrides: Any) -> JuleConfig:
     if preset not in JULE_PRESETS:
         raise ValueError(f"unknown preset {preset!r}; valid presets: {sorted(JULE_PRESETS)}")
     _check_config_fields(overrides, "overrides")
-    return replace(JULE_PRESETS[preset], **overrides)
+    return replace(JULE_PRESETS[preset], **{k: v for k, v in overrides.items() if v is not None})
 
 
 def _check_config_fields(values: Mapping[str, Any], what: str) -> None:

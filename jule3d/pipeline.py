@@ -12,6 +12,7 @@ import copy
 import difflib
 import json
 import os
+import re
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -161,6 +162,11 @@ def check_parameters(
             where = ", ".join(nb.name for nb in notebooks)
             raise ValueError(f"unknown parameter '{name}': none of the notebooks ({where}) declares it{hint}")
         nb_name, type_name = known[name]
+        optional = re.fullmatch(r"Optional\[(\w+)\]", type_name)  # None keeps the default it stands for
+        if optional:
+            if value is None:
+                continue
+            type_name = optional.group(1)
         expected = _TYPE_CHECKS.get(type_name)
         if expected and value is not None and not (
             isinstance(value, expected) and not (isinstance(value, bool) and bool not in expected)

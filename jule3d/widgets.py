@@ -14,7 +14,10 @@ import numpy as np
 
 from .volume import Volume
 
-__all__ = ["live_frontend", "patch_sampling_explorer", "TUNABLE", "quick_preview", "write_params", "tuning_panel"]
+__all__ = [
+    "live_frontend", "patch_sampling_explorer", "TUNABLE", "preset_values", "quick_preview", "write_params",
+    "tuning_panel",
+]
 
 #: Set to 0 to force headless behaviour, 1 to force widgets (e.g. in a frontend we do not detect).
 INTERACTIVE_ENV = "JULE3D_INTERACTIVE"
@@ -103,16 +106,26 @@ def patch_sampling_explorer(
 
 
 
-#: The parameters the tuning panel sets, with their defaults (names as in the notebooks and ``jule3d run``).
+#: The parameters the tuning panel sets (names as in the notebooks and ``jule3d run``); ``None`` means the
+#: preset's value, so saving untouched settings never overrides a preset.
 TUNABLE: dict[str, Any] = {
     "preset": "fast",
-    "patch_size": 0,
+    "patch_size": None,
     "n_patches": 2000,
-    "k_s": 20,
-    "k_c": 5,
-    "eta": 0.9,
+    "k_s": None,
+    "k_c": None,
+    "eta": None,
     "n_clusters": 3,
 }
+
+
+def preset_values(preset: str) -> dict[str, Any]:
+    """The values a preset gives the tunable parameters (what the panel's sliders start from)."""
+    from .jule import jule_config
+    from .models import net_config
+
+    config = jule_config(preset)
+    return {"patch_size": net_config(config.net).patch_size, "k_s": config.k_s, "k_c": config.k_c, "eta": config.eta}
 
 
 def quick_preview(
@@ -147,7 +160,6 @@ def quick_preview(
         The slab and its labels.
     """
     from .jule import jule_config, train_jule
-    from .models import net_config
     from .patches import sample_patches
     from .segmentation import label_volume
 
@@ -155,13 +167,13 @@ def quick_preview(
     if unknown:
         raise ValueError(f"unknown tuning parameter(s) {unknown}; tunable: {sorted(TUNABLE)}")
     p = {**TUNABLE, **params}
-    patch_size = int(p["patch_size"]) or net_config(p["preset"]).patch_size
+    p.update({k: v for k, v in preset_values(p["preset"]).items() if p[k] is None})
     n = min(int(p["n_patches"]), n_preview)
-    patches = sample_patches(volume, n, patch_size=patch_size, min_foreground=0.5, seed=seed)
+    patches = sample_patches(volume, n, patch_size=int(p["patch_size"]), min_foreground=0.5, seed=seed)
     config = jule_config(p["preset"], n_clusters=int(p["n_clusters"]), k_s=min(int(p["k_s"]), n - 1),
                          k_c=int(p["k_c"]), eta=float(p["eta"]), epochs_per_period=1, final_epochs=2, seed=seed)
     model = train_jule(patches, config, progress=False).model
-    thickness = slab or patch_size + 8
+    thickness = slab or int(p["patch_size"]) + 8
     middle = volume.shape[0] // 2
     start = int(np.clip(middle - thickness // 2, 0, max(volume.shape[0] - thickness, 0)))
     part = volume.crop((start, 0, 0), (start + thickness, *volume.shape[1:]))
@@ -192,16 +204,22 @@ def tuning_panel(volume: Volume, params_path: str | os.PathLike = "params.yaml",
 
     from .plotting import plot_label_slices
 
+    start = {**TUNABLE, **preset_values(TUNABLE["preset"])}
     controls = {
-        "preset": w.Dropdown(options=["fast", "paper"], value=TUNABLE["preset"], description="preset"),
-        "patch_size": w.IntSlider(value=TUNABLE["patch_size"], min=0, max=41, step=1,
-                                  description="patch size", tooltip="0: the preset's; odd sizes only"),
-        "n_patches": w.IntSlider(value=TUNABLE["n_patches"], min=100, max=20_000, step=100, description="patches"),
-        "k_s": w.IntSlider(value=TUNABLE["k_s"], min=2, max=50, description="K_s"),
-        "k_c": w.IntSlider(value=TUNABLE["k_c"], min=2, max=20, description="K_c"),
-        "eta": w.FloatSlider(value=TUNABLE["eta"], min=0.05, max=1.0, step=0.05, description="eta"),
-        "n_clusters": w.IntSlider(value=TUNABLE["n_clusters"], min=2, max=10, description="classes k"),
+        "preset": w.Dropdown(options=["fast", "paper"], value=start["preset"], description="preset"),
+        "patch_size": w.IntSlider(value=start["patch_size"], min=5, max=41, step=2, description="patch size"),
+        "n_patches": w.IntSlider(value=start["n_patches"], min=100, max=20_000, step=100, description="patches"),
+        "k_s": w.IntSlider(value=start["k_s"], min=2, max=50, description="K_s"),
+        "k_c": w.IntSlider(value=start["k_c"], min=2, max=20, description="K_c"),
+        "eta": w.FloatSlider(value=start["eta"], min=0.05, max=1.0, step=0.05, description="eta"),
+        "n_clusters": w.IntSlider(value=start["n_clusters"], min=2, max=10, description="classes k"),
     }
+
+    def on_preset(change: Any) -> None:  # the sliders show what the chosen preset would use
+        for name, value in preset_values(change["new"]).items():
+            controls[name].value = value
+
+    controls["preset"].observe(on_preset, names="value")
     preview, save = w.Button(description="Preview", icon="play"), w.Button(description="Save params", icon="save")
     status, output = w.HTML(), w.Output()
 
@@ -209,9 +227,6 @@ def tuning_panel(volume: Volume, params_path: str | os.PathLike = "params.yaml",
         return {name: c.value for name, c in controls.items()}
 
     def on_preview(_: Any) -> None:
-        if controls["patch_size"].value and controls["patch_size"].value % 2 == 0:
-            status.value = "<span style='color:#c00'>patch size must be odd (or 0 for the preset's)</span>"
-            return
         status.value = "training on a few hundred patches..."
         try:
             part, labels = quick_preview(volume, values(), seed=seed)

@@ -425,3 +425,11 @@ def test_stop_clusters_stops_merging_early(data) -> None:
     assert _tiny(stop_clusters=2).merge_target == 3 and _tiny(stop_clusters=6).merge_target == 6
     with pytest.raises(ValueError, match="stop_clusters"):
         _tiny(stop_clusters=-1)
+
+
+def test_jule_config_none_keeps_the_preset_value() -> None:
+    from jule3d.jule import JULE_PRESETS, jule_config
+
+    config = jule_config("fast", eta=None, k_s=7, epochs_per_period=None)
+    assert config.eta == JULE_PRESETS["fast"].eta and config.k_s == 7
+    assert config.epochs_per_period == JULE_PRESETS["fast"].epochs_per_period

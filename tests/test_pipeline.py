@@ -97,6 +97,13 @@ def test_parameter_of_the_wrong_type(name: str, value: object) -> None:
         check_parameters({name: value}, NOTEBOOKS)
 
 
+def test_optional_parameters_take_none_for_the_preset_value() -> None:
+    routed = check_parameters({"eta": None, "k_s": 7}, NOTEBOOKS)
+    assert routed[NOTEBOOKS[1]] == {"eta": None, "k_s": 7}
+    with pytest.raises(ValueError, match="parameter 'k_s' must be int"):
+        check_parameters({"k_s": "many"}, NOTEBOOKS)
+
+
 def test_int_is_accepted_where_a_float_is_declared() -> None:
     check_parameters({"eta": 1, "min_foreground": 0}, NOTEBOOKS)
 

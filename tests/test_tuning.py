@@ -9,7 +9,7 @@ import pytest
 
 from jule3d.phantom import make_phantom
 from jule3d.pipeline import check_parameters, load_params_file, pipeline_notebooks
-from jule3d.widgets import TUNABLE, quick_preview, tuning_panel, write_params
+from jule3d.widgets import TUNABLE, preset_values, quick_preview, tuning_panel, write_params
 
 
 @pytest.fixture(scope="module")
@@ -39,9 +39,12 @@ def test_panel_saves_only_its_own_file(volume, tmp_path: Path, monkeypatch: pyte
     assert target.read_text(encoding="utf-8") == "mine: 1\n", "a file the panel did not write must not be replaced"
     target.unlink()
     save.click()
-    assert load_params_file(target) == TUNABLE
+    assert load_params_file(target) == {**TUNABLE, **preset_values("fast")}
+    preset = panel.children[0].children[0]
+    preset.value = "paper"  # the sliders follow the preset
     save.click()  # now its own file: replaced without complaint
-    assert load_params_file(target) == TUNABLE
+    assert load_params_file(target) == {**TUNABLE, **preset_values("paper"), "preset": "paper"}
+    assert preset_values("paper")["patch_size"] == 27
 
 
 def test_write_params_round_trip_and_refusals(tmp_path: Path) -> None:

@@ -233,6 +233,7 @@ def plot_patch_gallery(
     max_patches: int = 32,
     channel: int = 0,
     seed: int = 0,
+    label_name: str = "cluster",
     title: str = "Patches (central axial slice)",
 ) -> go.Figure:
     """A grid of patch thumbnails (central axial slice), optionally grouped by cluster label.
@@ -251,6 +252,8 @@ def plot_patch_gallery(
         Channel to show.
     seed : int
         Seed of the random choice of patches.
+    label_name : str
+        What a label is called in the row titles (``cluster``, ``class``).
     title : str
         Figure title.
     """
@@ -271,7 +274,7 @@ def plot_patch_gallery(
         for lab in np.unique(labels):
             members = np.flatnonzero(labels == lab)
             rows.append(rng.choice(members, size=min(n_per_row, len(members)), replace=False))
-            row_names.append(f"cluster {lab} (n={len(members)})")
+            row_names.append(f"{label_name} {lab} (n={len(members)})")
     w = patches.shape[-1]
     gap = 2
     canvas = np.full((len(rows) * (w + gap), n_per_row * (w + gap)), np.nan, dtype=np.float32)

@@ -136,6 +136,38 @@ def read_image(
     return array, geometry
 
 
+def read_on_grid(path: PathLike, reference: Volume | Geometry, what: str = "image") -> np.ndarray:
+    """Read an image (a mask, a label map) that must lie on the voxel grid of ``reference``.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        Image in any readable format.
+    reference : Volume or Geometry
+        The volume (or its geometry) the image belongs to.
+    what : str
+        What the image is, for the error message (``"mask"``, ``"ground truth"``).
+
+    Returns
+    -------
+    numpy.ndarray
+        The voxels ``(Z, Y, X)``.
+
+    Raises
+    ------
+    ValueError
+        If the image's shape, spacing, origin or direction differ from ``reference`` (the message
+        names the fields).
+    """
+    array, geometry = read_image(path)
+    expected = _geometry_of(reference, "reference")
+    if not expected.matches(geometry):
+        raise ValueError(
+            f"{what} {path} does not lie on the volume's grid: {expected.describe_mismatch(geometry)}"
+        )
+    return np.asarray(array)
+
+
 def load_mask(path: PathLike, reference: Volume | Geometry) -> np.ndarray:
     """Read a mask file (non-zero = foreground) that must lie on the grid of ``reference``.
 
@@ -157,13 +189,7 @@ def load_mask(path: PathLike, reference: Volume | Geometry) -> np.ndarray:
         If the mask's shape, spacing, origin or direction differ from ``reference`` (the
         message names the fields), or the mask is empty.
     """
-    array, geometry = read_image(path)
-    expected = _geometry_of(reference, "reference")
-    if not expected.matches(geometry):
-        raise ValueError(
-            f"mask {path} does not lie on the volume's grid: {expected.describe_mismatch(geometry)}"
-        )
-    mask = np.asarray(array) != 0
+    mask = read_on_grid(path, reference, what="mask") != 0
     if not mask.any():
         raise ValueError(f"mask {path} is empty: no non-zero voxel")
     return mask

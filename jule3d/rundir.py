@@ -158,18 +158,12 @@ class RunDir:
 
     @staticmethod
     def _load(record: dict) -> Inputs:
-        from .io import load_volume, read_image
+        from .io import load_volume, read_on_grid
 
         volume = load_volume(record["volume_paths"], mask=record["mask_path"] or None)
         truth = None
         if record["ground_truth_path"]:
-            truth, geometry = read_image(record["ground_truth_path"])
-            if not geometry.matches(volume.geometry):
-                raise ValueError(
-                    f"ground_truth_path {record['ground_truth_path']} does not match the volume's geometry: "
-                    + geometry.describe_mismatch(volume.geometry)
-                )
-            truth = np.asarray(truth).astype(np.int32)
+            truth = read_on_grid(record["ground_truth_path"], volume, what="ground_truth_path").astype(np.int32)
         return Inputs(volume=volume, ground_truth=truth, volume_paths=record["volume_paths"],
                       mask_path=record["mask_path"], ground_truth_path=record["ground_truth_path"],
                       is_phantom=bool(record["is_phantom"]))

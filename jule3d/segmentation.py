@@ -415,12 +415,12 @@ def segment(
     _check_n_clusters(n_clusters)
     _check_intensity_weight(intensity_weight)
     if isinstance(volume, Volume):
-        vol = volume if mask is None else volume.with_mask(_mask_array(mask, volume))
+        vol = volume if mask is None else volume.with_mask(_mask_of(mask, volume))
     elif isinstance(volume, np.ndarray):
         from .mask import foreground_mask
 
         vol = Volume.from_array(volume.astype(np.float32, copy=False))
-        vol = vol.with_mask(_mask_array(mask, vol) if mask is not None else foreground_mask(vol))
+        vol = vol.with_mask(_mask_of(mask, vol) if mask is not None else foreground_mask(vol))
         vol = normalize_intensity(vol)
     else:
         vol = load_volume(volume, mask=mask)
@@ -437,12 +437,9 @@ def segment(
                         progress=progress)
 
 
-def _mask_array(mask: np.ndarray | str | os.PathLike, volume: Volume) -> np.ndarray:
-    if isinstance(mask, np.ndarray):
-        return mask
-    from .io import read_image
 
-    array, geometry = read_image(mask)
-    if not geometry.matches(volume.geometry):
-        raise ValueError(f"mask {mask} does not match the volume's geometry: {geometry.describe_mismatch(volume.geometry)}")
-    return np.asarray(array) > 0
+def _mask_of(mask: np.ndarray | str | os.PathLike, volume: Volume) -> np.ndarray:
+    """A mask given as an array, or read from a file on the volume's grid."""
+    from .io import load_mask
+
+    return mask if isinstance(mask, np.ndarray) else load_mask(mask, volume)

@@ -74,6 +74,9 @@ def _register_segment(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--intensity-weight", type=float, default=0.0, metavar="W",
                    help="[ours] weight of the local mean intensity added to the features before k-means "
                         "(default 0: the published method; 2 helped on MRI lesions)")
+    p.add_argument("--smoothing", type=float, default=0.0, metavar="BETA",
+                   help="[ours] weight of the Potts regularisation of the labels (default 0: the published "
+                        "method; 1-3 removes speckle)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     p.set_defaults(func=_cmd_segment)
 
@@ -92,7 +95,7 @@ def _cmd_segment(args: argparse.Namespace) -> int:
     volume = load_volume(args.inputs, mask=args.mask)
     labels = segment(volume, n_clusters=args.n_clusters, preset=args.preset, seed=args.seed,
                      model=args.model, stride=args.stride, n_patches=args.n_patches,
-                     intensity_weight=args.intensity_weight)
+                     intensity_weight=args.intensity_weight, smoothing=args.smoothing)
     save_labels(labels, out, reference=volume, overwrite=args.overwrite)
     counts = np.bincount(labels.ravel(), minlength=args.n_clusters + 1)[1:]
     mm3 = volume.geometry.voxel_volume

@@ -14,6 +14,8 @@ Projection rule (documented here, tested in ``tests/test_segmentation.py``):
   where no whole patch fits) extend the outermost blocks. A grid position whose centre is outside the mask
   first takes the cluster of the nearest clustered position (in mm, so anisotropic spacing counts), so
   foreground voxels in its block are labelled too.
+* [ours] With ``smoothing > 0`` the k-means labels of the grid positions are first regularised by a Potts
+  model (:func:`smooth_labels`), before they are projected.
 * Voxels outside the mask are 0 (background). Cluster ids ``1..k`` are ordered by the mean intensity of the
   first channel (ascending), so the same seed gives the same ids.
 """
@@ -33,7 +35,8 @@ from .models import JuleNet3D
 from .volume import Volume
 
 __all__ = [
-    "GridFeatures", "grid_features", "cluster_features", "local_intensity", "project_labels", "label_volume", "segment",
+    "GridFeatures", "grid_features", "cluster_features", "smooth_labels", "local_intensity", "project_labels",
+    "label_volume", "segment",
 ]
 
 #: Grid features above this many bytes are kept in a temporary memory-mapped file instead of RAM.
@@ -217,14 +220,30 @@ def grid_features(
 
 
 def cluster_features(
-    features: np.ndarray, n_clusters: int, seed: int = 0, max_fit: int = 100_000
-) -> np.ndarray:
+    features: np.ndarray, n_clusters: int, seed: int = 0, max_fit: int = 100_000, return_distances: bool = False
+) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
     """k-means on features: fit on a seeded sample of at most ``max_fit`` rows, assign every row.
+
+    Parameters
+    ----------
+    features : numpy.ndarray
+        ``(M, D)`` features (a memory map is read in chunks).
+    n_clusters : int
+        Number of clusters ``k``.
+    seed : int
+        Seed of the sample and of k-means.
+    max_fit : int
+        Rows k-means is fitted on.
+    return_distances : bool
+        Also return the squared distance of every row to every centroid (the data term of
+        :func:`smooth_labels`).
 
     Returns
     -------
-    numpy.ndarray
-        ``(M,)`` cluster index ``0..k-1`` per row.
+    labels : numpy.ndarray
+        ``(M,)`` cluster index ``0..k-1`` per row (the nearest centroid).
+    distances : numpy.ndarray
+        Only with ``return_distances``: ``(M, k)`` float32 squared Euclidean distances to the centroids.
     """
     from sklearn.cluster import KMeans
     from threadpoolctl import threadpool_limits
@@ -235,14 +254,137 @@ def cluster_features(
         raise ValueError(f"n_clusters={n_clusters} exceeds the {n} grid positions with a feature; lower the stride")
     rng = np.random.default_rng(seed)
     fit = features if n <= max_fit else features[np.sort(rng.choice(n, size=max_fit, replace=False))]
-    out = np.empty(n, dtype=np.int32)
+    labels = np.empty(n, dtype=np.int32)
+    distances = np.empty((n, n_clusters), dtype=np.float32) if return_distances else None
     # One thread (OpenMP and BLAS): on 2 cores shared with torch or other processes, sklearn's threaded Lloyd
     # iterations spin and ran 20x slower than one thread (measured: 7.7 s vs 0.38 s for 14k x 64).
     with threadpool_limits(limits=1):
         km = KMeans(n_clusters=n_clusters, n_init=10, random_state=seed).fit(np.asarray(fit, dtype=np.float32))
         for start in range(0, n, 262_144):
-            out[start:start + 262_144] = km.predict(np.asarray(features[start:start + 262_144], dtype=np.float32))
-    return out
+            rows = np.asarray(features[start:start + 262_144], dtype=np.float32)
+            if distances is None:
+                labels[start:start + len(rows)] = km.predict(rows)
+            else:
+                d2 = np.square(km.transform(rows))
+                distances[start:start + len(rows)] = d2
+                labels[start:start + len(rows)] = d2.argmin(axis=1)
+    return (labels, distances) if distances is not None else labels
+
+
+_NEIGHBOURS = np.array([(dz, dy, dx) for dz in (-1, 0, 1) for dy in (-1, 0, 1) for dx in (-1, 0, 1)
+                        if (dz, dy, dx) != (0, 0, 0)])
+
+
+def _check_smoothing(beta: float) -> None:
+    if isinstance(beta, bool) or not isinstance(beta, (int, float, np.number)) or not np.isfinite(beta) or beta < 0:
+        raise ValueError(f"smoothing must be a finite number >= 0, got {beta!r}")
+
+
+def smooth_labels(
+    grid: GridFeatures,
+    distances: np.ndarray,
+    beta: float,
+    spacing: Sequence[float] = (1.0, 1.0, 1.0),
+    max_iter: int = 20,
+) -> np.ndarray:
+    """[ours] Potts-model regularisation of the cluster labels of the grid positions (ICM).
+
+    Minimises, over the labels ``l`` of the featured positions,
+
+    ``E(l) = sum_i d_i(l_i) / s + beta * sum_(i~j) w_ij [l_i != l_j]``
+
+    where ``d_i(l)`` is the squared distance of position ``i``'s feature to centroid ``l``, ``s`` the median
+    over positions of the distance to their own centroid (so ``beta`` does not depend on the feature scale),
+    ``i~j`` runs over the 26 grid neighbours that have a feature and ``w_ij = h / |i - j|_mm`` (``h`` the
+    smallest grid spacing: 1 for face neighbours of an isotropic grid, ``1/sqrt(2)`` for edge neighbours,
+    ``1/sqrt(3)`` for corner neighbours). ``beta = 0`` gives back the k-means labels.
+
+    The minimiser is iterated conditional modes (Besag 1986) started from the k-means labels, run
+    sequentially over the 8 parity classes of the grid (no two neighbours share one), so the energy never
+    increases and the result is deterministic. It stops when a sweep changes nothing, or after ``max_iter``
+    sweeps.
+
+    Parameters
+    ----------
+    grid : GridFeatures
+        The grid the distances belong to (its ``selected`` positions, in row order).
+    distances : numpy.ndarray
+        ``(M, k)`` squared distances to the centroids, e.g. from
+        ``cluster_features(..., return_distances=True)``.
+    beta : float
+        Weight of the smoothness term, ``>= 0``. Measured gains in voxel NMI (``fast`` preset, seed 0-2):
+        ``beta = 1`` to ``3`` raised the texture phantom from 0.86 to 0.88 and BraTS-ROI by 0.01-0.02.
+    spacing : sequence of 3 float
+        Voxel spacing ``(z, y, x)`` in mm; only the ratios matter (the grid stride is the same on every axis).
+    max_iter : int
+        Most ICM sweeps.
+
+    Returns
+    -------
+    numpy.ndarray
+        ``(M,)`` int32 labels ``0..k-1``.
+
+    Raises
+    ------
+    ValueError
+        If ``distances`` does not have one row per featured position, ``beta`` is negative or not finite, or
+        ``spacing`` is not three positive numbers.
+
+    Notes
+    -----
+    Memory: two float32 arrays of the grid's full shape times ``k``.
+    """
+    _check_smoothing(beta)
+    distances = np.asarray(distances, dtype=np.float32)
+    sel = grid.selected
+    if distances.ndim != 2 or distances.shape[0] != int(sel.sum()):
+        raise ValueError(f"distances must be an (M, k) array with M = {int(sel.sum())} featured positions, "
+                         f"got shape {distances.shape}")
+    spacing = np.asarray(spacing, dtype=np.float64)
+    if spacing.shape != (3,) or not np.all(spacing > 0):
+        raise ValueError(f"spacing must be three positive numbers, got {spacing.tolist()}")
+    if not isinstance(max_iter, (int, np.integer)) or max_iter < 0:
+        raise ValueError(f"max_iter must be an integer >= 0, got {max_iter!r}")
+    labels = distances.argmin(axis=1).astype(np.int32)
+    if beta == 0 or max_iter == 0:
+        return labels
+    k = distances.shape[1]
+    scale = float(np.median(distances.min(axis=1)))
+    scale = scale if scale > 0 else max(float(distances.mean()), 1.0)
+    unary = np.zeros(sel.shape + (k,), dtype=np.float32)
+    unary[sel] = distances / scale
+    current = np.zeros(sel.shape, dtype=np.int32)
+    current[sel] = labels
+    votes_of = np.zeros(tuple(n + 2 for n in sel.shape) + (k,), dtype=np.float32)  # one-hot, padded by 1
+    inner = votes_of[1:-1, 1:-1, 1:-1]
+    inner[sel, labels] = 1.0
+    weights = spacing.min() / np.linalg.norm(_NEIGHBOURS * spacing, axis=1)
+    for _ in range(max_iter):
+        changed = 0
+        for parity in np.ndindex(2, 2, 2):
+            sub = tuple(slice(p, None, 2) for p in parity)
+            sub_sel = sel[sub]
+            if not sub_sel.any():
+                continue
+            counts = [len(range(p, n, 2)) for p, n in zip(parity, sel.shape)]
+            votes = np.zeros(sub_sel.shape + (k,), dtype=np.float32)
+            for offset, w in zip(_NEIGHBOURS, weights):
+                window = tuple(slice(p + 1 + o, p + 1 + o + 2 * (c - 1) + 1, 2)
+                               for p, o, c in zip(parity, offset, counts))
+                votes += np.float32(w) * votes_of[window]
+            best = (unary[sub] - np.float32(beta) * votes).argmin(axis=-1)
+            moved = sub_sel & (best != current[sub])
+            if not moved.any():
+                continue
+            changed += int(moved.sum())
+            where = np.nonzero(moved)
+            full = tuple(p + 2 * w for p, w in zip(parity, where))
+            inner[full + (current[full],)] = 0.0
+            current[full] = best[where]
+            inner[full + (best[where],)] = 1.0
+        if changed == 0:
+            break
+    return current[sel]
 
 
 def project_labels(grid: GridFeatures, clusters: np.ndarray, volume: Volume) -> np.ndarray:
@@ -308,6 +450,7 @@ def label_volume(
     seed: int = 0,
     intensity_weight: float = 0.0,
     intensity_window: int = 5,
+    smoothing: float = 0.0,
     progress: bool = False,
     **feature_options: Any,
 ) -> np.ndarray:
@@ -334,6 +477,10 @@ def label_volume(
         (``benchmarks/bench_quality.py``).
     intensity_window : int
         Side (voxels) of the box over which the local mean intensity is taken.
+    smoothing : float
+        [ours] Weight ``beta`` of the Potts term that regularises the k-means labels of the grid positions
+        (:func:`smooth_labels`): isolated labels and ragged borders give way to their neighbours'. 0 (default)
+        is the method as published; 1-3 gained 0.01-0.02 NMI on the texture phantom and BraTS-ROI.
     progress : bool
         Show progress bars.
     **feature_options
@@ -345,12 +492,17 @@ def label_volume(
         ``(Z, Y, X)`` labels, ``uint8`` (``uint16`` above 255 classes): 0 background, 1..k classes.
     """
     _check_intensity_weight(intensity_weight)
+    _check_smoothing(smoothing)
     grid = grid_features(model, volume, stride=stride, progress=progress, **feature_options)
     features = grid.features
     if intensity_weight > 0:
         extra = intensity_weight * local_intensity(volume, grid, intensity_window)
         features = np.hstack([np.asarray(features, dtype=np.float32), extra])
-    clusters = cluster_features(features, n_clusters, seed=seed)
+    if smoothing > 0:
+        clusters, distances = cluster_features(features, n_clusters, seed=seed, return_distances=True)
+        clusters = smooth_labels(grid, distances, smoothing, spacing=volume.geometry.spacing_zyx)
+    else:
+        clusters = cluster_features(features, n_clusters, seed=seed)
     return project_labels(grid, clusters, volume)
 
 
@@ -365,6 +517,7 @@ def segment(
     min_foreground: float = 0.5,
     stride: int = 2,
     intensity_weight: float = 0.0,
+    smoothing: float = 0.0,
     progress: bool = True,
     **jule_overrides: Any,
 ) -> np.ndarray:
@@ -396,6 +549,9 @@ def segment(
     intensity_weight : float
         [ours] Weight of the local mean intensity appended to the features before k-means
         (:func:`label_volume`); 0 is the published method.
+    smoothing : float
+        [ours] Weight of the Potts regularisation of the labels (:func:`smooth_labels`); 0 is the published
+        method.
     progress : bool
         Show progress bars.
     **jule_overrides
@@ -414,6 +570,7 @@ def segment(
 
     _check_n_clusters(n_clusters)
     _check_intensity_weight(intensity_weight)
+    _check_smoothing(smoothing)
     if isinstance(volume, Volume):
         vol = volume if mask is None else volume.with_mask(_mask_of(mask, volume))
     elif isinstance(volume, np.ndarray):
@@ -434,7 +591,7 @@ def segment(
         patches = sample_patches(vol, n_patches, patch_size=patch_size, min_foreground=min_foreground, seed=seed)
         model = train_jule(patches, config, progress=progress).model
     return label_volume(model, vol, n_clusters, stride=stride, seed=seed, intensity_weight=intensity_weight,
-                        progress=progress)
+                        smoothing=smoothing, progress=progress)
 
 
 

@@ -149,6 +149,25 @@ def test_one_cluster_rejected_before_training(files, tmp_path: Path, capsys, mon
     assert not (tmp_path / "l.nii.gz").exists()
 
 
+def test_smoothing_option(files, tmp_path: Path, capsys, monkeypatch) -> None:
+    import jule3d.jule
+
+    out = tmp_path / "l.nii.gz"
+    assert main(["segment", str(files["phantom"]), "--out", str(out), "--model", str(files["tiny"]),
+                 "--smoothing", "2"]) == 0
+    plain = tmp_path / "plain.nii.gz"
+    assert main(["segment", str(files["phantom"]), "--out", str(plain), "--model", str(files["tiny"])]) == 0
+    smooth_labels, plain_labels = read_image(out)[0], read_image(plain)[0]
+    assert not np.array_equal(smooth_labels, plain_labels)
+    assert set(np.unique(smooth_labels)) == set(np.unique(plain_labels))
+    capsys.readouterr()
+    monkeypatch.setattr(jule3d.jule, "train_jule", lambda *a, **k: pytest.fail("trained before checking"))
+    assert main(["segment", str(files["phantom"]), "--out", str(tmp_path / "bad.nii.gz"),
+                 "--smoothing", "-1"]) == 2
+    assert "smoothing" in _errors(capsys)
+    assert not (tmp_path / "bad.nii.gz").exists()
+
+
 def test_bad_stride(files, tmp_path: Path, capsys) -> None:
     assert main(["segment", str(files["phantom"]), "--out", str(tmp_path / "l.nii.gz"),
                  "--model", str(files["tiny"]), "--stride", "3"]) == 2

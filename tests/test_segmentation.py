@@ -24,6 +24,7 @@ from jule3d.segmentation import (
     local_intensity,
     project_labels,
     segment,
+    smooth_labels,
 )
 from jule3d.volume import Geometry, Volume
 
@@ -175,6 +176,95 @@ def test_cluster_features_bounds_and_determinism() -> None:
         for block in out.reshape(3, 40):  # the three blobs are found
             assert len(np.unique(block)) == 1
     np.testing.assert_array_equal(b, cluster_features(feats, 3, seed=5, max_fit=50))
+    labels, d2 = cluster_features(feats, 3, seed=5, return_distances=True)
+    np.testing.assert_array_equal(labels, a)
+    assert d2.shape == (120, 3) and d2.dtype == np.float32
+    np.testing.assert_array_equal(d2.argmin(axis=1), labels)
+    blob_means = [feats[labels == j].mean(axis=0) for j in range(3)]  # k-means centroids of separated blobs
+    np.testing.assert_allclose(d2, cdist(feats, np.array(blob_means), "sqeuclidean"), rtol=1e-3, atol=1e-4)
+
+
+# ------------------------------------------------------------------------------------------------
+# [ours] Potts smoothing of the grid labels
+
+
+def _full_grid(shape: tuple[int, int, int], selected: np.ndarray | None = None) -> GridFeatures:
+    selected = np.ones(shape, dtype=bool) if selected is None else selected
+    return GridFeatures(np.zeros((int(selected.sum()), 1), np.float32), shape, selected, 0, 1)
+
+
+def _potts_energy(grid: GridFeatures, d2: np.ndarray, labels: np.ndarray, beta: float, spacing) -> float:
+    """The energy of ``smooth_labels``' docstring, by brute force over neighbour pairs."""
+    scale = np.median(d2.min(axis=1))
+    pos = np.argwhere(grid.selected)
+    energy = d2[np.arange(len(labels)), labels].sum() / scale
+    spacing = np.asarray(spacing, float)
+    index = {tuple(p): i for i, p in enumerate(pos)}
+    for i, p in enumerate(pos):
+        for dz in (-1, 0, 1):
+            for dy in (-1, 0, 1):
+                for dx in (-1, 0, 1):
+                    j = index.get((p[0] + dz, p[1] + dy, p[2] + dx))
+                    if j is not None and j > i and labels[j] != labels[i]:
+                        energy += beta * spacing.min() / np.linalg.norm(np.array([dz, dy, dx]) * spacing)
+    return float(energy)
+
+
+def test_smooth_labels_zero_beta_is_kmeans_and_isolated_label_flips() -> None:
+    grid = _full_grid((7, 7, 7))
+    d2 = np.tile(np.array([[0.0, 1.0]], np.float32), (343, 1)) + 1.0  # every position prefers label 0 ...
+    centre = np.ravel_multi_index((3, 3, 3), (7, 7, 7))
+    d2[centre] = [1.5, 1.0]  # ... but the centre mildly prefers 1
+    np.testing.assert_array_equal(smooth_labels(grid, d2, 0.0), d2.argmin(axis=1))
+    smoothed = smooth_labels(grid, d2, 0.1)
+    assert smoothed[centre] == 0 and (smoothed == 0).all()
+    d2[centre] = [100.0, 1.0]  # a strong preference survives a weak smoothness term
+    assert smooth_labels(grid, d2, 0.1)[centre] == 1
+
+
+def test_smooth_labels_never_raises_the_energy_and_is_deterministic() -> None:
+    rng = np.random.default_rng(3)
+    selected = rng.random((6, 8, 5)) < 0.8  # holes: positions without a feature take no part
+    grid = _full_grid((6, 8, 5), selected)
+    d2 = rng.random((int(selected.sum()), 3)).astype(np.float32)
+    spacing = (2.0, 1.0, 0.5)
+    start = d2.argmin(axis=1)
+    for beta in (0.2, 1.0, 5.0):
+        out = smooth_labels(grid, d2, beta, spacing=spacing)
+        assert out.dtype == np.int32 and out.shape == start.shape
+        assert _potts_energy(grid, d2, out, beta, spacing) < _potts_energy(grid, d2, start, beta, spacing)
+        np.testing.assert_array_equal(out, smooth_labels(grid, d2, beta, spacing=spacing))
+        # a local minimum: no single relabelling lowers the energy
+        for i in rng.choice(len(out), 10, replace=False):
+            for label in range(3):
+                trial = out.copy()
+                trial[i] = label
+                assert _potts_energy(grid, d2, trial, beta, spacing) >= _potts_energy(grid, d2, out, beta, spacing) - 1e-6
+
+
+def test_smooth_labels_neighbour_weights_follow_the_spacing() -> None:
+    # Positions A=(0,0,0), M=(0,0,1), B=(0,0,2) along x and Z=(1,0,1) above M. A and Z want label 0,
+    # B wants 1, M mildly prefers 1 (cost 1 vs 1.5). M's votes: A + Z for 0, B for 1. With unit spacing
+    # Z weighs 1: E(0) = 1.5 - 2 < E(1) = 1 - 1. With z spacing 4 it weighs 1/4: E(0) = 1.5 - 1.25 > E(1).
+    selected = np.zeros((2, 1, 3), dtype=bool)
+    selected[0, 0, :] = True
+    selected[1, 0, 1] = True
+    grid = _full_grid((2, 1, 3), selected)
+    d2 = np.array([[1, 10], [1.5, 1], [10, 1], [1, 10]], np.float32)  # rows: A, M, B, Z (argwhere order)
+    assert smooth_labels(grid, d2, 1.0, spacing=(1.0, 1.0, 1.0)).tolist() == [0, 0, 1, 0]
+    assert smooth_labels(grid, d2, 1.0, spacing=(4.0, 1.0, 1.0)).tolist() == [0, 1, 1, 0]
+
+
+def test_smooth_labels_bad_arguments() -> None:
+    grid = _full_grid((3, 3, 3))
+    d2 = np.ones((27, 2), np.float32)
+    for beta in (-1.0, float("nan"), True):
+        with pytest.raises(ValueError, match="smoothing"):
+            smooth_labels(grid, d2, beta)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="27 featured positions"):
+        smooth_labels(grid, d2[:5], 1.0)
+    with pytest.raises(ValueError, match="spacing"):
+        smooth_labels(grid, d2, 1.0, spacing=(1.0, 0.0, 1.0))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -399,3 +489,18 @@ def test_intensity_weight_recovers_intensity_classes_an_untrained_net_misses() -
     assert nmi(phantom.labels, weighted, inside) > nmi(phantom.labels, plain, inside) + 0.2
     with pytest.raises(ValueError, match="intensity_weight"):
         label_volume(model, phantom.volume, 3, intensity_weight=-1.0)
+
+
+def test_smoothing_removes_speckle_of_a_noisy_segmentation() -> None:
+    phantom = make_phantom(shape=(40, 40, 40), variant="intensity", seed=0)
+    model = JuleNet3D(net_config("fast"), seed=0)
+    inside = phantom.labels > 0
+    plain = label_volume(model, phantom.volume, 3, stride=2, seed=0, intensity_weight=3.0)
+    smooth = label_volume(model, phantom.volume, 3, stride=2, seed=0, intensity_weight=3.0, smoothing=2.0)
+    assert nmi(phantom.labels, smooth, inside) > nmi(phantom.labels, plain, inside)
+    # fewer label changes between neighbouring voxels: a less ragged segmentation
+    def changes(labels):
+        return sum(int((np.diff(labels, axis=a) != 0).sum()) for a in range(3))
+    assert changes(smooth) < changes(plain)
+    with pytest.raises(ValueError, match="smoothing"):
+        label_volume(model, phantom.volume, 3, smoothing=-1.0)

@@ -26,12 +26,17 @@ Datasets
 Usage::
 
     python benchmarks/bench_quality.py --dataset brats                      # 4 cases, fast preset
+    python benchmarks/bench_quality.py --dataset brats --seeds 0 1 2 --intensity-weight 2 --smoothing 1
     python benchmarks/bench_quality.py --dataset phantom --phantom-variants texture intensity
     python benchmarks/bench_quality.py --dataset brats --cases brats_2013_pat0004_1 \\
         --n-patches 4000 -o 'net_overrides={"patch_size": 13}' --out results/quality_p13 --overwrite
 
+With several ``--seeds`` every method runs once per seed; the table shows the mean over seeds and the NMI's
+sample sd over seeds (JULE-3D's NMI on one BraTS case moves by up to 0.3 between seeds, the case mean by
+about 0.05, so one seed is not enough to rank methods).
+
 Writes ``<out>/quality_<dataset>.md`` (the table and the settings) and ``<out>/quality_<dataset>.json`` (every
-row, with the Dice of each class and the settings).
+row, with its seed, the Dice of each class and the settings).
 """
 
 from __future__ import annotations
@@ -61,8 +66,8 @@ BRATS_CLASSES = np.array([1, 3, 2, 3, 3], dtype=np.uint8)
 BRATS_CLASS_NAMES = ("normal", "oedema", "core")
 CROP_MARGIN = 16
 DEFAULT_METHODS = ("jule3d", "kmeans", "otsu", "gmm", "slic")
-COLUMNS = (("nmi", "NMI"), ("nmi_geometric", "NMI (geom.)"), ("ari", "ARI"), ("dice_mean", "matched Dice"),
-           ("seconds", "seconds"), ("peak_mb", "peak MB"))
+COLUMNS = (("nmi", "NMI"), ("nmi_sd", "NMI sd over seeds"), ("nmi_geometric", "NMI (geom.)"), ("ari", "ARI"),
+           ("dice_mean", "matched Dice"), ("seconds", "seconds"), ("peak_mb", "peak MB"))
 
 
 @dataclass
@@ -86,10 +91,12 @@ class JuleSettings:
     stride: int = 2
     overrides: dict[str, Any] | None = None
     intensity_weight: float = 0.0
+    smoothing: float = 0.0
 
     def label(self) -> str:
-        """Method name in the table, e.g. ``jule3d (fast)`` or ``jule3d (fast, intensity 2)``."""
+        """Method name in the table, e.g. ``jule3d (fast)`` or ``jule3d (fast, intensity 2, smoothing 1)``."""
         extra = f", intensity {self.intensity_weight:g}" if self.intensity_weight else ""
+        extra += f", smoothing {self.smoothing:g}" if self.smoothing else ""
         return f"jule3d ({self.preset}{extra})"
 
 
@@ -201,7 +208,7 @@ def jule_method(case: Case, settings: JuleSettings, seed: int) -> Callable[[], n
     def run() -> np.ndarray:
         return segment(case.volume, n_clusters=case.n_clusters, preset=settings.preset, seed=seed,
                        n_patches=settings.n_patches, stride=settings.stride, progress=False,
-                       intensity_weight=settings.intensity_weight,
+                       intensity_weight=settings.intensity_weight, smoothing=settings.smoothing,
                        **options, **(settings.overrides or {}))
     return run
 
@@ -214,31 +221,52 @@ def run_case(case: Case, methods: Sequence[str], settings: JuleSettings, seed: i
                            extra=extra, seed=seed)
 
 
-def records(case: str, results: Sequence[MethodResult]) -> list[dict[str, Any]]:
-    """Flat JSON-ready rows (with the Dice of every class) of one case's results."""
+def records(case: str, results: Sequence[MethodResult], seed: int = 0) -> list[dict[str, Any]]:
+    """Flat JSON-ready rows (with the seed and the Dice of every class) of one case's results."""
     out = []
     for r in results:
         dice = {str(k): float(v) for k, v in r.metrics.get("dice_per_class", {}).items()}
-        out.append({"case": case, **r.row(), "dice_per_class": dice})
+        out.append({"case": case, "seed": seed, **r.row(), "dice_per_class": dice})
+    return out
+
+
+def _mean_columns(rows: Sequence[dict[str, Any]]) -> dict[str, float]:
+    return {key: float(np.mean([r[key] for r in rows])) for key, _ in COLUMNS if key != "nmi_sd" and key in rows[0]}
+
+
+def seed_means(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per case and method: the mean over its seeds, with ``nmi_sd`` (sample sd) when there are several."""
+    out = []
+    for case, method in dict.fromkeys((r["case"], r["method"]) for r in rows):
+        mine = [r for r in rows if r["case"] == case and r["method"] == method]
+        extra = {"nmi_sd": float(np.std([r["nmi"] for r in mine], ddof=1))} if len(mine) > 1 else {}
+        out.append({"case": case, "method": method, **_mean_columns(mine), **extra})
     return out
 
 
 def mean_records(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    """One ``case = "mean"`` row per method: the mean of every numeric column over the cases."""
-    methods = list(dict.fromkeys(r["method"] for r in rows))
+    """One ``case = "mean of N"`` row per method: the mean of every numeric column over the cases (and seeds).
+
+    With several seeds, ``nmi_sd`` is the sample sd over seeds of the mean NMI over the cases: how much the
+    headline number moves with the seed.
+    """
     out = []
-    for method in methods:
+    for method in dict.fromkeys(r["method"] for r in rows):
         mine = [r for r in rows if r["method"] == method]
-        means = {key: float(np.mean([r[key] for r in mine])) for key, _ in COLUMNS if key in mine[0]}
-        out.append({"case": f"mean of {len(mine)}", "method": method, **means})
+        seeds = list(dict.fromkeys(r.get("seed", 0) for r in mine))
+        per_seed = [np.mean([r["nmi"] for r in mine if r.get("seed", 0) == s]) for s in seeds]
+        extra = {"nmi_sd": float(np.std(per_seed, ddof=1))} if len(seeds) > 1 else {}
+        n_cases = len({r["case"] for r in mine})
+        out.append({"case": f"mean of {n_cases}", "method": method, **_mean_columns(mine), **extra})
     return out
 
 
 def markdown_table(rows: Sequence[dict[str, Any]], digits: int = 3) -> str:
-    """Markdown table: case, method and the metric/cost columns."""
-    lines = ["| case | method | " + " | ".join(h for _, h in COLUMNS) + " |", "|---|---|" + "---:|" * len(COLUMNS)]
+    """Markdown table: case, method and the metric/cost columns present in the rows."""
+    columns = [(k, h) for k, h in COLUMNS if any(k in r for r in rows)]
+    lines = ["| case | method | " + " | ".join(h for _, h in columns) + " |", "|---|---|" + "---:|" * len(columns)]
     for r in rows:
-        cells = [f"{r[k]:.{digits}f}" if k in r else "" for k, _ in COLUMNS]
+        cells = [f"{r[k]:.{digits}f}" if k in r else "" for k, _ in columns]
         lines.append(f"| {r['case']} | {r['method']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -253,15 +281,17 @@ def machine() -> str:
 
 
 def run_dataset(
-    cases: Sequence[Callable[[], Case]], methods: Sequence[str], settings: JuleSettings, seed: int
+    cases: Sequence[Callable[[], Case]], methods: Sequence[str], settings: JuleSettings, seeds: Sequence[int]
 ) -> list[dict[str, Any]]:
-    """Load and run the cases one at a time (one case in memory); print each case's table as it finishes."""
+    """Load and run the cases one at a time (one case in memory), every method once per seed; print each
+    case's table as it finishes."""
     rows: list[dict[str, Any]] = []
     for load in cases:
         case = load()
-        case_rows = records(case.name, run_case(case, methods, settings, seed))
-        print(markdown_table(case_rows), flush=True)
-        rows += case_rows
+        for seed in seeds:
+            case_rows = records(case.name, run_case(case, methods, settings, seed), seed)
+            print(f"seed {seed}\n" + markdown_table(case_rows), flush=True)
+            rows += case_rows
     return rows
 
 
@@ -272,7 +302,7 @@ def write_report(out: Path, dataset: str, rows: list[dict[str, Any]], settings: 
     for path in (md_path, json_path):
         if path.exists() and not overwrite:
             raise FileExistsError(f"{path} exists; pass --overwrite to replace it")
-    table = markdown_table(rows + (mean_records(rows) if len({r['case'] for r in rows}) > 1 else []))
+    table = markdown_table(seed_means(rows) + (mean_records(rows) if len({r['case'] for r in rows}) > 1 else []))
     text = (f"# Quality benchmark: {dataset}\n\n{table}\n\nMachine: {settings['machine']}.\n\n"
             f"Command: `{settings['command']}`\n\nSettings: `{json.dumps(settings['jule'])}`\n")
     out.mkdir(parents=True, exist_ok=True)
@@ -301,7 +331,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--dataset", choices=("phantom", "brats", "all"), default="all")
     p.add_argument("--preset", choices=("fast", "paper"), default="fast")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seeds", nargs="+", type=int, default=[0],
+                   help="run every method once per seed; the tables show the mean and the NMI's sd over seeds")
     p.add_argument("--cases", nargs="+", default=list(BRATS_CASES), help="BraTS case folders")
     p.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS))
     p.add_argument("--out", type=Path, default=Path("results/quality"))
@@ -312,6 +343,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--stride", type=int, default=2, help="Phase 2 grid stride")
     p.add_argument("--intensity-weight", type=float, default=0.0,
                    help="[ours] local mean intensity appended to the features before k-means (0: the paper)")
+    p.add_argument("--smoothing", type=float, default=0.0,
+                   help="[ours] Potts weight regularising jule3d's labels (0: the paper)")
     p.add_argument("-o", dest="overrides", action="append", type=parse_override, default=[],
                    metavar="NAME=VALUE", help="JuleConfig field, e.g. -o epochs_per_period=5 (repeatable)")
     p.add_argument("--phantom-variants", nargs="+", choices=("texture", "intensity"), default=["texture"])
@@ -332,9 +365,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     if bad:
         raise ValueError(f"--methods {bad} are unknown; valid: ['jule3d'] + {sorted(BASELINES)}")
     settings = JuleSettings(args.preset, args.n_patches, args.min_foreground, args.stride, dict(args.overrides),
-                            args.intensity_weight)
+                            args.intensity_weight, args.smoothing)
     info = {"machine": machine(), "command": " ".join([Path(sys.argv[0]).name, *(argv or sys.argv[1:])]),
-            "jule": {**vars(settings), "seed": args.seed}}
+            "jule": {**vars(settings), "seeds": args.seeds}}
     print(info["machine"], flush=True)
     datasets = ("brats", "phantom") if args.dataset == "all" else (args.dataset,)
     for dataset in datasets:
@@ -347,7 +380,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         else:
             loads = [lambda v=v: phantom_case(v) for v in args.phantom_variants]  # the default phantom: seed 0
         print(f"\n## {dataset}", flush=True)
-        rows = run_dataset(loads, args.methods, settings, args.seed)
+        rows = run_dataset(loads, args.methods, settings, args.seeds)
         print("\n" + write_report(args.out, dataset, rows, info, args.overwrite), flush=True)
 
 

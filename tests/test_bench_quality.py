@@ -93,6 +93,22 @@ def test_mean_records_and_table() -> None:
     assert [(r["method"], round(r["nmi"], 6)) for r in means] == [("x", 0.3), ("y", 0.2)]
     table = bq.markdown_table(means)
     assert table.splitlines()[2].startswith("| mean of 2 | x | 0.300 |")
+    assert "sd over seeds" not in table  # one seed: no sd column
+
+
+def test_several_seeds_give_means_and_sd_over_seeds() -> None:
+    # method x: case a 0.2 / 0.4 and case b 0.4 / 0.6 for seeds 0 / 1 -> per-seed case means 0.3 and 0.5
+    rows = [{"case": c, "seed": s, "method": "x", "nmi": v, "seconds": 1.0 + s}
+            for c, s, v in [("a", 0, 0.2), ("a", 1, 0.4), ("b", 0, 0.4), ("b", 1, 0.6)]]
+    per_case = bq.seed_means(rows)
+    assert [(r["case"], round(r["nmi"], 6), round(r["nmi_sd"], 6), r["seconds"]) for r in per_case] == [
+        ("a", 0.3, round(np.std([0.2, 0.4], ddof=1), 6), 1.5), ("b", 0.5, round(np.std([0.4, 0.6], ddof=1), 6), 1.5)]
+    (mean,) = bq.mean_records(rows)
+    assert mean["case"] == "mean of 2" and mean["nmi"] == pytest.approx(0.4)
+    assert mean["nmi_sd"] == pytest.approx(np.std([0.3, 0.5], ddof=1))
+    table = bq.markdown_table(per_case + [mean])
+    assert "| NMI sd over seeds |" in table.splitlines()[0]
+    assert bq.parse_args(["--seeds", "0", "3"]).seeds == [0, 3]
 
 
 def test_parse_override_and_arguments() -> None:

@@ -116,6 +116,8 @@ TUNABLE: dict[str, Any] = {
     "k_c": None,
     "eta": None,
     "n_clusters": 3,
+    "intensity_weight": 0.0,
+    "smoothing": 0.0,
 }
 
 
@@ -139,7 +141,7 @@ def quick_preview(
 
     JULE is trained on at most ``n_preview`` patches with one epoch per period and two final epochs, then
     a slab of the volume around its middle axial slice is labelled. Minutes become seconds; the result
-    shows the *effect* of a setting (patch size, K_s, η, k), not the final quality.
+    shows the *effect* of a setting (patch size, K_s, η, k, intensity weight, smoothing), not the final quality.
 
     Parameters
     ----------
@@ -177,7 +179,8 @@ def quick_preview(
     middle = volume.shape[0] // 2
     start = int(np.clip(middle - thickness // 2, 0, max(volume.shape[0] - thickness, 0)))
     part = volume.crop((start, 0, 0), (start + thickness, *volume.shape[1:]))
-    return part, label_volume(model, part, int(p["n_clusters"]), seed=seed)
+    return part, label_volume(model, part, int(p["n_clusters"]), seed=seed,
+                              intensity_weight=float(p["intensity_weight"]), smoothing=float(p["smoothing"]))
 
 
 def write_params(params: Mapping[str, Any], path: str | os.PathLike, overwrite: bool = False) -> Path:
@@ -213,6 +216,9 @@ def tuning_panel(volume: Volume, params_path: str | os.PathLike = "params.yaml",
         "k_c": w.IntSlider(value=start["k_c"], min=2, max=20, description="K_c"),
         "eta": w.FloatSlider(value=start["eta"], min=0.05, max=1.0, step=0.05, description="eta"),
         "n_clusters": w.IntSlider(value=start["n_clusters"], min=2, max=10, description="classes k"),
+        "intensity_weight": w.FloatSlider(value=start["intensity_weight"], min=0.0, max=5.0, step=0.5,
+                                          description="intensity w"),
+        "smoothing": w.FloatSlider(value=start["smoothing"], min=0.0, max=5.0, step=0.25, description="smoothing"),
     }
 
     def on_preset(change: Any) -> None:  # the sliders show what the chosen preset would use
@@ -252,5 +258,6 @@ def tuning_panel(volume: Volume, params_path: str | os.PathLike = "params.yaml",
     preview.on_click(on_preview)
     save.on_click(on_save)
     rows = [w.HBox([controls["preset"], controls["n_clusters"]]), w.HBox([controls["patch_size"], controls["n_patches"]]),
-            w.HBox([controls["k_s"], controls["k_c"], controls["eta"]]), w.HBox([preview, save]), status, output]
+            w.HBox([controls["k_s"], controls["k_c"], controls["eta"]]),
+            w.HBox([controls["intensity_weight"], controls["smoothing"]]), w.HBox([preview, save]), status, output]
     return w.VBox(rows)

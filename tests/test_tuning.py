@@ -57,10 +57,22 @@ def test_write_params_round_trip_and_refusals(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_quick_preview_labels_a_slab(volume) -> None:
-    part, labels = quick_preview(volume, {"n_clusters": 3, "k_s": 5, "n_patches": 120}, n_preview=120)
+def test_quick_preview_labels_a_slab(volume, monkeypatch: pytest.MonkeyPatch) -> None:
+    import jule3d.segmentation
+
+    seen = {}
+    real = jule3d.segmentation.label_volume
+
+    def spy(*args, **kwargs):
+        seen.update(kwargs)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(jule3d.segmentation, "label_volume", spy)
+    part, labels = quick_preview(volume, {"n_clusters": 3, "k_s": 5, "n_patches": 120, "smoothing": 1.0},
+                                 n_preview=120)
     assert labels.shape == part.shape and part.shape[1:] == volume.shape[1:]
     assert part.shape[0] == 17 + 8
+    assert seen["smoothing"] == 1.0 and seen["intensity_weight"] == 0.0  # Phase 2 settings reach label_volume
     assert set(np.unique(labels[part.mask])) <= {1, 2, 3}
     assert (labels[~part.mask] == 0).all()
     with pytest.raises(ValueError, match="unknown tuning parameter"):

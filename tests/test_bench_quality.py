@@ -131,3 +131,15 @@ def test_real_brats_case(shared_data: Path) -> None:
     assert not np.asarray(case.volume.data)[:, ~case.evaluation_mask].any()  # background set to 0
     counts = np.bincount(case.ground_truth[case.evaluation_mask], minlength=4)
     assert counts[0] == 0 and counts[2] == 45189 and counts[3] == 75471
+
+
+def test_feature_probe_separates_informative_from_random_features(monkeypatch) -> None:
+    monkeypatch.syspath_prepend(str(_PATH.parent))
+    spec = importlib.util.spec_from_file_location("bench_features", _PATH.parent / "bench_features.py")
+    bf = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bf)
+    rng = np.random.default_rng(0)
+    y = rng.integers(1, 4, size=900)
+    informative = np.eye(3)[y - 1] + rng.normal(0, 0.3, size=(900, 3))
+    assert bf.probe_accuracy(informative, y, seed=0) > 0.9
+    assert abs(bf.probe_accuracy(rng.normal(size=(900, 3)), y, seed=0) - 1 / 3) < 0.1

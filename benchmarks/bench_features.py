@@ -1,0 +1,125 @@
+"""Do JULE-3D's features carry the tissue classes, and does k-means find them? (diagnosis for issue 4)
+
+For every case, JULE-3D is trained as :func:`jule3d.segment` trains it and its Phase 2 grid features are
+computed. At the grid centres inside the evaluation voxels, three representations are compared:
+
+* ``features``: the network's unit-norm features,
+* ``intensity``: the standardised local mean intensity of every channel (:func:`jule3d.segmentation.local_intensity`),
+* ``both``: the two side by side (``intensity_weight = 1``).
+
+Two numbers per representation:
+
+* **probe**: balanced accuracy of a *supervised* linear classifier (logistic regression, 3-fold
+  cross-validation on a seeded sample of centres). It only measures whether the classes are linearly
+  recoverable from the representation; no segmentation uses the labels.
+* **k-means NMI**: the NMI, against the ground truth at the same centres, of k-means with the case's ``k`` on
+  the representation: what Phase 2 actually recovers without labels.
+
+A high probe with a low k-means NMI means the information is in the features but is not where k-means looks
+(the largest directions of variance belong to something else, e.g. normal tissue's own structure).
+
+Usage::
+
+    python benchmarks/bench_features.py                          # BraTS-ROI, 4 cases, seed 0
+    python benchmarks/bench_features.py --dataset phantom --seeds 0 1
+    python benchmarks/bench_features.py --out results/features.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from bench_quality import BRATS_CASES, Case, data_root, load_brats_case, phantom_case  # the script's folder
+
+from jule3d.jule import jule_config, train_jule
+from jule3d.metrics import nmi
+from jule3d.models import net_config
+from jule3d.patches import sample_patches
+from jule3d.segmentation import cluster_features, grid_features, local_intensity
+
+REPRESENTATIONS = ("features", "intensity", "both")
+
+
+def probe_accuracy(x: np.ndarray, y: np.ndarray, seed: int, n_max: int = 8000) -> float:
+    """Balanced accuracy of a linear classifier of ``y`` from ``x`` (3-fold cross-validation, seeded sample)."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import cross_val_score
+    from threadpoolctl import threadpool_limits
+
+    rng = np.random.default_rng(seed)
+    idx = rng.choice(len(y), size=min(n_max, len(y)), replace=False)
+    with threadpool_limits(limits=1):
+        scores = cross_val_score(LogisticRegression(max_iter=1000, class_weight="balanced"), x[idx], y[idx],
+                                 cv=3, scoring="balanced_accuracy")
+    return float(scores.mean())
+
+
+def diagnose(case: Case, seed: int, n_patches: int = 2000, preset: str = "fast") -> dict[str, dict[str, float]]:
+    """Probe accuracy and k-means NMI of each representation at the grid centres of one case."""
+    config = jule_config(preset, n_clusters=case.n_clusters, seed=seed)
+    patch_size = net_config(config.net, **config.net_overrides).patch_size
+    patches = sample_patches(case.volume, n_patches, patch_size=patch_size, min_foreground=0.5, seed=seed)
+    model = train_jule(patches, config, progress=False).model
+    grid = grid_features(model, case.volume, stride=2)
+    centres = tuple(grid.centers.T)
+    scored = case.evaluation_mask[centres] & (case.ground_truth[centres] > 0)
+    truth = case.ground_truth[centres][scored]
+    features = np.asarray(grid.features, dtype=np.float32)
+    intensity = local_intensity(case.volume, grid)
+    reps = {"features": features, "intensity": intensity, "both": np.hstack([features, intensity])}
+    out = {}
+    for name in REPRESENTATIONS:
+        x = reps[name]
+        clusters = cluster_features(x, case.n_clusters, seed=seed)
+        out[name] = {"probe": probe_accuracy(x[scored], truth, seed),
+                     "kmeans_nmi": nmi(truth, clusters[scored])}
+    return out
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Run the diagnosis on the chosen cases and seeds; print one table, optionally write JSON."""
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--dataset", choices=("brats", "phantom"), default="brats")
+    p.add_argument("--cases", nargs="+", default=list(BRATS_CASES), help="BraTS case folders")
+    p.add_argument("--seeds", nargs="+", type=int, default=[0])
+    p.add_argument("--n-patches", type=int, default=2000)
+    p.add_argument("--out", type=Path, help="JSON file for the rows (not overwritten)")
+    args = p.parse_args(argv)
+    if args.out is not None and args.out.exists():
+        p.error(f"--out {args.out} exists")
+    if args.dataset == "brats":
+        root = data_root() / "brats2015"
+        if not root.is_dir():
+            p.error(f"BraTS data folder {root} does not exist (set JULE3D_SHARED_DATA)")
+        loads = [lambda c=c: load_brats_case(root / c) for c in args.cases]
+    else:
+        loads = [lambda v=v: phantom_case(v) for v in ("texture", "intensity")]
+    rows = []
+    print("| case | seed | " + " | ".join(f"{r} probe | {r} k-means NMI" for r in REPRESENTATIONS) + " | s |")
+    print("|---|---:|" + "---:|" * (2 * len(REPRESENTATIONS) + 1))
+    for load in loads:
+        case = load()
+        for seed in args.seeds:
+            start = time.perf_counter()
+            result = diagnose(case, seed, args.n_patches)
+            seconds = time.perf_counter() - start
+            rows.append({"case": case.name, "seed": seed, **result, "seconds": seconds})
+            cells = " | ".join(f"{result[r]['probe']:.3f} | {result[r]['kmeans_nmi']:.3f}" for r in REPRESENTATIONS)
+            print(f"| {case.name} | {seed} | {cells} | {seconds:.0f} |", flush=True)
+    means = " | ".join(f"{np.mean([r[k]['probe'] for r in rows]):.3f} | {np.mean([r[k]['kmeans_nmi'] for r in rows]):.3f}"
+                       for k in REPRESENTATIONS)
+    print(f"| mean | | {means} | |")
+    if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps({"argv": list(argv or sys.argv[1:]), "rows": rows}, indent=1), encoding="utf-8")
+
+
+if __name__ == "__main__":
+    main()

@@ -416,8 +416,22 @@ def project_labels(grid: GridFeatures, clusters: np.ndarray, volume: Volume) -> 
     return order_labels_by_intensity(fine, np.asarray(volume.data[0]), mask)
 
 
-def local_intensity(volume: Volume, grid: GridFeatures, window: int = 5) -> np.ndarray:
-    """Mean intensity of each channel in a ``window``³ box at every featured grid centre, standardised.
+def local_intensity(volume: Volume, grid: GridFeatures, window: int = 3) -> np.ndarray:
+    """Mean intensity of each channel over the foreground voxels of a ``window``³ box at every featured grid
+    centre, standardised.
+
+    Only voxels inside ``volume``'s foreground mask (and inside the volume) enter the mean, so a position at
+    the border of the specimen or brain describes its tissue, not a mix of tissue and background. (A plain box
+    mean pulled the border positions of BraTS-ROI towards the background value and cost 0.03 NMI.)
+
+    Parameters
+    ----------
+    volume : Volume
+        The volume the grid was computed on.
+    grid : GridFeatures
+        Its grid features (only the centres are used).
+    window : int
+        Side of the box in voxels (3 covers the voxels a stride-2 grid position labels, and their border).
 
     Returns
     -------
@@ -425,13 +439,16 @@ def local_intensity(volume: Volume, grid: GridFeatures, window: int = 5) -> np.n
         ``(M, C)`` float32, each column with mean 0 and standard deviation 1 over the ``M`` positions
         (a constant column stays 0).
     """
-    if not isinstance(window, (int, np.integer)) or window < 1:
+    if not isinstance(window, (int, np.integer)) or isinstance(window, bool) or window < 1:
         raise ValueError(f"intensity_window must be a positive integer, got {window!r}")
     centres = tuple(grid.centers.T)
+    inside = volume.foreground().astype(np.float32)
+    share = ndimage.uniform_filter(inside, size=int(window), mode="constant")[centres]  # > 0: centres are inside
     columns = []
     for channel in volume.data:
-        box = ndimage.uniform_filter(np.asarray(channel, dtype=np.float32), size=int(window), mode="nearest")
-        values = box[centres]
+        total = ndimage.uniform_filter(np.asarray(channel, dtype=np.float32) * inside, size=int(window),
+                                       mode="constant")
+        values = total[centres] / share
         std = values.std()
         columns.append((values - values.mean()) / std if std > 0 else np.zeros_like(values))
     return np.stack(columns, axis=1).astype(np.float32)
@@ -449,7 +466,7 @@ def label_volume(
     stride: int = 2,
     seed: int = 0,
     intensity_weight: float = 0.0,
-    intensity_window: int = 5,
+    intensity_window: int = 3,
     smoothing: float = 0.0,
     progress: bool = False,
     **feature_options: Any,
@@ -476,7 +493,7 @@ def label_volume(
         BraTS-ROI a weight of 2 raised the mean NMI of the old ``fast`` preset from 0.14 to 0.43
         (``benchmarks/bench_quality.py``).
     intensity_window : int
-        Side (voxels) of the box over which the local mean intensity is taken.
+        Side (voxels) of the box over which the local mean intensity of the foreground is taken.
     smoothing : float
         [ours] Weight ``beta`` of the Potts term that regularises the k-means labels of the grid positions
         (:func:`smooth_labels`): isolated labels and ragged borders give way to their neighbours'. 0 (default)

@@ -479,6 +479,24 @@ def test_local_intensity_is_standardised_box_mean() -> None:
         local_intensity(volume, grid, window=0)
 
 
+def test_local_intensity_averages_only_the_foreground() -> None:
+    # Tissue of intensity 1 in the lower half along x, 0 in the upper half, background -100 outside a ball:
+    # positions at the ball's border must not be pulled towards the background.
+    zz, yy, xx = np.mgrid[:30, :30, :30]
+    inside = (zz - 14.5) ** 2 + (yy - 14.5) ** 2 + (xx - 14.5) ** 2 < 12 ** 2
+    data = np.where(inside, (xx < 15).astype(np.float32), np.float32(-100))
+    volume = Volume.from_array(data[None], mask=inside)
+    model = JuleNet3D(net_config("fast", patch_size=13, n_filters=4, feature_dim=8), seed=0)
+    grid = grid_features(model, volume, stride=1)
+    raw = np.empty(len(grid.features))
+    for i, (z, y, x) in enumerate(grid.centers):  # the definition, one box at a time
+        box = tuple(slice(c - 2, c + 3) for c in (z, y, x))
+        raw[i] = data[box][inside[box]].mean()
+    values = local_intensity(volume, grid, window=5)[:, 0]
+    np.testing.assert_allclose(values, (raw - raw.mean()) / raw.std(), atol=1e-4)
+    assert raw.min() >= 0.0  # no background value leaked into any mean
+
+
 def test_intensity_weight_recovers_intensity_classes_an_untrained_net_misses() -> None:
     phantom = make_phantom(shape=(40, 40, 40), variant="intensity", seed=0)
     model = JuleNet3D(net_config("fast"), seed=0)

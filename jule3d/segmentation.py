@@ -313,7 +313,8 @@ def smooth_labels(
         ``cluster_features(..., return_distances=True)``.
     beta : float
         Weight of the smoothness term, ``>= 0``. Measured gains in voxel NMI (``fast`` preset, seed 0-2):
-        ``beta = 1`` to ``3`` raised the texture phantom from 0.86 to 0.88 and BraTS-ROI by 0.01-0.02.
+        On the texture phantom (``fast``, seeds 0-2) ``beta = 2`` raised the voxel NMI by 0.01-0.02 for every
+        seed; on BraTS-ROI (with ``intensity_weight=2``) ``beta = 1`` raised the case mean from 0.458 to 0.487.
     spacing : sequence of 3 float
         Voxel spacing ``(z, y, x)`` in mm; only the ratios matter (the grid stride is the same on every axis).
     max_iter : int
@@ -488,16 +489,17 @@ def label_volume(
     intensity_weight : float
         [ours] When positive, the standardised local mean intensity of every channel
         (:func:`local_intensity`), times this weight, is appended to the unit-norm network feature before
-        k-means. 0 (default) is the method as published. JULE's features weigh intensity weakly, so
-        classes that differ mainly in brightness (oedema vs tumour core in MRI) can be lost; on
-        BraTS-ROI a weight of 2 raised the mean NMI of the old ``fast`` preset from 0.14 to 0.43
-        (``benchmarks/bench_quality.py``).
+        k-means. 0 (default) is the method as published. k-means on JULE's features misses classes that
+        differ mainly in brightness (oedema vs tumour core in MRI); on BraTS-ROI (``fast``, seeds 0-2) a
+        weight of 2 raises the case-mean NMI from 0.21 to 0.46, 0.49 with ``smoothing=1``
+        (``benchmarks/bench_quality.py``). There the intensity then decides almost alone: without the
+        network's features the same settings score 0.486 (``benchmarks/bench_features.py``).
     intensity_window : int
         Side (voxels) of the box over which the local mean intensity of the foreground is taken.
     smoothing : float
         [ours] Weight ``beta`` of the Potts term that regularises the k-means labels of the grid positions
         (:func:`smooth_labels`): isolated labels and ragged borders give way to their neighbours'. 0 (default)
-        is the method as published; 1-3 gained 0.01-0.02 NMI on the texture phantom and BraTS-ROI.
+        is the method as published; 1-2 gained 0.01-0.03 NMI on the texture phantom and BraTS-ROI.
     progress : bool
         Show progress bars.
     **feature_options

@@ -275,9 +275,10 @@ _NEIGHBOURS = np.array([(dz, dy, dx) for dz in (-1, 0, 1) for dy in (-1, 0, 1) f
                         if (dz, dy, dx) != (0, 0, 0)])
 
 
-def _check_smoothing(beta: float) -> None:
-    if isinstance(beta, bool) or not isinstance(beta, (int, float, np.number)) or not np.isfinite(beta) or beta < 0:
-        raise ValueError(f"smoothing must be a finite number >= 0, got {beta!r}")
+def _check_weight(name: str, value: float) -> None:
+    """A Phase 2 option weight: a finite number >= 0 (not a bool)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.number)) or not np.isfinite(value) or value < 0:
+        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
 
 
 def smooth_labels(
@@ -335,7 +336,7 @@ def smooth_labels(
     -----
     Memory: two float32 arrays of the grid's full shape times ``k``.
     """
-    _check_smoothing(beta)
+    _check_weight("smoothing", beta)
     distances = np.asarray(distances, dtype=np.float32)
     sel = grid.selected
     if distances.ndim != 2 or distances.shape[0] != int(sel.sum()):
@@ -455,11 +456,6 @@ def local_intensity(volume: Volume, grid: GridFeatures, window: int = 3) -> np.n
     return np.stack(columns, axis=1).astype(np.float32)
 
 
-def _check_intensity_weight(weight: float) -> None:
-    if not isinstance(weight, (int, float, np.number)) or not np.isfinite(weight) or weight < 0:
-        raise ValueError(f"intensity_weight must be a finite number >= 0, got {weight!r}")
-
-
 def label_volume(
     model: JuleNet3D,
     volume: Volume,
@@ -510,8 +506,8 @@ def label_volume(
     numpy.ndarray
         ``(Z, Y, X)`` labels, ``uint8`` (``uint16`` above 255 classes): 0 background, 1..k classes.
     """
-    _check_intensity_weight(intensity_weight)
-    _check_smoothing(smoothing)
+    _check_weight("intensity_weight", intensity_weight)
+    _check_weight("smoothing", smoothing)
     grid = grid_features(model, volume, stride=stride, progress=progress, **feature_options)
     features = grid.features
     if intensity_weight > 0:
@@ -588,8 +584,8 @@ def segment(
     from .patches import sample_patches
 
     _check_n_clusters(n_clusters)
-    _check_intensity_weight(intensity_weight)
-    _check_smoothing(smoothing)
+    _check_weight("intensity_weight", intensity_weight)
+    _check_weight("smoothing", smoothing)
     if isinstance(volume, Volume):
         vol = volume if mask is None else volume.with_mask(_mask_of(mask, volume))
     elif isinstance(volume, np.ndarray):
@@ -611,7 +607,6 @@ def segment(
         model = train_jule(patches, config, progress=progress).model
     return label_volume(model, vol, n_clusters, stride=stride, seed=seed, intensity_weight=intensity_weight,
                         smoothing=smoothing, progress=progress)
-
 
 
 def _mask_of(mask: np.ndarray | str | os.PathLike, volume: Volume) -> np.ndarray:

@@ -505,8 +505,9 @@ def test_intensity_weight_recovers_intensity_classes_an_untrained_net_misses() -
     inside = phantom.labels > 0
     assert nmi(phantom.labels, weighted, inside) > 0.7
     assert nmi(phantom.labels, weighted, inside) > nmi(phantom.labels, plain, inside) + 0.2
-    with pytest.raises(ValueError, match="intensity_weight"):
-        label_volume(model, phantom.volume, 3, intensity_weight=-1.0)
+    for bad in (-1.0, True):
+        with pytest.raises(ValueError, match="intensity_weight"):
+            label_volume(model, phantom.volume, 3, intensity_weight=bad)  # type: ignore[arg-type]
 
 
 def test_smoothing_removes_speckle_of_a_noisy_segmentation() -> None:

@@ -489,7 +489,9 @@ def label_volume(
         differ mainly in brightness (oedema vs tumour core in MRI); on BraTS-ROI (``fast``, seeds 0-2) a
         weight of 2 raises the case-mean NMI from 0.21 to 0.46, 0.49 with ``smoothing=1``
         (``benchmarks/bench_quality.py``). There the intensity then decides almost alone: without the
-        network's features the same settings score 0.486 (``benchmarks/bench_features.py``).
+        network's features the same settings scored 0.486 (an ablation on cached features), and
+        ``benchmarks/bench_features.py`` finds the same at the grid centres (k-means NMI 0.48 on the
+        intensity alone and with the features).
     intensity_window : int
         Side (voxels) of the box over which the local mean intensity of the foreground is taken.
     smoothing : float

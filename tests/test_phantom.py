@@ -1,4 +1,4 @@
-"""Tests of the texture phantom: determinism, ground truth, equal intensity statistics, difficulty."""
+"""Tests of the texture and lung phantoms: determinism, ground truth, equal intensity statistics, difficulty."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from sklearn.metrics import normalized_mutual_info_score
 
 from jule3d.cli import main
 from jule3d.patches import sample_patches
-from jule3d.phantom import DEFAULT_SPACING, TEXTURE_NAMES, make_phantom, write_phantom
+from jule3d.phantom import DEFAULT_SPACING, LUNG_CLASS_NAMES, TEXTURE_NAMES, make_phantom, write_phantom
 
 SMALL = (64, 64, 64)
 
@@ -217,3 +217,121 @@ def test_cli_writes_volume_and_labels_with_identical_geometry(tmp_path, capsys):
     assert main(argv) == 2  # exists, no --overwrite
     assert "exists" in capsys.readouterr().err
     assert main(argv + ["--overwrite"]) == 0
+
+
+# ----------------------------------------------------------------------------------------------
+# The lung-specimen phantom (variant="lung")
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def lung():
+    return make_phantom(shape=SMALL, variant="lung", seed=3)
+
+
+@pytest.fixture(scope="module")
+def clean_lung():
+    """The same lung phantom without blur, bias field and noise: exactly tissue (1) or air (0)."""
+    return make_phantom(shape=SMALL, variant="lung", seed=3, noise=0.0, bias=0.0, blur=0.0)
+
+
+def test_lung_geometry_labels_and_class_names(lung):
+    volume, labels = lung.volume, lung.labels
+    assert volume.data.shape == (1,) + SMALL and volume.data.dtype == np.float32
+    assert labels.shape == SMALL and labels.dtype == np.uint8
+    assert set(np.unique(labels)) == {0, 1, 2, 3}
+    np.testing.assert_array_equal(volume.mask, labels > 0)
+    assert lung.class_names == LUNG_CLASS_NAMES and lung.n_classes == 3
+    assert volume.spacing == DEFAULT_SPACING
+    for axis in range(3):
+        assert not np.take(labels, [0, -1], axis=axis).any()
+    # The same specimen and region partition as the texture phantom: air spaces inside a region carry its class.
+    np.testing.assert_array_equal(labels, make_phantom(shape=SMALL, seed=3).labels)
+
+
+def test_lung_same_seed_same_arrays_other_seed_different():
+    a = make_phantom(shape=(32, 36, 40), variant="lung", seed=5)
+    b = make_phantom(shape=(32, 36, 40), variant="lung", seed=5)
+    c = make_phantom(shape=(32, 36, 40), variant="lung", seed=6)
+    np.testing.assert_array_equal(a.volume.data, b.volume.data)
+    np.testing.assert_array_equal(a.labels, b.labels)
+    assert not np.array_equal(a.volume.data, c.volume.data)
+
+
+def test_lung_tissue_and_air_have_one_intensity_in_every_class(clean_lung):
+    image, labels = clean_lung.volume.data[0], clean_lung.labels
+    assert np.all(image[labels == 0] == 0.0)
+    for c in (1, 2, 3):
+        assert set(np.unique(image[labels == c])) == {0.0, 1.0}, c
+
+
+def test_lung_air_fractions_normal_over_lepidic_over_invasive(clean_lung):
+    image, labels = clean_lung.volume.data[0], clean_lung.labels
+    normal, lepidic, invasive = (float((image[labels == c] == 0).mean()) for c in (1, 2, 3))
+    assert normal > 0.6 and 0.25 < lepidic < 0.5 and 0 < invasive < 0.08, (normal, lepidic, invasive)
+
+
+def test_lung_normal_alveoli_form_one_connected_air_space(clean_lung):
+    """Pores open the alveolar walls: the normal region's air is (almost) one 6-connected component."""
+    air = (clean_lung.volume.data[0] == 0) & (clean_lung.labels == 1)
+    components, _ = ndimage.label(air)
+    assert np.bincount(components[air]).max() > 0.9 * air.sum()
+
+
+def test_lung_defaults_blur_and_noise_like_a_scan(lung, clean_lung):
+    outside = lung.volume.data[0][ndimage.binary_erosion(lung.labels == 0, iterations=3)]
+    assert outside.std() == pytest.approx(0.25, rel=0.05)
+    assert outside.mean() == pytest.approx(0.0, abs=0.01)
+    # Partial volume: the default blur puts many specimen voxels between air and tissue.
+    blurred = make_phantom(shape=SMALL, variant="lung", seed=3, noise=0.0, bias=0.0).volume.data[0]
+    between = (blurred > 0.05) & (blurred < 0.95)
+    assert between[lung.labels > 0].mean() > 0.2
+    np.testing.assert_array_equal(lung.labels, clean_lung.labels)
+
+
+def test_lung_intensity_alone_is_a_weak_cue_the_local_mean_a_strong_one(lung):
+    """Moriya 2018's baselines score low; k-means on the mean over a 9³ box in the specimen does not."""
+    from jule3d.baselines import kmeans_intensity, multi_otsu
+    from jule3d.metrics import nmi
+    from jule3d.normalize import normalize_intensity
+    from jule3d.volume import Volume
+
+    inside, labels = lung.labels > 0, lung.labels
+    normalised = normalize_intensity(lung.volume)
+    kmeans = nmi(labels, kmeans_intensity(normalised, 3), inside)
+    otsu = nmi(labels, multi_otsu(normalised, 3), inside)
+    weight = inside.astype(np.float32)
+    total = ndimage.uniform_filter(lung.volume.data[0] * weight, 9, mode="constant")
+    local = np.where(inside, total / np.maximum(ndimage.uniform_filter(weight, 9, mode="constant"), 1e-6), 0)
+    local_volume = Volume.from_array(local.astype(np.float32), spacing=lung.volume.spacing, mask=inside)
+    local_kmeans = nmi(labels, kmeans_intensity(local_volume, 3), inside)
+    assert kmeans < 0.2 and otsu < 0.2, (kmeans, otsu)
+    assert local_kmeans > 0.5 and local_kmeans > kmeans + 0.3, (local_kmeans, kmeans)
+
+
+@pytest.mark.parametrize(
+    "kwargs, name",
+    [
+        ({"variant": "lung", "n_classes": 2}, "n_classes"),
+        ({"variant": "lung", "n_classes": 4}, "n_classes"),
+        ({"variant": "lung", "blur": -0.5}, "blur"),
+        ({"blur": float("nan")}, "blur"),
+        ({"variant": "lung", "noise": -0.1}, "noise"),
+    ],
+)
+def test_lung_bad_arguments_are_named(kwargs, name):
+    with pytest.raises(ValueError, match=name):
+        make_phantom(shape=(32, 32, 32), **kwargs)
+
+
+def test_cli_writes_the_lung_variant(tmp_path, capsys):
+    from jule3d.io import load_volume
+
+    out, lab = tmp_path / "lung.nii.gz", tmp_path / "lung_labels.nii.gz"
+    argv = ["phantom", str(out), "--labels", str(lab), "--seed", "1", "--shape", "32", "32", "32", "--variant", "lung"]
+    assert main(argv) == 0
+    expected = make_phantom(shape=(32, 32, 32), variant="lung", seed=1)
+    np.testing.assert_array_equal(load_volume(out, normalize=False, foreground=None).data[0], expected.volume.data[0])
+    np.testing.assert_array_equal(load_volume(lab, normalize=False, foreground=None).data[0], expected.labels)
+    assert main(argv + ["--overwrite", "--n-classes", "4"]) == 2
+    assert "n_classes must be 3" in capsys.readouterr().err

@@ -15,6 +15,15 @@ Methods (``BASELINES`` maps the benchmark names to them):
 * ``"otsu"`` -- :func:`multi_otsu`: multi-threshold Otsu on the first channel (the paper's baseline).
 * ``"gmm"`` -- :func:`gmm_intensity`: Gaussian mixture (full covariance) on the intensity vectors.
 * ``"slic"`` -- :func:`slic_kmeans`: 3D SLIC supervoxels, then k-means on their mean intensities.
+* ``"localmean"`` -- :func:`local_mean_kmeans`: k-means on the mean intensity of the foreground in a 9³ box
+  around each voxel (the bar a structure-learning method must clear on the lung phantom).
+* ``"atropos"`` -- :func:`atropos_segmentation`: ANTs Atropos (Gaussian mixture, k-means initialisation,
+  MRF prior) on every channel; needs ``antspyx``.
+* ``"hmrf"`` -- :func:`hmrf_segmentation`: dipy's hidden Markov random field tissue classifier on the first
+  channel; needs ``dipy``.
+
+``antspyx`` and ``dipy`` are optional: they are imported when their method runs, and
+:func:`missing_package` tells whether a method can run here.
 
 The intensity methods fit on a seeded random sample of at most ``max_samples`` mask voxels (200,000 by
 default) and then label every mask voxel, so their cost on 10^7 voxels is one pass of prediction.
@@ -23,10 +32,12 @@ Intensities are used as given: give channels comparable scales (``jule3d.normali
 
 from __future__ import annotations
 
-from numbers import Integral
+import importlib.util
+from numbers import Integral, Real
 from typing import Any, Callable
 
 import numpy as np
+from scipy import ndimage
 from skimage.filters import threshold_multiotsu
 from skimage.segmentation import slic
 from sklearn.cluster import KMeans
@@ -36,8 +47,14 @@ from .volume import Volume
 
 __all__ = [
     "BASELINES",
+    "OPTIONAL_PACKAGES",
+    "atropos_segmentation",
     "gmm_intensity",
+    "hmrf_segmentation",
     "kmeans_intensity",
+    "local_mean_kmeans",
+    "masked_box_mean",
+    "missing_package",
     "multi_otsu",
     "order_labels_by_intensity",
     "run_baseline",
@@ -47,6 +64,7 @@ __all__ = [
 _PREDICT_CHUNK = 1 << 20  # voxels per prediction call (bounds the memory of predict on big volumes)
 _DISTINCT_PROBE = 10_000  # rows looked at before counting distinct values over the whole mask
 _MAX_DEFAULT_SEGMENTS = 2000  # cap of slic_kmeans' default n_segments (see its docstring)
+_HMRF_BACKGROUND = 0.01  # value of the voxels outside the mask in hmrf_segmentation's input (see there)
 
 
 def order_labels_by_intensity(
@@ -314,12 +332,287 @@ def slic_kmeans(
     return _finish(clusters[codes], volume, mask)
 
 
+def local_mean_kmeans(
+    volume: Volume,
+    n_classes: int,
+    mask: np.ndarray | None = None,
+    seed: int = 0,
+    window: int = 9,
+    max_samples: int = 200_000,
+    n_init: int = 4,
+) -> np.ndarray:
+    """k-means on the local mean intensity: each channel averaged over the mask voxels of a box.
+
+    Every mask voxel is described by the mean of each channel over the mask voxels of the ``window``³ box
+    centred on it (:func:`masked_box_mean`: voxels outside the mask do not count, so the specimen or brain
+    border is not pulled towards the background), and these vectors are clustered as in
+    :func:`kmeans_intensity`. On the lung phantom, whose classes differ in the fraction of air in the
+    tissue rather than in the intensity of a voxel, this is the bar a structure-learning method must
+    clear (``benchmarks.md``).
+
+    Parameters
+    ----------
+    volume : Volume
+        Input image.
+    n_classes : int
+        Number of classes ``k`` (>= 2).
+    mask : numpy.ndarray of bool, optional
+        Voxels to segment; defaults to ``volume.mask``, or all voxels.
+    seed : int
+        Seed of the voxel sample and of the k-means initialisation.
+    window : int
+        Side of the box in voxels (9 by the benchmark protocol).
+    max_samples : int
+        k-means is fitted on at most this many mask voxels drawn at random (seeded), then every mask voxel
+        gets the label of its nearest centre.
+    n_init : int
+        Number of k-means restarts.
+
+    Returns
+    -------
+    numpy.ndarray of uint8, shape (Z, Y, X)
+        ``0`` outside the mask, ``1..k`` ordered by the mean first-channel intensity (of the voxels, not
+        of their boxes); a class that k-means leaves empty gets no id.
+    """
+    mask, _ = _prepare(volume, n_classes, mask)
+    _check_positive_int(window=window, max_samples=max_samples, n_init=n_init)
+    features = np.ascontiguousarray(masked_box_mean(volume.data, mask, window, np.nonzero(mask)).T)
+    sample = _sample_rows(features, max_samples, seed)
+    model = KMeans(n_clusters=n_classes, n_init=n_init, random_state=seed).fit(sample)
+    return _finish(_predict(model, features), volume, mask)
+
+
+def atropos_segmentation(
+    volume: Volume,
+    n_classes: int,
+    mask: np.ndarray | None = None,
+    seed: int = 0,
+    mrf_smoothing: float = 0.1,
+    mrf_radius: int = 1,
+    n_iterations: int = 5,
+) -> np.ndarray:
+    """ANTs Atropos: Gaussian mixture with k-means initialisation and an MRF prior, on every channel.
+
+    Every channel becomes one Atropos intensity image (with the volume's voxel spacing, which weighs the
+    MRF neighbours by their inverse distance in mm) and the mask is Atropos' mask image; the likelihood is
+    Gaussian (full covariance over the channels). The defaults are those of ``ants.kmeans_segmentation``
+    (ANTsR's ``kmeansSegmentation``): MRF ``[0.1, 1x1x1]`` and convergence ``[5, 0]``, i.e. exactly five
+    iterations; ANTs' own default smoothing factor is 0.3.
+
+    Atropos' k-means initialisation runs on the first channel only (ANTs documents the initial centres
+    "for first intensity image only"; the multivariate second pass in its source does not reach the
+    labels), with centres starting evenly spaced over that channel's range. The mixture then uses every
+    channel, but classes that only a later channel separates stay merged (tested): put the most
+    discriminating channel first. The initialisation is not random; the order in which the ICM updates
+    visit the voxels is, and Atropos cannot take a seed, only a constant one (``--use-random-seed 0``,
+    seed 19650218), which is used so that runs are reproducible.
+
+    Needs ``antspyx``. Atropos is called through the library function that ``ants.atropos`` wraps,
+    because ``ants.atropos`` (antspyx 0.6) drops every extra option (``--use-random-seed`` included) when
+    given several images, and writes its posterior probability images to temporary files.
+
+    Parameters
+    ----------
+    volume : Volume
+        Input image; channels enter Atropos' k-means and its mixture as given, so give them comparable
+        scales (``jule3d.normalize`` z-scores them).
+    n_classes : int
+        Number of classes ``k`` (>= 2).
+    mask : numpy.ndarray of bool, optional
+        Voxels to segment; defaults to ``volume.mask``, or all voxels.
+    seed : int
+        Unused (Atropos takes no seed; see above); accepted for the common baseline signature.
+    mrf_smoothing : float
+        Atropos' MRF smoothing factor (>= 0; 0 turns the prior off): larger values smooth more.
+    mrf_radius : int
+        Radius of the MRF neighbourhood in voxels along each axis (1: the 26 neighbours).
+    n_iterations : int
+        Number of EM/ICM iterations, all of them run (convergence threshold 0).
+
+    Returns
+    -------
+    numpy.ndarray of uint8, shape (Z, Y, X)
+        ``0`` outside the mask, ``1..k`` ordered by mean first-channel intensity.
+
+    Raises
+    ------
+    ImportError
+        If ``antspyx`` is not installed.
+    RuntimeError
+        If Atropos fails, e.g. on a class whose covariance is singular (determinant below 1e-6).
+    """
+    mask, features = _prepare(volume, n_classes, mask)
+    _check_nonnegative(mrf_smoothing=mrf_smoothing)
+    _check_positive_int(mrf_radius=mrf_radius, n_iterations=n_iterations)
+    ants = _import_optional("atropos", "ants")
+    from ants.internal import get_lib_fn, get_pointer_string, process_arguments
+
+    spacing = tuple(float(s) for s in volume.geometry.spacing_zyx[::-1])  # ITK order (x, y, z)
+
+    def image(values: np.ndarray) -> Any:  # an ANTs image on the volume's grid, indexed (x, y, z)
+        return ants.from_numpy(np.ascontiguousarray(values.T), spacing=spacing)
+
+    channel = np.zeros(volume.shape, dtype=np.float32)
+    args: dict[str, Any] = {"d": 3}
+    for c in range(features.shape[1]):
+        channel[mask] = features[:, c]
+        args[f"a-MULTINAME-{c}"] = image(channel)  # from_numpy copies
+    labels = image(mask.astype(np.uint32)).clone("unsigned int")  # overwritten by Atropos' output
+    args.update(
+        {
+            "i": f"KMeans[{n_classes}]",
+            "m": f"[{float(mrf_smoothing)!r},{'x'.join([str(int(mrf_radius))] * 3)}]",
+            "c": f"[{int(n_iterations)},0]",
+            "x": labels.clone("unsigned int"),
+            "r": 0,
+            "o": get_pointer_string(labels),
+        }
+    )
+    status = get_lib_fn("Atropos")(process_arguments(args))
+    if status != 0:
+        raise RuntimeError(
+            f"Atropos exited with status {status} (a singular class covariance is the usual cause: "
+            "a constant channel, or a class of too few distinct intensity vectors)"
+        )
+    codes = labels.numpy().T[mask]
+    return _finish(codes, volume, mask)
+
+
+def hmrf_segmentation(
+    volume: Volume,
+    n_classes: int,
+    mask: np.ndarray | None = None,
+    seed: int = 0,
+    beta: float = 0.1,
+    max_iter: int = 100,
+    tolerance: float = 1e-5,
+) -> np.ndarray:
+    """dipy's hidden Markov random field tissue classifier (``TissueClassifierHMRF``) on the first channel.
+
+    dipy fits Gaussian classes by EM with a Potts prior on the 6-neighbourhood (ICM), on a whole array,
+    and always adds a background class for the darkest voxels (its input is a skull-stripped T1 with a
+    zero background). So the mask's bounding box, padded by one voxel, is handed to it with the mask
+    intensities mapped linearly onto ``[1/(k+1), 1]`` and every other voxel set to one constant below
+    them (0.01): dipy's uniform initial means then put its background class on that constant and its
+    ``k`` tissue classes evenly over the mask's range, as they would be on the mask alone, and the
+    background class, of zero variance, cannot take a mask voxel (the background voxels can still lend a
+    little weight to the darkest tissue class's mean and variance when that class is wide, as on dipy's
+    own zero-background input). A background of exactly 0 is avoided because dipy replaces zeros by noise
+    from an unseeded generator. Voxel spacing is ignored, as dipy does. The defaults are dipy's (``beta`` 0.1 as in its tissue-classification tutorial, which calls 0 to
+    0.5 the useful range; ``max_iter`` 100 and ``tolerance`` 1e-5 are ``classify``'s). Deterministic.
+
+    Needs ``dipy``. Memory: about ``6 (k + 1)`` float64 arrays the size of the bounding box.
+
+    Parameters
+    ----------
+    volume : Volume
+        Input image; only its first channel is used.
+    n_classes : int
+        Number of classes ``k`` (>= 2).
+    mask : numpy.ndarray of bool, optional
+        Voxels to segment; defaults to ``volume.mask``, or all voxels.
+    seed : int
+        Unused (the method is deterministic); accepted for the common baseline signature.
+    beta : float
+        Weight of the Potts prior (>= 0): larger values give smoother labels.
+    max_iter : int
+        Maximum number of EM/ICM iterations.
+    tolerance : float
+        dipy's stopping rule (>= 0): stop once the energy of the last 5 iterations varies by less than
+        this fraction of its whole range (after at least 7 iterations); 0 runs ``max_iter`` iterations.
+
+    Returns
+    -------
+    numpy.ndarray of uint8, shape (Z, Y, X)
+        ``0`` outside the mask, ``1..k`` from the darkest to the brightest class; a class left empty
+        gets no id.
+
+    Raises
+    ------
+    ImportError
+        If ``dipy`` is not installed.
+    """
+    mask, features = _prepare(volume, n_classes, mask, channels=1)
+    _check_nonnegative(beta=beta, tolerance=tolerance)
+    _check_positive_int(max_iter=max_iter)
+    tissue = _import_optional("hmrf", "dipy.segment.tissue")
+
+    corner = np.argwhere(mask)
+    box = tuple(slice(a, b + 1) for a, b in zip(corner.min(axis=0), corner.max(axis=0)))
+    inside = np.pad(mask[box], 1)
+    values = features[:, 0].astype(np.float64)
+    lo, hi = values.min(), values.max()  # hi > lo: _prepare found >= 2 distinct values
+    image = np.full(inside.shape, _HMRF_BACKGROUND)
+    image[inside] = (1.0 + n_classes * (values - lo) / (hi - lo)) / (n_classes + 1)
+    _, classes, _ = tissue.TissueClassifierHMRF(verbose=False).classify(
+        image, n_classes, beta, tolerance=tolerance, max_iter=max_iter
+    )
+    return _finish(classes[inside], volume, mask)
+
+
 BASELINES: dict[str, Callable[..., np.ndarray]] = {
     "kmeans": kmeans_intensity,
     "otsu": multi_otsu,
     "gmm": gmm_intensity,
     "slic": slic_kmeans,
+    "localmean": local_mean_kmeans,
+    "atropos": atropos_segmentation,
+    "hmrf": hmrf_segmentation,
 }
+
+#: Baselines that need an optional package: name -> (module imported, package to ``pip install``).
+OPTIONAL_PACKAGES: dict[str, tuple[str, str]] = {"atropos": ("ants", "antspyx"), "hmrf": ("dipy", "dipy")}
+
+
+def missing_package(name: str) -> str | None:
+    """The package to ``pip install`` before the baseline ``name`` can run here, or ``None`` if none is missing.
+
+    Raises
+    ------
+    ValueError
+        If ``name`` is not a registered baseline.
+    """
+    if name not in BASELINES:
+        raise ValueError(f"name must be one of {sorted(BASELINES)}, got {name!r}")
+    if name not in OPTIONAL_PACKAGES:
+        return None
+    module, package = OPTIONAL_PACKAGES[name]
+    return package if importlib.util.find_spec(module) is None else None
+
+
+def masked_box_mean(
+    data: np.ndarray, mask: np.ndarray, window: int, positions: tuple[np.ndarray, ...]
+) -> np.ndarray:
+    """Mean of each channel over the mask voxels of the ``window``³ box centred on each position.
+
+    Voxels outside ``mask`` (and outside the volume) do not enter the mean, whatever their values.
+
+    Parameters
+    ----------
+    data : numpy.ndarray, shape (C, Z, Y, X)
+        Channels.
+    mask : numpy.ndarray of bool, shape (Z, Y, X)
+        Voxels that count.
+    window : int
+        Side of the box in voxels.
+    positions : tuple of three integer arrays
+        ``(z, y, x)`` indices of the ``M`` box centres; they must lie inside the mask.
+
+    Returns
+    -------
+    numpy.ndarray of float32, shape (C, M)
+        Row ``c``: the mean of channel ``c`` in each position's box.
+    """
+    share = ndimage.uniform_filter(mask.astype(np.float32), size=window, mode="constant")[positions]
+    return np.stack(
+        [
+            ndimage.uniform_filter(
+                np.where(mask, channel, 0).astype(np.float32, copy=False), size=window, mode="constant"
+            )[positions]
+            / share
+            for channel in data
+        ]
+    )
 
 
 def run_baseline(
@@ -335,7 +628,8 @@ def run_baseline(
     Parameters
     ----------
     name : str
-        One of ``BASELINES`` (``"kmeans"``, ``"otsu"``, ``"gmm"``, ``"slic"``).
+        One of ``BASELINES`` (``"kmeans"``, ``"otsu"``, ``"gmm"``, ``"slic"``, ``"localmean"``,
+        ``"atropos"``, ``"hmrf"``).
     volume, n_classes, mask, seed
         As for every baseline.
     **options
@@ -350,6 +644,8 @@ def run_baseline(
     ------
     ValueError
         If ``name`` is not a registered baseline (the message lists the valid names).
+    ImportError
+        If the baseline needs a package that is not installed (see :func:`missing_package`).
     """
     if name not in BASELINES:
         raise ValueError(f"name must be one of {sorted(BASELINES)}, got {name!r}")
@@ -402,6 +698,31 @@ def _check_positive(**values: float) -> None:
     for name, value in values.items():
         if not value > 0:
             raise ValueError(f"{name} must be > 0, got {value!r}")
+
+
+def _check_positive_int(**values: Any) -> None:
+    """Raise ValueError naming the first option that is not an integer > 0."""
+    for name, value in values.items():
+        if isinstance(value, bool) or not isinstance(value, Integral) or value < 1:
+            raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+
+
+def _check_nonnegative(**values: Any) -> None:
+    """Raise ValueError naming the first option that is not a finite number >= 0."""
+    for name, value in values.items():
+        if isinstance(value, bool) or not isinstance(value, Real) or not np.isfinite(value) or value < 0:
+            raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+
+
+def _import_optional(method: str, module: str) -> Any:
+    """Import ``module`` for the baseline ``method``, or raise ImportError saying what to pip install."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as error:
+        package = OPTIONAL_PACKAGES[method][1]
+        raise ImportError(
+            f"the {method!r} baseline needs the optional package {package}: pip install {package}"
+        ) from error
 
 
 def _sample_rows(rows: np.ndarray, max_samples: int, seed: int) -> np.ndarray:

@@ -441,16 +441,12 @@ def local_intensity(volume: Volume, grid: GridFeatures, window: int = 3) -> np.n
         ``(M, C)`` float32, each column with mean 0 and standard deviation 1 over the ``M`` positions
         (a constant column stays 0).
     """
+    from .baselines import masked_box_mean
+
     if not isinstance(window, (int, np.integer)) or isinstance(window, bool) or window < 1:
         raise ValueError(f"intensity_window must be a positive integer, got {window!r}")
-    centres = tuple(grid.centers.T)
-    inside = volume.foreground().astype(np.float32)
-    share = ndimage.uniform_filter(inside, size=int(window), mode="constant")[centres]  # > 0: centres are inside
     columns = []
-    for channel in volume.data:
-        total = ndimage.uniform_filter(np.asarray(channel, dtype=np.float32) * inside, size=int(window),
-                                       mode="constant")
-        values = total[centres] / share
+    for values in masked_box_mean(volume.data, volume.foreground(), int(window), tuple(grid.centers.T)):
         std = values.std()
         columns.append((values - values.mean()) / std if std > 0 else np.zeros_like(values))
     return np.stack(columns, axis=1).astype(np.float32)

@@ -65,7 +65,9 @@ BRATS_INTENSITIES = ("zero-background", "stored-background", "renormalized")
 BRATS_CLASSES = np.array([1, 3, 2, 3, 3], dtype=np.uint8)
 BRATS_CLASS_NAMES = ("normal", "oedema", "core")
 CROP_MARGIN = 16
-DEFAULT_METHODS = ("jule3d", "kmeans", "otsu", "gmm", "slic")
+#: The peers of ``benchmarks.md``; ``atropos`` (antspyx) and ``hmrf`` (dipy) are skipped, with a note, when
+#: their optional package is missing.
+DEFAULT_METHODS = ("jule3d", "kmeans", "otsu", "gmm", "slic", "localmean", "atropos", "hmrf")
 COLUMNS = (("nmi", "NMI"), ("nmi_sd", "NMI sd over seeds"), ("nmi_geometric", "NMI (geom.)"), ("ari", "ARI"),
            ("dice_mean", "matched Dice"), ("seconds", "seconds"), ("peak_mb", "peak MB"))
 
@@ -358,12 +360,16 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> None:
     """Run the selected datasets and write their reports."""
-    from jule3d.baselines import BASELINES
+    from jule3d.baselines import BASELINES, missing_package
 
     args = parse_args(argv)
     bad = [m for m in args.methods if m != "jule3d" and m not in BASELINES]
     if bad:
         raise ValueError(f"--methods {bad} are unknown; valid: ['jule3d'] + {sorted(BASELINES)}")
+    missing = {m: missing_package(m) for m in args.methods if m != "jule3d" and missing_package(m)}
+    for method, package in missing.items():
+        print(f"note: skipping {method}: pip install {package} to run it", flush=True)
+    args.methods = [m for m in args.methods if m not in missing]
     settings = JuleSettings(args.preset, args.n_patches, args.min_foreground, args.stride, dict(args.overrides),
                             args.intensity_weight, args.smoothing)
     info = {"machine": machine(), "command": " ".join([Path(sys.argv[0]).name, *(argv or sys.argv[1:])]),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import importlib.util
 
 import numpy as np
 import pytest
@@ -309,6 +310,9 @@ def test_atropos_options() -> None:
     plain = atropos_segmentation(volume, 3, mrf_smoothing=0.0)
     smooth = atropos_segmentation(volume, 3, mrf_smoothing=0.3, mrf_radius=2, n_iterations=3)
     assert nmi(truth, smooth, truth > 0) > nmi(truth, plain, truth > 0)
+    # the voxel spacing reaches Atropos: its MRF weighs neighbours by their inverse distance in mm
+    isotropic = Volume.from_array(np.asarray(volume.data), mask=volume.mask)
+    assert not np.array_equal(atropos_segmentation(volume, 3), atropos_segmentation(isotropic, 3))
     for options, name in (
         ({"mrf_smoothing": -0.1}, "mrf_smoothing"),
         ({"mrf_smoothing": float("nan")}, "mrf_smoothing"),

@@ -12,11 +12,14 @@ from typing import Mapping, Sequence
 
 import numpy as np
 import plotly.graph_objects as go
+from plotly.io.base_renderers import MimetypeRenderer, PlotlyRenderer
 from plotly.subplots import make_subplots
 
 from .volume import Volume
 
 __all__ = [
+    "OfflineNotebookRenderer",
+    "PLOTLYJS_METADATA",
     "configure_notebook_renderer",
     "label_colors",
     "plot_orthogonal_slices",
@@ -36,15 +39,55 @@ _PALETTE = (
 )
 
 
-def configure_notebook_renderer() -> None:
-    """Make ``fig.show()`` inline plotly.js, so executed notebooks and HTML reports render offline.
+#: Output metadata that marks the one plotly.js bundle a notebook carries (so the report can leave it out).
+PLOTLYJS_METADATA = {"jule3d": {"role": "plotly.js"}}
+#: Name under which :func:`configure_notebook_renderer` registers jule3d's plotly renderer.
+RENDERER = "jule3d"
 
-    Under papermill the default renderer stores only the figure JSON, which nbconvert's HTML drops;
-    the ``notebook`` renderer embeds the library once per notebook (about 5 MB).
+
+class OfflineNotebookRenderer(MimetypeRenderer):
+    """plotly renderer for notebooks that must render offline in every viewer.
+
+    Each figure is displayed as one output holding two representations: the plotly JSON
+    (``application/vnd.plotly.v1+json``, drawn natively by JupyterLab, VS Code and by jule3d's report) and a
+    small HTML ``<div>`` with a ``Plotly.newPlot`` call (drawn by nbconvert's HTML export). plotly.js itself is
+    displayed once per notebook, before the first figure, as an output tagged with :data:`PLOTLYJS_METADATA`.
+    Unlike plotly's own ``notebook`` renderer, nothing is loaded from a CDN (plotly 7 adds MathJax from a CDN
+    to every figure).
+    """
+
+    def __init__(self) -> None:
+        self._json = PlotlyRenderer()
+
+    def activate(self) -> None:
+        """Display plotly.js once (called by plotly before the first figure of a session)."""
+        from IPython.display import display
+        from plotly.offline import get_plotlyjs
+
+        display({"text/html": f"<script type=\"text/javascript\">{get_plotlyjs()}</script>"},
+                raw=True, metadata=PLOTLYJS_METADATA)
+
+    def to_mimebundle(self, fig_dict: dict) -> dict:
+        """The JSON and HTML representations of one figure."""
+        import plotly.io as pio
+
+        bundle = self._json.to_mimebundle(dict(fig_dict))
+        bundle["text/html"] = pio.to_html(fig_dict, include_plotlyjs=False, include_mathjax=False,
+                                          full_html=False, validate=False, default_width="100%")
+        return bundle
+
+
+def configure_notebook_renderer() -> None:
+    """Make ``fig.show()`` use :class:`OfflineNotebookRenderer`, so executed notebooks render offline.
+
+    Under papermill plotly's default renderer stores only the figure JSON, which nbconvert's HTML drops, and
+    plotly's ``notebook`` renderer loads MathJax from a CDN for every figure.
     """
     import plotly.io as pio
 
-    pio.renderers.default = "notebook"
+    if RENDERER not in pio.renderers:
+        pio.renderers[RENDERER] = OfflineNotebookRenderer()
+    pio.renderers.default = RENDERER
 
 
 def label_colors(n_labels: int) -> list[str]:
@@ -366,7 +409,9 @@ def plot_history(history: Sequence[Mapping[str, float]], title: str = "JULE trai
     fig = make_subplots(rows=1, cols=cols, subplot_titles=names)
     fig.add_trace(go.Scatter(x=period, y=[h["n_clusters"] for h in history], mode="lines+markers",
                              name="clusters"), row=1, col=1)
-    fig.update_yaxes(type="log", row=1, col=1)
+    counts = sorted({int(h["n_clusters"]) for h in history})
+    shown = counts if len(counts) <= 8 else [counts[round(i)] for i in np.linspace(0, len(counts) - 1, 8)]
+    fig.update_yaxes(type="log", tickvals=shown, ticktext=[str(c) for c in shown], row=1, col=1)
     fig.add_trace(go.Scatter(x=period, y=[h.get("loss") for h in history], mode="lines+markers",
                              name="loss"), row=1, col=2)
     if has_nmi:

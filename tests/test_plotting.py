@@ -8,6 +8,7 @@ import plotly.io as pio
 import pytest
 
 from jule3d.plotting import (
+    OfflineNotebookRenderer,
     configure_notebook_renderer,
     label_colors,
     plot_embedding,
@@ -47,9 +48,18 @@ def test_configure_notebook_renderer() -> None:
     try:
         pio.renderers.default = "json"
         configure_notebook_renderer()
-        assert pio.renderers.default == "notebook"
+        assert pio.renderers.default == "jule3d"
     finally:
         pio.renderers.default = before
+
+
+def test_offline_renderer_bundle_has_json_and_html_without_cdn() -> None:
+    fig = go.Figure(go.Scatter(x=[1, 2], y=[3, 4]))
+    bundle = OfflineNotebookRenderer().to_mimebundle(fig.to_dict())
+    assert bundle["application/vnd.plotly.v1+json"]["data"][0]["y"] == [3, 4]
+    html = bundle["text/html"]
+    assert "Plotly.newPlot" in html
+    assert "src=" not in html and "mathjax" not in html.lower(), "nothing may be loaded from elsewhere"
 
 
 def test_label_colors_repeat() -> None:

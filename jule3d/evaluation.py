@@ -17,7 +17,9 @@ from .baselines import run_baseline
 from .metrics import evaluate
 from .volume import Volume
 
-__all__ = ["Measured", "measure", "MethodResult", "compare_methods", "results_table", "class_volumes"]
+__all__ = [
+    "Measured", "measure", "MethodResult", "compare_methods", "results_frame", "results_table", "class_volumes",
+]
 
 
 @dataclass
@@ -143,12 +145,18 @@ def _check_method_names(methods: Sequence[str], extra: Mapping[str, Any]) -> Non
         raise ValueError(f"methods {clash} are named both in methods and in extra; rename the extra ones")
 
 
+_COLUMNS = (("method", "method"), ("nmi", "NMI"), ("nmi_geometric", "NMI (geom.)"), ("ari", "ARI"),
+            ("dice_mean", "matched Dice"), ("seconds", "seconds"), ("peak_mb", "peak MB"))
+
+
+def _present_columns(rows: Sequence[Mapping[str, Any]]) -> list[tuple[str, str]]:
+    return [(k, h) for k, h in _COLUMNS if any(k in row for row in rows)]
+
+
 def results_table(results: Sequence[MethodResult], digits: int = 3) -> str:
     """A markdown table of :class:`MethodResult` rows (NMI, geometric NMI, ARI, matched Dice, cost)."""
-    cols = [("method", "method"), ("nmi", "NMI"), ("nmi_geometric", "NMI (geom.)"), ("ari", "ARI"),
-            ("dice_mean", "matched Dice"), ("seconds", "seconds"), ("peak_mb", "peak MB")]
     rows = [r.row() for r in results]
-    present = [(k, h) for k, h in cols if any(k in row for row in rows)]
+    present = _present_columns(rows)
     lines = ["| " + " | ".join(h for _, h in present) + " |", "|" + "---|" * len(present)]
     for row in rows:
         cells = []
@@ -157,6 +165,16 @@ def results_table(results: Sequence[MethodResult], digits: int = 3) -> str:
             cells.append(f"{value:.{digits}f}" if isinstance(value, float) else str(value))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def results_frame(results: Sequence[MethodResult], digits: int = 3) -> "pandas.DataFrame":
+    """The rows of :func:`results_table` as a pandas DataFrame indexed by method (an HTML table in notebooks)."""
+    import pandas as pd
+
+    rows = [r.row() for r in results]
+    present = _present_columns(rows)
+    frame = pd.DataFrame([{h: row.get(k) for k, h in present} for row in rows]).set_index("method")
+    return frame.round(digits)
 
 
 def class_volumes(labels: np.ndarray, volume: Volume) -> dict[int, dict[str, float]]:

@@ -28,7 +28,7 @@ import numpy as np
 from scipy.optimize import linear_sum_assignment
 from sklearn.metrics import mutual_info_score
 
-__all__ = ["nmi", "ari", "confusion", "matched_dice", "evaluate"]
+__all__ = ["nmi", "ari", "confusion", "matched_dice", "match_labels", "evaluate"]
 
 _AVERAGE_METHODS = ("arithmetic", "geometric", "min", "max")
 # integer labels spanning at most this many values are encoded with a lookup table, not a sort
@@ -257,6 +257,44 @@ def matched_dice(
         (``{gt_id: dice}``) and ``mapping`` (``{pred_id: gt_id}`` for the matched clusters).
     """
     return _dice_from_table(*_table(gt, pred, mask))
+
+
+def match_labels(pred: np.ndarray, gt: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:
+    """``pred`` with its cluster ids renamed to the ground-truth classes they match (Hungarian).
+
+    So that a prediction and the ground truth drawn with the same colour per id correspond. Each cluster
+    matched by :func:`matched_dice` takes its class's id; surplus clusters take the ids after the largest
+    ground-truth id; 0 (background) and voxels outside ``mask`` keep their values.
+
+    Parameters
+    ----------
+    pred, gt : numpy.ndarray
+        Predicted and ground-truth integer labels, same shape.
+    mask : numpy.ndarray of bool, optional
+        Voxels the matching is computed on; all voxels when ``None``.
+
+    Returns
+    -------
+    numpy.ndarray
+        The renamed labels, of ``pred``'s dtype widened if the new ids need it.
+
+    Examples
+    --------
+    >>> match_labels(np.array([0, 2, 2, 1]), np.array([0, 1, 1, 2])).tolist()
+    [0, 1, 1, 2]
+    """
+    pred = np.asarray(pred)
+    matched = matched_dice(gt, pred, mask)["mapping"].items()
+    mapping = {int(p): int(g) for p, g in matched if p != 0 and g != 0}
+    ids = [int(i) for i in np.unique(pred) if i != 0]
+    next_id = max([int(np.max(gt))] + list(mapping.values())) + 1
+    for i in ids:
+        if i not in mapping:
+            mapping[i], next_id = next_id, next_id + 1
+    lookup = np.arange(max(ids + [0]) + 1, dtype=np.min_scalar_type(max(next_id, 1)))
+    for p, g in mapping.items():
+        lookup[p] = g
+    return lookup[pred].astype(np.promote_types(pred.dtype, lookup.dtype))
 
 
 def evaluate(

@@ -14,7 +14,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-__all__ = ["main", "build_parser"]
+__all__ = ["main", "build_parser", "parameter_help"]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -47,7 +47,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, TypeError) as exc:
+    except (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, PermissionError, TypeError,
+            RuntimeError) as exc:
         print(f"jule3d {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
@@ -134,19 +135,53 @@ def _add_parameter_options(p: argparse.ArgumentParser) -> None:
                    help="seconds one notebook cell may run (default 1800)")
 
 
+class _RunHelp(argparse.Action):
+    """``jule3d run -h``: the options, then every notebook parameter with its type, default and meaning."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str = argparse.SUPPRESS, **kwargs) -> None:
+        super().__init__(option_strings, dest=dest, default=argparse.SUPPRESS, nargs=0,
+                         help="show this help, with the notebook parameters, and exit")
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace, values, option_string=None) -> None:
+        parser.print_help()
+        print("\n" + parameter_help())
+        parser.exit()
+
+
+def parameter_help() -> str:
+    """The notebook parameters ``-p NAME VALUE`` accepts: name, type, default, meaning and notebooks."""
+    from .pipeline import PIPELINE_OWNED, notebook_parameters, pipeline_notebooks
+
+    seen: dict[str, tuple[dict, list[str]]] = {}
+    for nb in pipeline_notebooks():
+        for name, info in notebook_parameters(nb).items():
+            if name not in PIPELINE_OWNED:
+                seen.setdefault(name, (info, []))[1].append(nb.name[:2])
+    lines = ["notebook parameters (-p NAME VALUE, or NAME: VALUE in a -f file):"]
+    for name, (info, where) in seen.items():
+        lines.append(f"  {name} ({info['type']}, default {info['default']}; notebooks {', '.join(where)})")
+        lines.append(f"      {info['help']}")
+    return "\n".join(lines)
+
+
 @subcommand
 def _register_run(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
-        "run", help="run the notebook pipeline and write an HTML report",
+        "run", help="run the notebook pipeline and write an HTML report", add_help=False,
         description="Execute notebooks 01-04 with papermill into RUN_DIR: executed notebooks, report.html, "
                     "the label volume, metrics.json and params.yaml. With no VOLUME, the bundled texture phantom.",
     )
+    p.add_argument("-h", "--help", action=_RunHelp)
     p.add_argument("volumes", nargs="*", metavar="VOLUME", help="input volume file(s); several = channels")
     p.add_argument("--out", required=True, metavar="RUN_DIR", help="run folder to create")
     _add_parameter_options(p)
     group = p.add_mutually_exclusive_group()
     group.add_argument("--overwrite", action="store_true", help="replace an existing run folder")
     group.add_argument("--resume", action="store_true", help="continue a run: keep notebooks that finished")
+    p.add_argument("--png", action="append_const", const="png", dest="figures",
+                   help="also save every figure as PNG into RUN_DIR/figures (needs Chrome or Chromium)")
+    p.add_argument("--svg", action="append_const", const="svg", dest="figures",
+                   help="also save every figure as SVG into RUN_DIR/figures (needs Chrome or Chromium)")
     p.set_defaults(func=_cmd_run)
 
 
@@ -155,12 +190,43 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
     try:
         result = run_pipeline(args.out, args.volumes, _collect_parameters(args), overwrite=args.overwrite,
-                              resume=args.resume, cell_timeout=args.cell_timeout)
+                              resume=args.resume, cell_timeout=args.cell_timeout, figures=args.figures or ())
     except PipelineError as exc:
         print(f"jule3d run: {exc}", file=sys.stderr)
         return 1
     print(result.timing_table(), file=sys.stderr)
+    if result.figures:
+        print(f"figures: {len(result.figures)} files in {result.figures[0].parent}", file=sys.stderr)
     print(f"report: {result.report}")
+    return 0
+
+
+@subcommand
+def _register_notebooks(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "notebooks", help="copy the pipeline notebooks into a folder, to open them in JupyterLab",
+        description="Copy the four pipeline notebooks shipped with jule3d into DEST (default: ./notebooks). "
+                    "A relative run_dir in them names the same folder as jule3d run --out from DEST's parent.",
+    )
+    p.add_argument("dest", nargs="?", default="notebooks", metavar="DEST", help="folder to create or fill")
+    p.set_defaults(func=_cmd_notebooks)
+
+
+def _cmd_notebooks(args: argparse.Namespace) -> int:
+    import shutil
+
+    from .pipeline import pipeline_notebooks
+
+    dest = Path(args.dest)
+    sources = pipeline_notebooks()
+    clash = [dest / nb.name for nb in sources if (dest / nb.name).exists()]
+    if clash:
+        raise FileExistsError(f"{clash[0]} exists; refusing to overwrite your notebook (choose another DEST)")
+    dest.mkdir(parents=True, exist_ok=True)
+    for nb in sources:
+        shutil.copyfile(nb, dest / nb.name)
+    print(f"jule3d notebooks: copied {len(sources)} notebooks into {dest}; open them with: jupyter lab {dest}",
+          file=sys.stderr)
     return 0
 
 

@@ -8,12 +8,11 @@ is an error that suggests the closest known name.
 
 from __future__ import annotations
 
-import copy
 import difflib
-import json
 import os
 import re
 import shutil
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,7 +30,6 @@ __all__ = [
     "check_parameters",
     "load_params_file",
     "run_pipeline",
-    "build_report",
 ]
 
 #: Environment variable that points ``jule3d run`` at another notebooks folder.
@@ -41,6 +39,8 @@ PIPELINE_OWNED = ("run_dir", "volume_path")
 PARAMS_FILE = "params.yaml"
 REPORT_FILE = "report.html"
 EXECUTED_DIR = "notebooks"
+#: File names of the pipeline notebooks: ``NN_name.ipynb``, run in the order of ``NN``.
+NOTEBOOK_PATTERN = "[0-9][0-9]_*.ipynb"
 
 
 class PipelineError(RuntimeError):
@@ -72,6 +72,7 @@ class PipelineResult:
     notebooks: list[NotebookRun] = field(default_factory=list)
     report: Path | None = None
     report_seconds: float = 0.0
+    figures: list[Path] = field(default_factory=list)
 
     def timing_table(self) -> str:
         """A plain-text table of wall, compute and overhead seconds per notebook."""
@@ -87,21 +88,31 @@ class PipelineResult:
 
 
 def notebook_dir() -> Path:
-    """The folder holding the pipeline notebooks (``$JULE3D_NOTEBOOKS`` or the repository's ``notebooks/``)."""
+    """The folder holding the pipeline notebooks.
+
+    ``$JULE3D_NOTEBOOKS`` when set; otherwise the notebooks shipped in the package (``jule3d/notebooks`` of
+    an installed wheel) or, in a source checkout, the repository's ``notebooks/``.
+    """
     env = os.environ.get(NOTEBOOKS_ENV)
-    path = Path(env) if env else Path(__file__).resolve().parents[1] / "notebooks"
-    if not path.is_dir():
-        raise FileNotFoundError(
-            f"notebook folder {path} not found; set {NOTEBOOKS_ENV} to the jule3d 'notebooks' folder "
-            "(it ships with the repository, not the wheel)"
-        )
-    return path
+    if env:
+        path = Path(env)
+        if not path.is_dir():
+            raise FileNotFoundError(f"{NOTEBOOKS_ENV}={env} is not a folder; point it at the jule3d notebooks")
+        return path
+    here = Path(__file__).resolve().parent
+    for path in (here / "notebooks", here.parent / "notebooks"):
+        if path.is_dir():
+            return path
+    raise FileNotFoundError(
+        f"the jule3d notebooks are missing from {here} (a broken install?); reinstall jule3d or set "
+        f"{NOTEBOOKS_ENV} to a folder of the pipeline notebooks"
+    )
 
 
 def pipeline_notebooks(folder: Path | None = None) -> list[Path]:
     """The pipeline's notebooks in order (``NN_name.ipynb``)."""
     folder = Path(folder) if folder is not None else notebook_dir()
-    notebooks = sorted(p for p in folder.glob("[0-9][0-9]_*.ipynb"))
+    notebooks = sorted(p for p in folder.glob(NOTEBOOK_PATTERN))
     if not notebooks:
         raise FileNotFoundError(f"no pipeline notebooks (NN_name.ipynb) in {folder}")
     return notebooks
@@ -209,17 +220,24 @@ def _succeeded(notebook: Path) -> bool:
 
 
 def _prepare_run_dir(run_dir: Path, parameters: Mapping[str, Any], overwrite: bool, resume: bool) -> None:
+    from .rundir import RunDir
+
     params_file = run_dir / PARAMS_FILE
     if run_dir.exists() and any(run_dir.iterdir()):
+        if not params_file.is_file() and (resume or overwrite):
+            raise FileExistsError(
+                f"{run_dir} holds files but is not a jule3d run folder (no {PARAMS_FILE}); refusing to "
+                + ("resume" if resume else "delete") + " it: choose another --out folder"
+            )
         if resume:
-            if params_file.is_file():
-                previous = yaml.safe_load(params_file.read_text(encoding="utf-8")) or {}
-                if previous != dict(parameters):
-                    changed = sorted(k for k in set(previous) | set(parameters) if previous.get(k) != parameters.get(k))
-                    raise ValueError(
-                        f"cannot resume {run_dir}: parameters differ from the recorded run ({', '.join(changed)}); "
-                        "use a new --out folder or --overwrite"
-                    )
+            RunDir(run_dir).check_version()
+            previous = yaml.safe_load(params_file.read_text(encoding="utf-8")) or {}
+            if previous != dict(parameters):
+                changed = sorted(k for k in set(previous) | set(parameters) if previous.get(k) != parameters.get(k))
+                raise ValueError(
+                    f"cannot resume {run_dir}: parameters differ from the recorded run ({', '.join(changed)}); "
+                    "use a new --out folder or --overwrite"
+                )
         elif overwrite:
             shutil.rmtree(run_dir)
         else:
@@ -227,8 +245,30 @@ def _prepare_run_dir(run_dir: Path, parameters: Mapping[str, Any], overwrite: bo
                 f"run folder {run_dir} already exists and is not empty; pass --overwrite to replace it "
                 "or --resume to continue it"
             )
-    (run_dir / EXECUTED_DIR).mkdir(parents=True, exist_ok=True)
-    params_file.write_text(yaml.safe_dump(dict(parameters), sort_keys=True), encoding="utf-8")
+    try:
+        (run_dir / EXECUTED_DIR).mkdir(parents=True, exist_ok=True)
+        params_file.write_text(yaml.safe_dump(dict(parameters), sort_keys=True), encoding="utf-8")
+    except OSError as exc:
+        raise PermissionError(f"cannot write the run folder {run_dir}: {exc.strerror or exc}") from None
+    RunDir(run_dir).write_manifest()
+
+
+def _kernel_manager_class() -> type:
+    """A kernel manager that talks to its kernel over local IPC sockets instead of unencrypted TCP.
+
+    The sockets live in a private temporary folder (ipykernel warns about plain TCP for every notebook).
+    """
+    import tempfile
+
+    from jupyter_client.manager import AsyncKernelManager
+
+    class IPCKernelManager(AsyncKernelManager):
+        def __init__(self, **kwargs: Any) -> None:
+            super().__init__(**kwargs)
+            self.transport = "ipc"
+            self.ip = os.path.join(tempfile.mkdtemp(prefix="jule3d-kernel-"), "kernel")
+
+    return IPCKernelManager
 
 
 def run_pipeline(
@@ -239,21 +279,23 @@ def run_pipeline(
     resume: bool = False,
     cell_timeout: int = 1800,
     notebooks: Sequence[Path] | None = None,
-    progress: bool = True,
+    progress: bool | None = None,
     report: bool = True,
+    figures: Sequence[str] = (),
 ) -> PipelineResult:
     """Execute the notebook pipeline into ``run_dir`` and write the HTML report.
 
     Parameters
     ----------
     run_dir : path
-        Run folder; refused if it exists and is not empty, unless ``overwrite`` or ``resume``.
+        Run folder (see :func:`jule3d.rundir.resolve_run_dir`); refused if it exists and is not empty, unless
+        ``overwrite`` or ``resume``.
     volume_paths : sequence of path
         Input volume(s) (several = channels); empty = the bundled texture phantom.
     parameters : mapping, optional
-        Notebook parameters (the shared vocabulary; see ``papermill --help-notebook``).
+        Notebook parameters (the shared vocabulary; ``jule3d run --help`` lists them).
     overwrite : bool
-        Delete an existing run folder first.
+        Delete an existing run folder first (only one that jule3d made).
     resume : bool
         Keep notebooks that already ran successfully with the same parameters; run the rest, with
         ``resume=True`` for notebooks that declare it (training continues from its last checkpoint).
@@ -261,10 +303,14 @@ def run_pipeline(
         Seconds a single cell may run before it is stopped.
     notebooks : sequence of Path, optional
         The notebooks to run (default: all pipeline notebooks in order).
-    progress : bool
-        Show papermill's progress bar.
+    progress : bool or None
+        papermill's per-cell progress bar; ``None`` shows it on a terminal and otherwise logs one line per
+        notebook on stderr.
     report : bool
         Build ``report.html`` at the end.
+    figures : sequence of str
+        Also save every figure as a static image in these formats (``"png"``, ``"svg"``, ``"pdf"``) under
+        ``run_dir/figures`` (see :func:`jule3d.report.export_figures`; needs Chrome or Chromium).
 
     Returns
     -------
@@ -274,11 +320,15 @@ def run_pipeline(
     import papermill
     from papermill.exceptions import PapermillExecutionError
 
+    from .report import build_report, check_figure_formats, export_figures, headline_from
+    from .rundir import RunDir, resolve_run_dir
+
     if overwrite and resume:
         raise ValueError("overwrite and resume exclude each other: choose one")
     if cell_timeout <= 0:
         raise ValueError(f"cell_timeout must be positive, got {cell_timeout}")
-    run_dir = Path(run_dir).resolve()
+    check_figure_formats(figures)
+    run_dir = resolve_run_dir(run_dir)
     notebooks = list(notebooks) if notebooks is not None else pipeline_notebooks()
     params = dict(parameters or {})
     for name in PIPELINE_OWNED:
@@ -290,6 +340,7 @@ def run_pipeline(
     params["volume_path"] = [str(Path(p).resolve()) for p in volume_paths]
     routed = check_parameters({k: v for k, v in params.items() if k != "volume_path"}, notebooks)
     _prepare_run_dir(run_dir, params, overwrite=overwrite, resume=resume)
+    show_bar = sys.stderr.isatty() if progress is None else progress
 
     result = PipelineResult(run_dir=run_dir, parameters=params)
     for nb in notebooks:
@@ -309,7 +360,8 @@ def run_pipeline(
         try:
             papermill.execute_notebook(
                 str(nb), str(out), parameters=nb_params, kernel_name="python3", cwd=str(run_dir),
-                progress_bar=progress, execution_timeout=cell_timeout,
+                progress_bar=show_bar, execution_timeout=cell_timeout,
+                kernel_manager_class=_kernel_manager_class(),
             )
         except PapermillExecutionError as exc:
             raise PipelineError(
@@ -318,62 +370,19 @@ def run_pipeline(
             ) from None
         seconds = time.perf_counter() - start
         result.notebooks.append(NotebookRun(nb.name, out, seconds, _cell_seconds(out)))
+        if progress is None and not show_bar:
+            print(f"jule3d run: {nb.name} done in {seconds:.1f} s", file=sys.stderr, flush=True)
+    run = RunDir(run_dir)
     if report:
         start = time.perf_counter()
-        result.report = build_report([nb.path for nb in result.notebooks], run_dir / REPORT_FILE, params)
+        headline = headline_from(run.load_metrics(), {n.name: n.seconds for n in result.notebooks})
+        result.report = build_report([nb.path for nb in result.notebooks], run_dir / REPORT_FILE, params,
+                                     headline=headline)
         result.report_seconds = time.perf_counter() - start
-    (run_dir / "timings.json").write_text(json.dumps(
+    if figures:
+        result.figures = export_figures([nb.path for nb in result.notebooks], run.file(run.FIGURES), figures)
+    run.save_timings(
         [dict(name=n.name, seconds=n.seconds, compute_seconds=n.compute_seconds,
               overhead_seconds=n.overhead_seconds, skipped=n.skipped) for n in result.notebooks]
-        + [dict(name="report", seconds=result.report_seconds)], indent=2), encoding="utf-8")
+        + [dict(name="report", seconds=result.report_seconds)])
     return result
-
-
-def _is_plotlyjs_bundle(output: Mapping[str, Any]) -> bool:
-    html = output.get("data", {}).get("text/html", "")
-    if isinstance(html, list):
-        html = "".join(html)
-    return len(html) > 500_000 and "plotly" in html[:5000].lower()
-
-
-def build_report(
-    executed: Sequence[Path], out: Path, parameters: Mapping[str, Any] | None = None
-) -> Path:
-    """Merge executed notebooks into one self-contained HTML report with the code hidden.
-
-    plotly.js is inlined once (the first notebook's copy); later copies are dropped so the report
-    stays a few MB and still renders offline.
-    """
-    import nbformat
-    from nbconvert import HTMLExporter
-
-    merged = nbformat.v4.new_notebook()
-    title = "jule3d report"
-    merged.cells.append(nbformat.v4.new_markdown_cell(
-        f"# {title}\n\nParameters:\n\n```yaml\n{yaml.safe_dump(dict(parameters or {}), sort_keys=True)}```"
-    ))
-    seen_plotlyjs = False
-    for path in executed:
-        nb = nbformat.read(str(path), as_version=4)
-        if not merged.metadata:
-            merged.metadata = copy.deepcopy(nb.metadata)
-        for cell in nb.cells:
-            if "injected-parameters" in cell.metadata.get("tags", []) or "parameters" in cell.metadata.get("tags", []):
-                continue
-            if cell.cell_type == "code":
-                kept = []
-                for output in cell.get("outputs", []):
-                    if _is_plotlyjs_bundle(output):
-                        if seen_plotlyjs:
-                            continue
-                        seen_plotlyjs = True
-                    kept.append(output)
-                cell.outputs = kept
-            cell["id"] = f"{path.stem[:2]}-{len(merged.cells)}"  # ids must stay unique across notebooks
-            merged.cells.append(cell)
-    exporter = HTMLExporter(exclude_input=True, exclude_input_prompt=True, exclude_output_prompt=True)
-    body, _ = exporter.from_notebook_node(merged, resources={"metadata": {"name": title}})
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(body, encoding="utf-8")
-    tmp.replace(out)
-    return out

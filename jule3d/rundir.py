@@ -2,6 +2,10 @@
 
 Notebook 01 records the inputs (volume files, mask, ground truth) in ``inputs.json``; every later notebook
 reloads them from there, so one ``run_dir`` parameter is all a notebook needs to pick up the run.
+
+A relative ``run_dir`` names the same folder for ``jule3d run`` and for a notebook opened in JupyterLab
+(:func:`resolve_run_dir`), and ``run.json`` records the jule3d version that wrote the folder, so a folder
+from another version is refused with a message instead of failing somewhere inside a notebook.
 """
 
 from __future__ import annotations
@@ -16,7 +20,41 @@ import numpy as np
 
 from .volume import Volume
 
-__all__ = ["Inputs", "RunDir"]
+__all__ = ["Inputs", "RunDir", "RunFolderVersionError", "resolve_run_dir"]
+
+
+class RunFolderVersionError(ValueError):
+    """The run folder was written by another jule3d version (or one that recorded none)."""
+
+
+def resolve_run_dir(path: str | os.PathLike) -> Path:
+    """The absolute run folder that ``path`` names.
+
+    A relative path is taken relative to the current folder, except when the current folder holds the
+    pipeline notebooks: a notebook opened in JupyterLab runs in its own folder, so there the path is taken
+    relative to the folder above it. ``jule3d run --out runs/demo`` in a project folder and notebook 04 with
+    ``run_dir="runs/demo"`` opened from that project's ``notebooks/`` then use the same run folder.
+
+    Parameters
+    ----------
+    path : path
+        The ``run_dir`` parameter or ``--out`` argument.
+
+    Examples
+    --------
+    >>> resolve_run_dir("/data/runs/demo").as_posix()
+    '/data/runs/demo'
+    """
+    path = Path(path).expanduser()
+    if path.is_absolute():
+        return path
+    base = Path.cwd()
+    from .pipeline import NOTEBOOK_PATTERN, notebook_dir
+
+    shipped = {p.name for p in notebook_dir().glob(NOTEBOOK_PATTERN)}
+    if shipped & {p.name for p in base.glob(NOTEBOOK_PATTERN)}:
+        base = base.parent
+    return base / path
 
 
 @dataclass
@@ -57,6 +95,7 @@ class RunDir:
         The run folder (created on first write).
     """
 
+    MANIFEST = "run.json"
     INPUTS = "inputs.json"
     PATCHES = "patches.npz"
     MODEL = "model.pt"
@@ -68,9 +107,11 @@ class RunDir:
     METRICS = "metrics.json"
     PHANTOM = "phantom.nii.gz"
     PHANTOM_LABELS = "phantom_labels.nii.gz"
+    TIMINGS = "timings.json"
+    FIGURES = "figures"
 
     def __init__(self, path: str | os.PathLike) -> None:
-        self.path = Path(path)
+        self.path = resolve_run_dir(path)
 
     def __repr__(self) -> str:
         return f"RunDir({str(self.path)!r})"
@@ -79,6 +120,45 @@ class RunDir:
         """Path of a file in the run folder (the folder is created if needed)."""
         self.path.mkdir(parents=True, exist_ok=True)
         return self.path / name
+
+    def write_manifest(self) -> None:
+        """Record the jule3d version that writes this run folder (``run.json``)."""
+        from . import __version__
+
+        _write_json(self.file(self.MANIFEST), {"jule3d_version": __version__})
+
+    def check_version(self) -> None:
+        """Refuse a run folder written by another jule3d version.
+
+        Raises
+        ------
+        RunFolderVersionError
+            When ``run.json`` is missing (versions before 0.2 wrote none) or names another major.minor
+            version; the message says how to redo the run.
+        """
+        from . import __version__
+
+        path = self.path / self.MANIFEST
+        recorded = json.loads(path.read_text(encoding="utf-8")).get("jule3d_version") if path.is_file() else None
+        if recorded is None or recorded.split(".")[:2] != __version__.split(".")[:2]:
+            made_by = f"jule3d {recorded}" if recorded else "a jule3d version older than 0.2"
+            raise RunFolderVersionError(
+                f"run folder {self.path} was written by {made_by}; this is jule3d {__version__}, whose files "
+                f"differ. Redo the run into a new folder, or replace it: jule3d run --out {self.path} --overwrite"
+            )
+
+    def save_metrics(self, record: dict) -> Path:
+        """Write notebook 04's metrics record (``metrics.json``): scores per method, class volumes, seconds."""
+        return _write_json(self.file(self.METRICS), record)
+
+    def load_metrics(self) -> dict | None:
+        """The metrics record of the run, ``None`` before notebook 04 wrote one."""
+        path = self.path / self.METRICS
+        return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+
+    def save_timings(self, rows: list[dict]) -> Path:
+        """Write the pipeline's seconds per notebook (``timings.json``)."""
+        return _write_json(self.file(self.TIMINGS), rows)
 
     def require(self, name: str, produced_by: str) -> Path:
         """Path of a file an earlier notebook must have written; a clear error when it is missing."""
@@ -141,9 +221,8 @@ class RunDir:
         if is_phantom:
             record["phantom"] = phantom
         inputs = self._load(record)
-        tmp = self.file(self.INPUTS + ".tmp")
-        tmp.write_text(json.dumps(record, indent=2), encoding="utf-8")
-        tmp.replace(self.path / self.INPUTS)
+        self.write_manifest()
+        _write_json(self.file(self.INPUTS), record)
         return inputs
 
     def _recorded(self) -> dict:
@@ -152,9 +231,10 @@ class RunDir:
         return json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
 
     def load_inputs(self) -> Inputs:
-        """Reload the inputs recorded by notebook 01."""
-        record = json.loads(self.require(self.INPUTS, "notebook 01_patch_sampling").read_text(encoding="utf-8"))
-        return self._load(record)
+        """Reload the inputs recorded by notebook 01 (after checking the folder's jule3d version)."""
+        inputs = self.require(self.INPUTS, "notebook 01_patch_sampling")
+        self.check_version()
+        return self._load(json.loads(inputs.read_text(encoding="utf-8")))
 
     @staticmethod
     def _load(record: dict) -> Inputs:
@@ -167,3 +247,11 @@ class RunDir:
         return Inputs(volume=volume, ground_truth=truth, volume_paths=record["volume_paths"],
                       mask_path=record["mask_path"], ground_truth_path=record["ground_truth_path"],
                       is_phantom=bool(record["is_phantom"]))
+
+
+def _write_json(path: Path, record: object) -> Path:
+    """Write ``record`` as UTF-8 JSON atomically (a temporary file renamed into place)."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(record, indent=2, default=str), encoding="utf-8")
+    tmp.replace(path)
+    return path

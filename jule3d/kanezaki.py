@@ -28,14 +28,14 @@ What differs from the 2D original [ours]
 * **Crops.** A volume larger than ``crop_size`` along any axis is trained on one random
   ``crop_size``³ crop per iteration, centred on a random mask voxel (the original trains on the whole
   image); the stopping rule then counts the labels of the crop. After training the batch-norm
-  statistics are re-estimated over ``_CALIBRATION_CROPS`` crops (the whole volume when it fits) and
-  the volume is labelled fully convolutionally in ``_CHUNK``³ chunks with a halo of ``n_conv`` voxels,
+  statistics are re-estimated over 16 crops (the whole volume when it fits) and
+  the volume is labelled fully convolutionally in 64³ chunks with a halo of ``n_conv`` voxels,
   so the result does not depend on the chunking.
 * **Exactly k classes.** The original returns however many labels remain. Here, when the argmax over
   the mask holds more than ``n_classes`` labels, they are merged by k-means (``n_classes`` clusters,
   weighted by voxel count) on their mean response vectors; when it holds fewer (the network
   collapsed), the mask voxels are re-labelled by k-means on their response vectors (fitted on a
-  seeded sample of at most ``_MAX_FIT`` voxels).
+  seeded sample of at most 50,000 voxels).
 * **Budget.** ``max_iter`` defaults to 100 instead of the authors' 1000, with ``crop_size = 32``:
   about a minute on two CPU cores for a 96³ volume (JULE-3D's ``fast`` preset budget).
 
@@ -238,9 +238,7 @@ def _train(
     net.train()
     for _ in range(max_iter):
         box = (slice(None), slice(None)) + crops()
-        inside = m[box]
-        if not inside.any():  # a crop centred on a mask voxel always holds it; kept as a guard
-            continue
+        inside = m[box]  # never empty: a crop is centred on a mask voxel
         responses = net(x[box])
         flat = responses.permute(0, 2, 3, 4, 1)[inside[:, 0]]
         target = flat.argmax(dim=1)

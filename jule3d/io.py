@@ -309,11 +309,26 @@ def _check_not_constant(array: np.ndarray, path: Path) -> None:
 
 
 def _check_finite(array: np.ndarray, path: Path) -> None:
-    if array.dtype.kind not in "fc":
+    """Refuse NaN/Inf voxels: they are not an intensity, and a segmentation must not treat them as one.
+
+    ITK's NIfTI reader replaces NaN and Inf by 0 (a silent "intensity 0"), so a NIfTI file is checked on its
+    stored voxels, read by nibabel, not on the array SimpleITK returns.
+    """
+    if _extension(path) in (".nii", ".nii.gz"):
+        import nibabel
+
+        image = nibabel.load(str(path))
+        if image.get_data_dtype().kind not in "fc":
+            return
+        array = np.asanyarray(image.dataobj)
+    elif array.dtype.kind not in "fc":
         return
     n_bad = array.size - int(np.count_nonzero(np.isfinite(array)))
     if n_bad:
-        raise ValueError(f"image {path} has {n_bad} NaN/Inf voxels (of {array.size})")
+        raise ValueError(
+            f"image {path} has {n_bad} NaN/Inf voxels (of {array.size}); jule3d does not guess what they stand "
+            "for: replace them with a value (e.g. the background intensity) and give a mask if they mean no data"
+        )
 
 
 def _extension(path: Path) -> str:

@@ -106,6 +106,21 @@ def test_missing_input(files, tmp_path: Path, capsys) -> None:
     assert not (tmp_path / "l.nii.gz").exists()
 
 
+def test_nan_voxels_in_a_nifti_exit_2_and_write_nothing(files, tmp_path: Path, capsys) -> None:
+    import SimpleITK as sitk
+
+    image = sitk.ReadImage(str(files["phantom"]), sitk.sitkFloat32)
+    array = sitk.GetArrayFromImage(image)
+    array[10, 10, 10] = np.nan
+    bad = sitk.GetImageFromArray(array)
+    bad.CopyInformation(image)
+    sitk.WriteImage(bad, str(tmp_path / "nan.nii.gz"))
+    assert main(["segment", str(tmp_path / "nan.nii.gz"), "--out", str(tmp_path / "l.nii.gz"),
+                 "--model", str(files["tiny"])]) == 2
+    assert "nan.nii.gz has 1 NaN/Inf voxels" in _errors(capsys)
+    assert not (tmp_path / "l.nii.gz").exists()
+
+
 def test_missing_model(files, tmp_path: Path, capsys) -> None:
     assert main(["segment", str(files["phantom"]), "--out", str(tmp_path / "l.nii.gz"),
                  "--model", str(tmp_path / "none.pt")]) == 2

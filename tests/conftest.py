@@ -1,4 +1,4 @@
-"""Shared fixtures: a small synthetic specimen with oblique geometry, and the real-data folder."""
+"""Shared fixtures: a small synthetic specimen with oblique geometry, the real-data folder, one tiny pipeline run."""
 
 from __future__ import annotations
 
@@ -29,6 +29,26 @@ def shared_data() -> Path:
     if not folder.is_dir():
         pytest.skip(f"real data folder {folder} is absent (set {SHARED_DATA_ENV})")
     return folder
+
+
+# Small enough for a 2-core CI machine; every notebook still runs every cell.
+TINY = {
+    "phantom_shape": 40,
+    "n_patches": 200,
+    "epochs_per_period": 1,
+    "final_epochs": 1,
+    "k_s": 5,
+    "max_points": 200,
+    "baselines": ["kmeans", "otsu"],
+}
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory: pytest.TempPathFactory):
+    """One ``run_pipeline`` of all four notebooks with :data:`TINY` parameters, shared by the tests that read it."""
+    from jule3d.pipeline import run_pipeline
+
+    return run_pipeline(tmp_path_factory.mktemp("tiny") / "run", parameters=TINY, progress=False)
 
 
 @pytest.fixture

@@ -10,6 +10,8 @@ import nbformat
 import pytest
 
 from jule3d.cli import main
+from jule3d.report import iter_figure_outputs, notebook_figures
+from conftest import TINY
 from jule3d.pipeline import (
     PipelineError,
     check_parameters,
@@ -19,18 +21,6 @@ from jule3d.pipeline import (
 )
 
 NOTEBOOKS = pipeline_notebooks()
-
-# Small enough for a 2-core CI machine; every notebook still runs every cell.
-TINY = {
-    "phantom_shape": 40,
-    "n_patches": 200,
-    "epochs_per_period": 1,
-    "final_epochs": 1,
-    "k_s": 5,
-    "max_points": 200,
-    "baselines": ["kmeans", "otsu"],
-}
-
 
 def test_the_four_notebooks_in_order() -> None:
     assert [nb.name[:2] for nb in NOTEBOOKS] == ["01", "02", "03", "04"]
@@ -141,28 +131,47 @@ def test_failing_notebook_stops_the_run_and_keeps_it(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_run_end_to_end_writes_every_artefact(tmp_path: Path) -> None:
-    run_dir = tmp_path / "run"
-    result = run_pipeline(run_dir, parameters=TINY, progress=False)
-    for name in ("params.yaml", "inputs.json", "patches.npz", "model.pt", "clusters.npz", "history.json",
-                 "embedding.npz", "labels.nii.gz", "metrics.json", "report.html", "timings.json"):
+def test_run_end_to_end_writes_every_artefact(tiny_run) -> None:
+    run_dir = tiny_run.run_dir
+    for name in ("params.yaml", "run.json", "inputs.json", "patches.npz", "model.pt", "clusters.npz",
+                 "history.json", "embedding.npz", "labels.nii.gz", "metrics.json", "report.html", "timings.json"):
         assert (run_dir / name).is_file(), f"{name} missing"
     for nb in NOTEBOOKS:
         assert (run_dir / "notebooks" / nb.name).is_file()
     metrics = json.loads((run_dir / "metrics.json").read_text(encoding="utf-8"))
     assert set(metrics["methods"]) == {"jule3d", "kmeans", "otsu"}
     assert 0.0 <= metrics["jule3d"]["nmi"] <= 1.0
-
-    report = (run_dir / "report.html").read_text(encoding="utf-8")
-    assert report.count("Plotly.newPlot") >= 10, "the report must carry the figures"
-    assert report.count("define(\"plotly\"") + report.count("window.Plotly") >= 1, "plotly.js must be inlined"
-    assert "mesh3d" in report, "the 3D rendering must be in the report"
-    assert "prepare_inputs(" not in report, "code cells must be hidden in the report"
-    assert len(report) < 15e6, "plotly.js must be inlined once, not once per notebook"
-
-    timing = {n.name: n for n in result.notebooks}
+    timing = {n.name: n for n in tiny_run.notebooks}
     assert all(n.seconds >= n.compute_seconds > 0 for n in timing.values())
 
+
+@pytest.mark.slow
+def test_report_holds_every_figure_of_every_notebook(tiny_run) -> None:
+    """Static half of the check (the browser test draws them): one figure div per plotly output, by kind."""
+    executed = [n.path for n in tiny_run.notebooks]
+    report = tiny_run.report.read_text(encoding="utf-8")
+    figures = [f for p in executed for f in iter_figure_outputs(nbformat.read(p, as_version=4))]
+    assert len(figures) == notebook_figures(executed) >= 15
+    assert report.count('class="figure"') == len(figures)
+    kinds = [trace.get("type") for f in figures for trace in f["data"]]
+    assert "mesh3d" in kinds, "notebook 04 must draw the 3D rendering"
+    assert sum(f["layout"].get("title", {}).get("text", "").startswith("JULE-3D segmentation") for f in figures) == 1
+    assert report.count("Plotly.newPlot") == len(figures)
+    assert not re.search(r"<script[^>]*\bsrc=|<link\b|@import", report), "nothing may load from elsewhere"
+    assert report.count("<script") == 1 + len(figures), "one plotly.js, one call per figure, nothing else"
+    assert "prepare_inputs(" not in report, "code cells must be hidden in the report"
+    assert "epoch/s]" not in report and "cell/s]" not in report, "progress bars stay out of the report"
+    assert "| method |" not in report and "<th>NMI</th>" in report, "tables are HTML tables"
+    assert 'id="summary"' in report and 'href="#04-' in report, "a table of contents links the sections"
+    assert len(report) < 15e6, "plotly.js must be inlined once, not once per notebook"
+
+
+@pytest.mark.slow
+def test_resume_and_changed_parameters(tiny_run, tmp_path: Path) -> None:
+    import shutil
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(tiny_run.run_dir, run_dir)
     (run_dir / "notebooks" / NOTEBOOKS[-1].name).unlink()  # as if the run had stopped before notebook 04
     resumed = run_pipeline(run_dir, parameters=TINY, resume=True, progress=False, report=False)
     assert [n.skipped for n in resumed.notebooks] == [True, True, True, False]

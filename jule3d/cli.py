@@ -267,15 +267,16 @@ def _cmd_batch(args: argparse.Namespace) -> int:
 
 @subcommand
 def _register_phantom(sub: argparse._SubParsersAction) -> None:
-    """``jule3d phantom OUT``: write the texture phantom (and its ground truth) to files."""
+    """``jule3d phantom OUT``: write a synthetic phantom (and its ground truth) to files."""
     from .phantom import TEXTURE_NAMES, VARIANTS
 
     p = sub.add_parser(
         "phantom",
-        help="write the synthetic texture phantom (and its ground-truth labels)",
-        description="Generate the deterministic texture phantom: a specimen in air whose tissue classes "
-        f"share mean and variance and differ in texture ({', '.join(TEXTURE_NAMES)}). "
-        "Voxel size 0.5 mm; the label map (0 = air, 1..K = classes) has the same geometry.",
+        help="write a synthetic phantom (texture, intensity or lung) and its ground-truth labels",
+        description="Generate a deterministic phantom: a specimen in air whose tissue classes share mean and "
+        f"variance and differ in texture ({', '.join(TEXTURE_NAMES)}); or, with --variant lung, the three classes "
+        "of Moriya 2018 (normal alveolar tissue, lepidic and invasive carcinoma), which differ in the amount and "
+        "arrangement of air. Voxel size 0.5 mm; the label map (0 = air, 1..K = classes) has the same geometry.",
     )
     p.add_argument("out", metavar="OUT.nii.gz", help="image file to write (.nii.gz, .nrrd, .mha, ...)")
     p.add_argument("--labels", metavar="LABELS.nii.gz", help="also write the ground-truth label map here")
@@ -284,7 +285,8 @@ def _register_phantom(sub: argparse._SubParsersAction) -> None:
                    help="array shape (default 96 96 96)")
     p.add_argument("--n-classes", type=int, default=3, metavar="K", help="number of tissue classes (default 3)")
     p.add_argument("--variant", choices=VARIANTS, default="texture",
-                   help="texture: classes differ in texture only (default); intensity: also in mean")
+                   help="texture: classes differ in texture only (default); intensity: also in mean; "
+                        "lung: normal / lepidic / invasive lung tissue (3 classes only)")
     p.add_argument("--overwrite", action="store_true", help="replace existing output files")
 
     def run(args: argparse.Namespace) -> int:

@@ -193,7 +193,8 @@ class RunDir:
         phantom_shape : int
             Side of the phantom cube (voxels), when it is used.
         phantom_variant : str
-            ``"texture"`` (classes differ in texture only) or ``"intensity"``.
+            ``"texture"`` (classes differ in texture only), ``"intensity"`` or ``"lung"`` (see
+            :func:`jule3d.phantom.make_phantom`).
         n_classes : int
             Tissue classes of the phantom.
         seed : int

@@ -14,7 +14,7 @@ tomllib = pytest.importorskip("tomllib", reason="tomllib is in the standard libr
 ROOT = Path(__file__).resolve().parents[1]
 
 # pyproject (PyPI) name -> conda-forge name, where they differ.
-CONDA_NAMES = {"torch": "pytorch", "simpleitk": "simpleitk", "opentsne": "opentsne"}
+CONDA_NAMES = {"torch": "pytorch", "simpleitk": "simpleitk", "opentsne": "opentsne", "kaleido": "python-kaleido"}
 # dask[distributed] on PyPI is dask + distributed on conda-forge.
 EXTRA_SPLITS = {("dask", "distributed"): ["dask", "distributed"]}
 

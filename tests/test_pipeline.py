@@ -52,18 +52,18 @@ def test_notebooks_contain_no_algorithm() -> None:
 
 
 def test_shared_parameter_vocabulary() -> None:
-    """A name declared in several notebooks means the same thing: same type and same default."""
-    seen: dict[str, tuple[str, str, str]] = {}
+    """A name declared in several notebooks means the same thing: same type, default and meaning."""
+    seen: dict[str, tuple[str, str, str, str]] = {}
     for notebook in NOTEBOOKS:
         for name, info in notebook_parameters(notebook).items():
             if name in seen:
-                first, type_name, default = seen[name]
-                assert (info["type"], info["default"]) == (type_name, default), (
-                    f"parameter {name}: {notebook.name} declares {info['type']} = {info['default']}, "
-                    f"{first} declares {type_name} = {default}"
+                first, type_name, default, meaning = seen[name]
+                assert (info["type"], info["default"], info["help"]) == (type_name, default, meaning), (
+                    f"parameter {name}: {notebook.name} declares {info['type']} = {info['default']} "
+                    f"({info['help']}), {first} declares {type_name} = {default} ({meaning})"
                 )
             else:
-                seen[name] = (notebook.name, info["type"], info["default"])
+                seen[name] = (notebook.name, info["type"], info["default"], info["help"])
     for name in ("run_dir", "seed", "n_clusters", "preset"):
         assert name in seen
 
@@ -185,3 +185,65 @@ def test_run_folder_parents_are_created(tmp_path: Path) -> None:
     with pytest.raises(PipelineError):  # fails in notebook 01, after the folders were made
         run_pipeline(tmp_path / "runs" / "demo", parameters={**TINY, "min_foreground": 1.5}, progress=False)
     assert (tmp_path / "runs" / "demo" / "params.yaml").is_file()
+
+
+def test_run_help_lists_every_notebook_parameter(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as info:
+        main(["run", "--help"])
+    assert info.value.code == 0
+    out = capsys.readouterr().out
+    for notebook in NOTEBOOKS:
+        for name, declared in notebook_parameters(notebook).items():
+            if name in ("run_dir", "volume_path"):
+                assert f"\n  {name} (" not in out, f"{name} is set by the pipeline, not by -p"
+                continue
+            assert f"\n  {name} ({declared['type']}, default {declared['default']}" in out
+            assert declared["help"] in out
+
+
+def test_notebooks_command_copies_and_never_overwrites(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    dest = tmp_path / "mine"
+    assert main(["notebooks", str(dest)]) == 0
+    assert sorted(p.name for p in dest.iterdir()) == [nb.name for nb in NOTEBOOKS]
+    (dest / NOTEBOOKS[0].name).write_text("my edits", encoding="utf-8")
+    assert main(["notebooks", str(dest)]) == 2
+    assert "refusing to overwrite" in capsys.readouterr().err
+    assert (dest / NOTEBOOKS[0].name).read_text(encoding="utf-8") == "my edits"
+
+
+def test_resume_of_a_run_folder_from_an_older_version(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    run_dir = tmp_path / "old"
+    (run_dir / "notebooks").mkdir(parents=True)
+    (run_dir / "params.yaml").write_text("volume_path: []\n", encoding="utf-8")  # jule3d 0.1 wrote no run.json
+    assert main(["run", "--out", str(run_dir), "--resume"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "older than 0.2" in err and "--overwrite" in err
+
+
+def test_overwrite_refuses_a_folder_jule3d_did_not_make(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "thesis.tex").write_text("precious", encoding="utf-8")
+    assert main(["run", "--out", str(tmp_path), "--overwrite"]) == 2
+    assert "not a jule3d run folder" in capsys.readouterr().err
+    assert (tmp_path / "thesis.tex").read_text(encoding="utf-8") == "precious"
+
+
+def test_unwritable_run_folder_is_a_one_line_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    blocker = tmp_path / "a_file"
+    blocker.write_text("", encoding="utf-8")
+    assert main(["run", "--out", str(blocker / "run")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "cannot write the run folder" in err
+
+
+def test_wheel_ships_the_notebooks(tmp_path: Path) -> None:
+    """`pip install .` (not editable) must carry the notebooks, or `jule3d run` cannot start."""
+    import subprocess
+    import sys
+    import zipfile
+
+    root = Path(__file__).resolve().parents[1]
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
+                    str(tmp_path), str(root)], check=True, capture_output=True)
+    (wheel,) = tmp_path.glob("jule3d-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    assert {f"jule3d/notebooks/{nb.name}" for nb in NOTEBOOKS} <= names

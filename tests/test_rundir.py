@@ -120,3 +120,47 @@ def test_require_and_file(tmp_path: Path) -> None:
     assert target == tmp_path / "run" / RunDir.MODEL and (tmp_path / "run").is_dir()
     target.write_bytes(b"x")
     assert run.require(RunDir.MODEL, "notebook 02_training") == target
+
+
+def test_relative_run_dir_is_the_same_from_the_notebooks_folder(tmp_path: Path, monkeypatch) -> None:
+    """`jule3d run --out runs/demo` in a project and notebook 04 opened from its notebooks/ share one folder."""
+    from jule3d.pipeline import pipeline_notebooks
+    from jule3d.rundir import resolve_run_dir
+
+    notebooks = tmp_path / "notebooks"
+    notebooks.mkdir()
+    for nb in pipeline_notebooks():
+        (notebooks / nb.name).write_bytes(nb.read_bytes())
+    monkeypatch.chdir(tmp_path)
+    from_project = resolve_run_dir("runs/demo")
+    monkeypatch.chdir(notebooks)  # JupyterLab runs a kernel in the notebook's own folder
+    assert resolve_run_dir("runs/demo") == from_project == tmp_path / "runs" / "demo"
+    assert RunDir("runs/demo").path == from_project
+    (tmp_path / "other").mkdir()
+    monkeypatch.chdir(tmp_path / "other")  # any other folder: relative to it
+    assert resolve_run_dir("runs/demo") == tmp_path / "other" / "runs" / "demo"
+    assert resolve_run_dir(tmp_path / "abs") == tmp_path / "abs"
+
+
+def test_run_folder_of_another_version_is_refused(tmp_path: Path) -> None:
+    from jule3d import __version__
+    from jule3d.rundir import RunFolderVersionError
+
+    run = RunDir(tmp_path / "run")
+    run.prepare_inputs(phantom_shape=24, n_classes=2)
+    assert json.loads((run.path / RunDir.MANIFEST).read_text(encoding="utf-8")) == {"jule3d_version": __version__}
+    run.load_inputs()
+    (run.path / RunDir.MANIFEST).unlink()  # as jule3d 0.1 left it
+    with pytest.raises(RunFolderVersionError, match="older than 0.2.*--overwrite"):
+        run.load_inputs()
+    (run.path / RunDir.MANIFEST).write_text('{"jule3d_version": "9.9.0"}', encoding="utf-8")
+    with pytest.raises(RunFolderVersionError, match="written by jule3d 9.9.0"):
+        run.load_inputs()
+
+
+def test_metrics_round_trip(tmp_path: Path) -> None:
+    run = RunDir(tmp_path / "run")
+    assert run.load_metrics() is None
+    run.save_metrics({"methods": {"jule3d": {"nmi": 0.5}}, "class_volumes_mm3": {"1": 2.0}})
+    assert run.load_metrics()["methods"]["jule3d"]["nmi"] == 0.5
+    assert not list(run.path.glob("*.tmp"))

@@ -96,7 +96,8 @@ def _cmd_segment(args: argparse.Namespace) -> int:
     volume = load_volume(args.inputs, mask=args.mask)
     labels = segment(volume, n_clusters=args.n_clusters, preset=args.preset, seed=args.seed,
                      model=args.model, stride=args.stride, n_patches=args.n_patches,
-                     intensity_weight=args.intensity_weight, smoothing=args.smoothing)
+                     intensity_weight=args.intensity_weight, smoothing=args.smoothing,
+                     progress=sys.stderr.isatty())  # progress bars on a terminal, not in a log file
     save_labels(labels, out, reference=volume, overwrite=args.overwrite)
     counts = np.bincount(labels.ravel(), minlength=args.n_clusters + 1)[1:]
     mm3 = volume.geometry.voxel_volume

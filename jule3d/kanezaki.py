@@ -70,7 +70,6 @@ import torch.nn.functional as F
 from sklearn.cluster import KMeans
 from torch import nn
 
-from .baselines import _prepare, order_labels_by_intensity
 from .volume import Volume
 
 __all__ = ["kanezaki_segment"]
@@ -159,6 +158,9 @@ def kanezaki_segment(
     W. Kim, A. Kanezaki and M. Tanaka, "Unsupervised Learning of Image Segmentation Based on
     Differentiable Feature Clustering", IEEE Trans. Image Process. 29, 8055-8068 (2020).
     """
+    # imported here, not at the top: jule3d.baselines registers this method, so it may import this module
+    from .baselines import _prepare, order_labels_by_intensity
+
     mask, _ = _prepare(volume, n_classes, mask)
     _check_int("n_channels", n_channels, n_classes + 1)
     _check_int("n_conv", n_conv, 1)

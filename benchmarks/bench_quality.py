@@ -23,11 +23,22 @@ Datasets
     Evaluation voxels: the crop ∩ the brain mask. Ground truth: 1 = normal (label 0), 2 = oedema (label 2),
     3 = tumour core (labels 1, 3, 4); k = 3.
 
+``--suite visible``
+    Every visible case of ``benchmarks.md``: the texture, intensity and lung phantoms (96³, seed 0), BraTS-ROI
+    (4 cases) and the Iguana micro-CT (no labels: the share of multi-Otsu's bone, soft-tissue and cavity voxels
+    that fall in one class, and whether the three fall in different classes), every method with its defaults
+    (``jule3d`` = ``jule3d.segment()`` with nothing set, ``jule3d-paper`` = the ``paper`` preset, and every
+    peer), seeds 0-4 (methods that ignore the seed run once). One table: mean, sd and worst seed per case and
+    method, with seconds and peak memory; ``suite_visible.json`` beside it. ``--cases`` and ``--methods``
+    narrow it (``--cases phantom-texture iguana``).
+
 Usage::
 
     python benchmarks/bench_quality.py --dataset brats                      # 4 cases, fast preset
     python benchmarks/bench_quality.py --dataset brats --seeds 0 1 2 --intensity-weight 2 --smoothing 1
     python benchmarks/bench_quality.py --dataset phantom --phantom-variants texture intensity
+    python benchmarks/bench_quality.py --suite visible --out results/suite     # everything, seeds 0-4
+    python benchmarks/bench_quality.py --suite visible --cases iguana --methods jule3d otsu atropos
     python benchmarks/bench_quality.py --dataset brats --cases brats_2013_pat0004_1 \\
         --n-patches 4000 -o 'net_overrides={"patch_size": 13}' --out results/quality_p13 --overwrite
 
@@ -68,8 +79,20 @@ CROP_MARGIN = 16
 #: The peers of ``benchmarks.md``; ``atropos`` (antspyx) and ``hmrf`` (dipy) are skipped, with a note, when
 #: their optional package is missing.
 DEFAULT_METHODS = ("jule3d", "kmeans", "otsu", "gmm", "slic", "localmean", "atropos", "hmrf")
-COLUMNS = (("nmi", "NMI"), ("nmi_sd", "NMI sd over seeds"), ("nmi_geometric", "NMI (geom.)"), ("ari", "ARI"),
-           ("dice_mean", "matched Dice"), ("seconds", "seconds"), ("peak_mb", "peak MB"))
+COLUMNS = (("nmi", "NMI"), ("nmi_sd", "NMI sd over seeds"), ("nmi_worst", "worst seed NMI"),
+           ("nmi_geometric", "NMI (geom.)"), ("ari", "ARI"), ("dice_mean", "matched Dice"),
+           ("bone_share", "bone in one class"), ("soft_share", "soft tissue in one class"),
+           ("cavity_share", "cavities in one class"), ("distinct", "tissues in distinct classes"),
+           ("seconds", "seconds"), ("peak_mb", "peak MB"))
+PHANTOM_CASES = ("phantom-texture", "phantom-intensity", "phantom-lung")
+IGUANA = "iguana"
+SUITE_CASES = (*PHANTOM_CASES, *BRATS_CASES, IGUANA)
+#: Every method of the visible suite: the two jule3d presets with their defaults and every peer.
+SUITE_METHODS = ("jule3d", "jule3d-paper", "kmeans", "otsu", "gmm", "slic", "localmean", "atropos", "hmrf",
+                 "kanezaki")
+#: Methods that are deterministic and take no seed: the suite runs them once, not once per seed.
+SEEDLESS = frozenset({"otsu", "atropos", "hmrf"})
+SUITE_SEEDS = (0, 1, 2, 3, 4)
 
 
 @dataclass
@@ -85,20 +108,27 @@ class Case:
 
 @dataclass
 class JuleSettings:
-    """How :func:`jule3d.segment` is called (the ``jule3d`` method)."""
+    """How :func:`jule3d.segment` is called (the ``jule3d`` method); ``None`` leaves ``segment``'s default."""
 
     preset: str = "fast"
-    n_patches: int = 2000
-    min_foreground: float | None = None  # None: segment's default
-    stride: int = 2
+    n_patches: int | None = None
+    min_foreground: float | None = None
+    stride: int | None = None
     overrides: dict[str, Any] | None = None
-    intensity_weight: float = 0.0
-    smoothing: float = 0.0
+    intensity_weight: float | None = None
+    smoothing: float | None = None
+
+    def options(self) -> dict[str, Any]:
+        """The keyword arguments of ``segment`` that differ from its defaults."""
+        named = {k: getattr(self, k) for k in ("n_patches", "min_foreground", "stride", "intensity_weight",
+                                               "smoothing")}
+        return {"preset": self.preset, **{k: v for k, v in named.items() if v is not None},
+                **(self.overrides or {})}
 
     def label(self) -> str:
         """Method name in the table, e.g. ``jule3d (fast)`` or ``jule3d (fast, intensity 2, smoothing 1)``."""
-        extra = f", intensity {self.intensity_weight:g}" if self.intensity_weight else ""
-        extra += f", smoothing {self.smoothing:g}" if self.smoothing else ""
+        extra = f", intensity {self.intensity_weight:g}" if self.intensity_weight is not None else ""
+        extra += f", smoothing {self.smoothing:g}" if self.smoothing is not None else ""
         return f"jule3d ({self.preset}{extra})"
 
 
@@ -199,19 +229,48 @@ def phantom_case(variant: str = "texture", size: int = 96, seed: int = 0, n_clas
     return Case(f"phantom-{variant}", volume, phantom.labels, phantom.labels > 0, n_classes)
 
 
+def iguana_case() -> Case:
+    """The Iguana micro-CT as a user loads it (automatic mask, normalised), k = 3, with multi-Otsu's tissues.
+
+    There is no ground truth: ``ground_truth`` holds multi-Otsu's three intensity classes of the foreground
+    (1 cavities, 2 soft tissue, 3 bone), used only by :func:`structure_shares`, never as a score.
+    """
+    from jule3d.io import load_volume
+    from jule3d.baselines import multi_otsu
+
+    path = data_root() / "microct" / "Iguana.nii.gz"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist (set JULE3D_SHARED_DATA)")
+    volume = load_volume(path)
+    return Case(IGUANA, volume, multi_otsu(volume, 3), volume.foreground(), 3)
+
+
+def structure_shares(tissues: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+    """For each of multi-Otsu's tissues, the share of its voxels in the method's most common class among them.
+
+    Also ``distinct``: how many different classes those three majorities are (3 = cavities, soft tissue and
+    bone each mostly in a class of their own; 2 = two of them merged).
+    """
+    out: dict[str, float] = {}
+    majorities = []
+    for tissue, name in zip((1, 2, 3), ("cavity", "soft", "bone")):
+        counts = np.bincount(labels[tissues == tissue].ravel())
+        counts[0] = 0  # background (outside the method's mask) is never a class
+        out[f"{name}_share"] = float(counts.max() / max(int((tissues == tissue).sum()), 1))
+        majorities.append(int(counts.argmax()))
+    out["distinct"] = float(len(set(majorities)))
+    return out
+
+
 # --------------------------------------------------------------------------------------------------
 # running
 
 
 def jule_method(case: Case, settings: JuleSettings, seed: int) -> Callable[[], np.ndarray]:
     """Zero-argument callable running :func:`jule3d.segment` on the case (timed by ``compare_methods``)."""
-    options = {} if settings.min_foreground is None else {"min_foreground": settings.min_foreground}
 
     def run() -> np.ndarray:
-        return segment(case.volume, n_clusters=case.n_clusters, preset=settings.preset, seed=seed,
-                       n_patches=settings.n_patches, stride=settings.stride, progress=False,
-                       intensity_weight=settings.intensity_weight, smoothing=settings.smoothing,
-                       **options, **(settings.overrides or {}))
+        return segment(case.volume, n_clusters=case.n_clusters, seed=seed, progress=False, **settings.options())
     return run
 
 
@@ -233,7 +292,8 @@ def records(case: str, results: Sequence[MethodResult], seed: int = 0) -> list[d
 
 
 def _mean_columns(rows: Sequence[dict[str, Any]]) -> dict[str, float]:
-    return {key: float(np.mean([r[key] for r in rows])) for key, _ in COLUMNS if key != "nmi_sd" and key in rows[0]}
+    return {key: float(np.mean([r[key] for r in rows])) for key, _ in COLUMNS
+            if key not in ("nmi_sd", "nmi_worst") and key in rows[0]}
 
 
 def seed_means(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -241,7 +301,8 @@ def seed_means(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     out = []
     for case, method in dict.fromkeys((r["case"], r["method"]) for r in rows):
         mine = [r for r in rows if r["case"] == case and r["method"] == method]
-        extra = {"nmi_sd": float(np.std([r["nmi"] for r in mine], ddof=1))} if len(mine) > 1 else {}
+        nmis = [r["nmi"] for r in mine if "nmi" in r]
+        extra = {"nmi_sd": float(np.std(nmis, ddof=1)), "nmi_worst": float(min(nmis))} if len(nmis) > 1 else {}
         out.append({"case": case, "method": method, **_mean_columns(mine), **extra})
     return out
 
@@ -298,19 +359,99 @@ def run_dataset(
 
 
 def write_report(out: Path, dataset: str, rows: list[dict[str, Any]], settings: dict[str, Any],
-                 overwrite: bool) -> str:
-    """Write ``quality_<dataset>.md`` and ``.json`` into ``out``; returns the markdown."""
+                 overwrite: bool, table: str | None = None) -> str:
+    """Write ``quality_<dataset>.md`` and ``.json`` into ``out``; returns the markdown.
+
+    ``table`` replaces the default table (the mean over seeds per case, then the mean over the cases).
+    """
     md_path, json_path = out / f"quality_{dataset}.md", out / f"quality_{dataset}.json"
     for path in (md_path, json_path):
         if path.exists() and not overwrite:
             raise FileExistsError(f"{path} exists; pass --overwrite to replace it")
-    table = markdown_table(seed_means(rows) + (mean_records(rows) if len({r['case'] for r in rows}) > 1 else []))
+    if table is None:
+        table = markdown_table(seed_means(rows) + (mean_records(rows) if len({r['case'] for r in rows}) > 1 else []))
     text = (f"# Quality benchmark: {dataset}\n\n{table}\n\nMachine: {settings['machine']}.\n\n"
             f"Command: `{settings['command']}`\n\nSettings: `{json.dumps(settings['jule'])}`\n")
     out.mkdir(parents=True, exist_ok=True)
     md_path.write_text(text, encoding="utf-8")
     json_path.write_text(json.dumps({"dataset": dataset, "settings": settings, "rows": rows}, indent=1), encoding="utf-8")
     return text
+
+
+def suite_loaders(cases: Sequence[str], brats_intensity: str) -> list[Callable[[], Case]]:
+    """Loaders of the named visible-suite cases, in suite order (one case in memory at a time)."""
+    loads: list[Callable[[], Case]] = []
+    for name in cases:
+        if name in PHANTOM_CASES:
+            loads.append(lambda v=name.split("-", 1)[1]: phantom_case(v))
+        elif name in BRATS_CASES:
+            loads.append(lambda c=name: load_brats_case(data_root() / "brats2015" / c, brats_intensity))
+        else:
+            loads.append(iguana_case)
+    return loads
+
+
+def suite_methods(methods: Sequence[str]) -> dict[str, JuleSettings | str]:
+    """Table name -> what runs it: a :class:`JuleSettings` (defaults only) or a baseline name."""
+    out: dict[str, JuleSettings | str] = {}
+    for m in methods:
+        if m == "jule3d":
+            out["jule3d (default)"] = JuleSettings()
+        elif m == "jule3d-paper":
+            out["jule3d (paper)"] = JuleSettings(preset="paper")
+        else:
+            out[m] = m
+    return out
+
+
+def run_suite(cases: Sequence[str], methods: Sequence[str], seeds: Sequence[int], brats_intensity: str,
+              figures: Path | None = None) -> list[dict[str, Any]]:
+    """Every method on every case, once per seed (once for :data:`SEEDLESS` methods); rows as :func:`records`.
+
+    Iguana rows carry :func:`structure_shares` instead of metrics; with ``figures``, seed 0's Iguana labels are
+    saved there as slice images (PNG, through kaleido) for a person to look at.
+    """
+    rows: list[dict[str, Any]] = []
+    runners = suite_methods(methods)
+    for load in suite_loaders(cases, brats_intensity):
+        case = load()
+        truth = None if case.name == IGUANA else case.ground_truth
+        for name, how in runners.items():
+            for seed in (seeds[:1] if how in SEEDLESS else seeds):
+                extra = {name: jule_method(case, how, seed)} if isinstance(how, JuleSettings) else {}
+                results = compare_methods(case.volume, case.n_clusters, [] if extra else [how], truth,
+                                          case.evaluation_mask, extra=extra, seed=seed)
+                row = records(case.name, results, seed)[0]
+                if case.name == IGUANA:
+                    row.update(structure_shares(case.ground_truth, results[0].labels))
+                    if figures is not None and seed == seeds[0]:
+                        save_slices(case, results[0].labels, figures / f"iguana_{_slug(name)}.png", name)
+                print(markdown_table([row]).splitlines()[-1], flush=True)
+                rows.append(row)
+    return rows
+
+
+def _slug(text: str) -> str:
+    return "".join(c if c.isalnum() else "_" for c in text).strip("_")
+
+
+def save_slices(case: Case, labels: np.ndarray, path: Path, title: str) -> None:
+    """Orthogonal slices of the case with ``labels`` overlaid, as an image file (needs kaleido's browser)."""
+    from jule3d.plotting import plot_label_slices
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    plot_label_slices(case.volume, labels, slider_axis=None, title=f"{case.name}: {title}").write_image(
+        str(path), width=1300, height=480, scale=1.5)
+
+
+def suite_table(rows: Sequence[dict[str, Any]]) -> str:
+    """The suite's markdown: per case and method the mean, sd and worst seed, then the BraTS-ROI mean."""
+    per_case = seed_means(rows)
+    brats = [r for r in rows if r["case"] in BRATS_CASES]
+    means = mean_records(brats) if len({r["case"] for r in brats}) > 1 else []
+    for r in means:
+        r["case"] = f"BraTS-ROI {r['case']}"
+    return markdown_table(per_case + means)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -332,49 +473,65 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """Command-line options (see the module docstring)."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--dataset", choices=("phantom", "brats", "all"), default="all")
+    p.add_argument("--suite", choices=("visible",), help="run the visible suite (overrides --dataset; seeds 0-4 "
+                   "unless --seeds, every suite method unless --methods, every suite case unless --cases)")
+    p.add_argument("--figures", action="store_true", help="suite: save the Iguana label slices as PNG files")
     p.add_argument("--preset", choices=("fast", "paper"), default="fast")
-    p.add_argument("--seeds", nargs="+", type=int, default=[0],
+    p.add_argument("--seeds", nargs="+", type=int, default=None,
                    help="run every method once per seed; the tables show the mean and the NMI's sd over seeds")
-    p.add_argument("--cases", nargs="+", default=list(BRATS_CASES), help="BraTS case folders")
-    p.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS))
+    p.add_argument("--cases", nargs="+", default=None,
+                   help="BraTS case folders (with --suite: suite cases, e.g. phantom-lung iguana)")
+    p.add_argument("--methods", nargs="+", default=None)
     p.add_argument("--out", type=Path, default=Path("results/quality"))
     p.add_argument("--overwrite", action="store_true", help="replace existing result files")
-    p.add_argument("--n-patches", type=int, default=2000, help="JULE training patches")
+    p.add_argument("--n-patches", type=int, default=None, help="JULE training patches (default: segment's)")
     p.add_argument("--min-foreground", type=float, default=None,
                    help="foreground fraction of a training patch (default: jule3d.segment's)")
-    p.add_argument("--stride", type=int, default=2, help="Phase 2 grid stride")
-    p.add_argument("--intensity-weight", type=float, default=0.0,
-                   help="[ours] local mean intensity appended to the features before k-means (0: the paper)")
-    p.add_argument("--smoothing", type=float, default=0.0,
-                   help="[ours] Potts weight regularising jule3d's labels (0: the paper)")
+    p.add_argument("--stride", type=int, default=None, help="Phase 2 grid stride (default: segment's)")
+    p.add_argument("--intensity-weight", type=float, default=None,
+                   help="[ours] local mean intensity appended to the features before k-means (default: segment's)")
+    p.add_argument("--smoothing", type=float, default=None,
+                   help="[ours] Potts weight regularising jule3d's labels (default: segment's)")
     p.add_argument("-o", dest="overrides", action="append", type=parse_override, default=[],
                    metavar="NAME=VALUE", help="JuleConfig field, e.g. -o epochs_per_period=5 (repeatable)")
-    p.add_argument("--phantom-variants", nargs="+", choices=("texture", "intensity"), default=["texture"])
+    p.add_argument("--phantom-variants", nargs="+", choices=("texture", "intensity", "lung"), default=["texture"])
     p.add_argument("--brats-intensity", choices=BRATS_INTENSITIES, default="zero-background")
     args = p.parse_args(argv)
-    unknown = [c for c in args.cases if c not in BRATS_CASES]
+    valid = SUITE_CASES if args.suite else BRATS_CASES
+    args.cases = list(args.cases or valid)
+    args.methods = list(args.methods or (SUITE_METHODS if args.suite else DEFAULT_METHODS))
+    args.seeds = list(args.seeds or (SUITE_SEEDS if args.suite else (0,)))
+    unknown = [c for c in args.cases if c not in valid]
     if unknown:
-        p.error(f"--cases {unknown} are not BraTS cases; valid: {list(BRATS_CASES)}")
+        p.error(f"--cases {unknown} are not {'suite' if args.suite else 'BraTS'} cases; valid: {list(valid)}")
     return args
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    """Run the selected datasets and write their reports."""
+    """Run the selected datasets (or the suite) and write their reports."""
     from jule3d.baselines import BASELINES, missing_package
 
     args = parse_args(argv)
-    bad = [m for m in args.methods if m != "jule3d" and m not in BASELINES]
+    jule_names = ("jule3d", "jule3d-paper") if args.suite else ("jule3d",)
+    bad = [m for m in args.methods if m not in jule_names and m not in BASELINES]
+    missing = {m: missing_package(m) for m in args.methods if m not in jule_names and m not in bad
+               and missing_package(m)}
     if bad:
-        raise ValueError(f"--methods {bad} are unknown; valid: ['jule3d'] + {sorted(BASELINES)}")
-    missing = {m: missing_package(m) for m in args.methods if m != "jule3d" and missing_package(m)}
+        raise ValueError(f"--methods {bad} are unknown; valid: {list(jule_names)} + {sorted(BASELINES)}")
     for method, package in missing.items():
         print(f"note: skipping {method}: pip install {package} to run it", flush=True)
     args.methods = [m for m in args.methods if m not in missing]
     settings = JuleSettings(args.preset, args.n_patches, args.min_foreground, args.stride, dict(args.overrides),
                             args.intensity_weight, args.smoothing)
     info = {"machine": machine(), "command": " ".join([Path(sys.argv[0]).name, *(argv or sys.argv[1:])]),
-            "jule": {**vars(settings), "seeds": args.seeds}}
+            "jule": {**vars(settings), "seeds": args.seeds}, "brats_intensity": args.brats_intensity}
     print(info["machine"], flush=True)
+    if args.suite:
+        figures = args.out / "figures" if args.figures else None
+        rows = run_suite(args.cases, args.methods, args.seeds, args.brats_intensity, figures)
+        print("\n" + write_report(args.out, "suite_visible", rows, info, args.overwrite, suite_table(rows)),
+              flush=True)
+        return
     datasets = ("brats", "phantom") if args.dataset == "all" else (args.dataset,)
     for dataset in datasets:
         if dataset == "brats":
@@ -382,7 +539,6 @@ def main(argv: Sequence[str] | None = None) -> None:
             if not root.is_dir():
                 raise FileNotFoundError(f"BraTS data folder {root} does not exist (set JULE3D_SHARED_DATA)")
             loads = [lambda c=c: load_brats_case(root / c, args.brats_intensity) for c in args.cases]
-            info["brats_intensity"] = args.brats_intensity
         else:
             loads = [lambda v=v: phantom_case(v) for v in args.phantom_variants]  # the default phantom: seed 0
         print(f"\n## {dataset}", flush=True)

@@ -122,6 +122,51 @@ def test_parse_override_and_arguments() -> None:
         bq.parse_args(["--cases", "nope"])
 
 
+def test_worst_seed_is_reported() -> None:
+    rows = [{"case": "a", "seed": s, "method": "x", "nmi": v} for s, v in enumerate([0.8, 0.2, 0.9])]
+    (row,) = bq.seed_means(rows)
+    assert row["nmi_worst"] == 0.2 and "| worst seed NMI |" in bq.markdown_table([row]).splitlines()[0]
+
+
+def test_suite_arguments_default_to_every_case_method_and_seeds_0_to_4() -> None:
+    args = bq.parse_args(["--suite", "visible"])
+    assert args.cases == list(bq.SUITE_CASES) and args.methods == list(bq.SUITE_METHODS)
+    assert args.seeds == [0, 1, 2, 3, 4]
+    assert "phantom-lung" in bq.SUITE_CASES and "iguana" in bq.SUITE_CASES
+    with pytest.raises(SystemExit):
+        bq.parse_args(["--suite", "visible", "--cases", "brats"])
+    settings = bq.suite_methods(["jule3d", "jule3d-paper", "otsu"])
+    assert settings["jule3d (default)"].options() == {"preset": "fast"}, "the default passes nothing to segment"
+    assert settings["jule3d (paper)"].options() == {"preset": "paper"} and settings["otsu"] == "otsu"
+
+
+def test_suite_runs_seedless_methods_once_and_scores_structure(monkeypatch) -> None:
+    case = bq.phantom_case("lung", size=32)
+    monkeypatch.setattr(bq, "suite_loaders", lambda cases, intensity: [lambda: case])
+    rows = bq.run_suite(["phantom-lung"], ["otsu", "localmean"], [0, 1], "zero-background")
+    assert [(r["method"], r["seed"]) for r in rows] == [("otsu", 0), ("localmean", 0), ("localmean", 1)]
+    table = bq.suite_table(rows)
+    assert "phantom-lung" in table and "worst seed NMI" in table
+
+
+def test_structure_shares_detects_a_merged_tissue() -> None:
+    tissues = np.array([1, 1, 2, 2, 3, 3])
+    assert bq.structure_shares(tissues, np.array([1, 1, 2, 2, 3, 3])) == {
+        "cavity_share": 1.0, "soft_share": 1.0, "bone_share": 1.0, "distinct": 3.0}
+    merged = bq.structure_shares(tissues, np.array([1, 1, 2, 2, 2, 3]))  # bone mostly with soft tissue
+    assert merged["bone_share"] == 0.5 and merged["distinct"] == 2.0  # a tie goes to the lower class id
+    merged = bq.structure_shares(tissues, np.array([1, 1, 2, 2, 2, 2]))
+    assert merged["bone_share"] == 1.0 and merged["distinct"] == 2.0
+
+
+def test_real_iguana_case(shared_data: Path, monkeypatch) -> None:
+    monkeypatch.setenv("JULE3D_SHARED_DATA", str(shared_data))
+    case = bq.iguana_case()
+    assert case.volume.shape == (179, 256, 210) and set(np.unique(case.ground_truth)) == {0, 1, 2, 3}
+    shares = bq.structure_shares(case.ground_truth, case.ground_truth)
+    assert shares["distinct"] == 3.0 and shares["bone_share"] == 1.0
+
+
 def test_real_brats_case(shared_data: Path) -> None:
     folder = shared_data / "brats2015" / bq.BRATS_CASES[1]
     if not folder.is_dir():

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import threading
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
 
@@ -89,6 +90,7 @@ def compare_methods(
     evaluation_mask: np.ndarray | None = None,
     extra: Mapping[str, Callable[[], np.ndarray] | Measured | np.ndarray] | None = None,
     seed: int = 0,
+    skip_missing: bool = False,
 ) -> list[MethodResult]:
     """Run baselines (and any extra methods) on one volume and score them against the ground truth.
 
@@ -109,6 +111,9 @@ def compare_methods(
         result of :func:`measure` (labels timed elsewhere, e.g. JULE-3D), or bare labels (cost unknown: NaN).
     seed : int
         Seed passed to every baseline.
+    skip_missing : bool
+        Leave out, with a warning that names the package to install, the baselines whose optional package
+        (antspyx, dipy) is not installed; otherwise they raise ``ImportError``.
 
     Raises
     ------
@@ -119,6 +124,13 @@ def compare_methods(
     results: list[MethodResult] = []
     runs: dict[str, Callable[[], np.ndarray] | Measured | np.ndarray] = dict(extra or {})
     _check_method_names(methods, runs)
+    if skip_missing:
+        from .baselines import missing_package
+
+        for name in [m for m in methods if missing_package(m)]:
+            warnings.warn(f"baseline {name!r} skipped: pip install {missing_package(name)} to compare with it",
+                          stacklevel=2)
+        methods = [m for m in methods if not missing_package(m)]
     for name in methods:
         runs[name] = (lambda n=name: run_baseline(n, volume, n_clusters, mask=volume.mask, seed=seed))
     eval_mask = volume.foreground() if evaluation_mask is None else evaluation_mask

@@ -109,6 +109,25 @@ def test_compare_methods_bad_names(three_class) -> None:
         compare_methods(volume, 3, methods=("kmeans",), extra={"kmeans": truth})
 
 
+def test_missing_optional_baselines_are_skipped_with_a_warning(three_class, monkeypatch) -> None:
+    import jule3d.baselines as baselines
+
+    volume, truth = three_class
+    monkeypatch.setattr(baselines, "missing_package", lambda name: "antspyx" if name == "atropos" else None)
+    with pytest.warns(UserWarning, match="'atropos' skipped: pip install antspyx"):
+        results = compare_methods(volume, 3, methods=("kmeans", "atropos"), ground_truth=truth, skip_missing=True)
+    assert [r.method for r in results] == ["kmeans"]
+
+
+def test_results_frame_is_the_table_as_a_dataframe() -> None:
+    from jule3d.evaluation import results_frame
+
+    metrics = {"nmi": 0.91234, "ari": 0.8, "dice_mean": 0.7, "dice_per_class": {1: 0.7}}
+    frame = results_frame([MethodResult("jule3d", np.zeros(1), 1.5, 20.0, metrics)])
+    assert list(frame.columns) == ["NMI", "ARI", "matched Dice", "seconds", "peak MB"]
+    assert frame.loc["jule3d", "NMI"] == 0.912
+
+
 def test_results_table_markdown() -> None:
     metrics = {"nmi": 0.91234, "nmi_geometric": 0.9, "ari": 0.8, "dice_mean": 0.7, "dice_per_class": {1: 0.7},
                "n_voxels": 10}

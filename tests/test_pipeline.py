@@ -247,3 +247,22 @@ def test_wheel_ships_the_notebooks(tmp_path: Path) -> None:
     (wheel,) = tmp_path.glob("jule3d-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
     assert {f"jule3d/notebooks/{nb.name}" for nb in NOTEBOOKS} <= names
+
+
+@pytest.mark.slow
+def test_notebook_opened_from_the_notebooks_folder_finds_the_run(tiny_run, tmp_path: Path) -> None:
+    """After `jule3d run --out runs/demo` in a project, notebook 04 run in `notebooks/` (as JupyterLab runs it,
+    with its own folder as the working folder) and `run_dir="runs/demo"` picks the run up."""
+    import shutil
+
+    import papermill
+
+    project = tmp_path / "project"
+    shutil.copytree(tiny_run.run_dir, project / "runs" / "demo")
+    assert main(["notebooks", str(project / "notebooks")]) == 0
+    notebook = project / "notebooks" / NOTEBOOKS[-1].name
+    papermill.execute_notebook(str(notebook), str(tmp_path / "out.ipynb"), cwd=str(project / "notebooks"),
+                               parameters={"run_dir": "runs/demo", "baselines": ["kmeans"], "render_3d": False},
+                               progress_bar=False, kernel_name="python3")
+    assert not (project / "notebooks" / "runs").exists()
+    assert (project / "runs" / "demo" / "metrics.json").stat().st_mtime > tiny_run.report.stat().st_mtime

@@ -11,6 +11,7 @@ from scipy import ndimage
 from scipy.spatial.distance import cdist
 
 import jule3d.jule
+import jule3d.segmentation
 from jule3d.io import read_image, save_labels, save_volume
 from jule3d.jule import save_model
 from jule3d.metrics import nmi
@@ -19,9 +20,12 @@ from jule3d.phantom import make_phantom
 from jule3d.segmentation import (
     GridFeatures,
     cluster_features,
+    grid_contacts,
     grid_features,
+    joint_features,
     label_volume,
     local_intensity,
+    merge_clusters,
     project_labels,
     segment,
     smooth_labels,
@@ -500,8 +504,8 @@ def test_local_intensity_averages_only_the_foreground() -> None:
 def test_intensity_weight_recovers_intensity_classes_an_untrained_net_misses() -> None:
     phantom = make_phantom(shape=(40, 40, 40), variant="intensity", seed=0)
     model = JuleNet3D(net_config("fast"), seed=0)
-    plain = label_volume(model, phantom.volume, 3, stride=2, seed=0)
-    weighted = label_volume(model, phantom.volume, 3, stride=2, seed=0, intensity_weight=3.0)
+    plain = label_volume(model, phantom.volume, 3, stride=2, seed=0, phase2="kmeans")
+    weighted = label_volume(model, phantom.volume, 3, stride=2, seed=0, phase2="kmeans", intensity_weight=3.0)
     inside = phantom.labels > 0
     assert nmi(phantom.labels, weighted, inside) > 0.7
     assert nmi(phantom.labels, weighted, inside) > nmi(phantom.labels, plain, inside) + 0.2
@@ -514,8 +518,9 @@ def test_smoothing_removes_speckle_of_a_noisy_segmentation() -> None:
     phantom = make_phantom(shape=(40, 40, 40), variant="intensity", seed=0)
     model = JuleNet3D(net_config("fast"), seed=0)
     inside = phantom.labels > 0
-    plain = label_volume(model, phantom.volume, 3, stride=2, seed=0, intensity_weight=3.0)
-    smooth = label_volume(model, phantom.volume, 3, stride=2, seed=0, intensity_weight=3.0, smoothing=2.0)
+    plain = label_volume(model, phantom.volume, 3, stride=2, seed=0, phase2="kmeans", intensity_weight=3.0)
+    smooth = label_volume(model, phantom.volume, 3, stride=2, seed=0, phase2="kmeans", intensity_weight=3.0,
+                          smoothing=2.0)
     assert nmi(phantom.labels, smooth, inside) > nmi(phantom.labels, plain, inside)
     # fewer label changes between neighbouring voxels: a less ragged segmentation
     def changes(labels):
@@ -523,3 +528,103 @@ def test_smoothing_removes_speckle_of_a_noisy_segmentation() -> None:
     assert changes(smooth) < changes(plain)
     with pytest.raises(ValueError, match="smoothing"):
         label_volume(model, phantom.volume, 3, smoothing=-1.0)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# [ours] the default Phase 2: joint features, over-clustering, merge by contact and likeness, Potts
+
+
+def _grid_of(labels: np.ndarray, features: np.ndarray | None = None) -> GridFeatures:
+    """A stride-1 grid whose every position is featured, in row order of ``labels.ravel()``."""
+    selected = np.ones(labels.shape, bool)
+    feats = np.zeros((labels.size, 1), np.float32) if features is None else features
+    return GridFeatures(feats, labels.shape, selected, 0, 1)
+
+
+def test_grid_contacts_counts_face_neighbour_pairs() -> None:
+    labels = np.zeros((1, 2, 3), np.int64)
+    labels[0, :, 2] = 1  # two columns of 0, one of 1: 2 contacts along x, none along y between labels
+    labels[0, 1, 0] = 2
+    contacts = grid_contacts(_grid_of(labels), labels[labels >= 0].ravel(), 3)
+    # pairs: (0,0)-(0,1) 0-0; (0,1)-(0,2) 0-1; (1,0)-(1,1) 2-0; (1,1)-(1,2) 0-1; y: (0,0)-(1,0) 0-2, (0,1)-(1,1) 0-0,
+    # (0,2)-(1,2) 1-1
+    expected = np.array([[0, 2, 2], [2, 0, 0], [2, 0, 0]], float)
+    np.testing.assert_array_equal(contacts, expected)
+
+
+def test_merge_clusters_joins_a_border_band_to_the_side_it_resembles() -> None:
+    # Two tissues A (0) and B (1) that meet nowhere but through a thin band (2) of mixed patches, which
+    # k-means would keep as a class of its own; the band looks more like A than like B.
+    sizes = np.array([1000.0, 1000.0, 100.0])
+    contacts = np.array([[0, 0, 150], [0, 0, 150], [150, 150, 0]], float)
+    centroids = np.array([[0.0], [1.0], [0.35]])
+    np.testing.assert_array_equal(merge_clusters(contacts, sizes, centroids, 2), [0, 1, 0])
+    # fragments of one tissue that interleave merge before two tissues that only share an interface
+    sizes = np.array([500.0, 500.0, 1000.0])
+    contacts = np.array([[0, 900, 30], [900, 0, 30], [30, 30, 0]], float)
+    centroids = np.array([[0.0], [0.3], [0.5]])
+    np.testing.assert_array_equal(merge_clusters(contacts, sizes, centroids, 2), [0, 0, 1])
+    np.testing.assert_array_equal(merge_clusters(contacts, sizes, centroids, 3), [0, 1, 2])
+
+
+def test_joint_features_weighs_intensity_by_its_variance_at_label_scale() -> None:
+    rng = np.random.default_rng(0)
+    noise = rng.normal(size=(1, 30, 30, 30)).astype(np.float32)  # no structure above the voxel
+    halves = noise * 0.3 + np.where(np.arange(30) < 15, -1.0, 1.0).astype(np.float32)[None, None, None, :]
+    model = JuleNet3D(net_config("fast", patch_size=13, n_filters=4, feature_dim=8), seed=0)
+    variances = {}
+    for name, data in (("noise", noise), ("halves", halves)):
+        volume = Volume.from_array(data)
+        grid = grid_features(model, volume, stride=2)
+        joint = joint_features([grid, grid], volume, intensity_weight=1.0, window=3)
+        assert joint.shape == (len(grid.features), 2 * 8 + 1)
+        np.testing.assert_allclose(np.mean(np.sum(joint[:, :16] ** 2, axis=1)), 1.0, rtol=1e-4)  # learnt block
+        variances[name] = float(joint[:, -1].var())
+        assert joint_features([grid], volume, intensity_weight=0.0).shape == (len(grid.features), 8)
+    assert variances["noise"] < 0.1  # a 3³ mean of white noise keeps 1/27 of its variance
+    assert variances["halves"] > 0.8  # regions of different brightness keep nearly all of it
+    other = JuleNet3D(net_config("fast", patch_size=15, n_filters=4, feature_dim=8), seed=0)
+    with pytest.raises(ValueError, match="share their positions"):
+        joint_features([grid, grid_features(other, volume, stride=2)], volume)
+
+
+def test_default_phase2_finds_intensity_classes_and_keeps_kmeans_reachable() -> None:
+    phantom = make_phantom(shape=(40, 40, 40), variant="intensity", seed=0)
+    model = JuleNet3D(net_config("fast"), seed=0)
+    inside = phantom.labels > 0
+    merged = label_volume(model, phantom.volume, 3, stride=2, seed=0)
+    published = label_volume(model, phantom.volume, 3, stride=2, seed=0, phase2="kmeans")
+    assert nmi(phantom.labels, merged, inside) > 0.7
+    assert nmi(phantom.labels, merged, inside) > nmi(phantom.labels, published, inside) + 0.2
+    assert set(np.unique(merged[inside])) == {1, 2, 3}
+    np.testing.assert_array_equal(merged, label_volume([model], phantom.volume, 3, stride=2, seed=0))
+    with pytest.raises(ValueError, match="phase2"):
+        label_volume(model, phantom.volume, 3, phase2="agdl")
+
+
+def test_segment_trains_the_presets_networks_with_distinct_seeds(phantom, monkeypatch) -> None:
+    seen: list[tuple[int, str]] = []
+    calls: list[dict] = []
+
+    def fake_training(patches, config, progress=True):
+        seen.append((config.seed, config.net))
+        net = config.network_config(in_channels=patches.patches.shape[1], patch_size=patches.patch_size)
+        return type("Result", (), {"model": JuleNet3D(net, seed=config.seed)})()
+
+    def fake_label_volume(models, volume, n_clusters, **options):
+        calls.append({"n_models": len(models), **options})
+        return np.zeros(volume.shape, np.uint8)
+
+    monkeypatch.setattr(jule3d.jule, "train_jule", fake_training)
+    monkeypatch.setattr(jule3d.segmentation, "label_volume", fake_label_volume)
+    segment(phantom.volume, 3, seed=3, n_patches=20, progress=False)
+    assert seen == [(6, "fast"), (7, "fast")] and calls[-1]["n_models"] == 2 and calls[-1]["phase2"] == "merge"
+    seen.clear()
+    segment(phantom.volume, 3, seed=3, preset="paper", n_patches=20, progress=False)
+    assert seen == [(3, "paper")] and calls[-1]["n_models"] == 1 and calls[-1]["phase2"] == "kmeans"
+    seen.clear()
+    segment(phantom.volume, 3, seed=1, n_networks=3, phase2="kmeans", n_patches=20, progress=False)
+    assert seen == [(3, "fast"), (4, "fast"), (5, "fast")] and calls[-1]["phase2"] == "kmeans"
+    for bad in ({"n_networks": 0}, {"phase2": "agdl"}, {"preset": "slow"}):
+        with pytest.raises(ValueError):
+            segment(phantom.volume, 3, progress=False, **bad)

@@ -21,6 +21,8 @@ Methods (``BASELINES`` maps the benchmark names to them):
   MRF prior) on every channel; needs ``antspyx``.
 * ``"hmrf"`` -- :func:`hmrf_segmentation`: dipy's hidden Markov random field tissue classifier on the first
   channel; needs ``dipy``.
+* ``"kanezaki"`` -- :func:`kanezaki`: Kim & Kanezaki 2020 in 3D, a CNN trained on the one volume by argmax
+  self-labelling and spatial continuity (:mod:`jule3d.kanezaki`); needs torch, like JULE-3D.
 
 ``antspyx`` and ``dipy`` are optional: they are imported when their method runs, and
 :func:`missing_package` tells whether a method can run here.
@@ -50,6 +52,7 @@ __all__ = [
     "OPTIONAL_PACKAGES",
     "atropos_segmentation",
     "gmm_intensity",
+    "kanezaki",
     "hmrf_segmentation",
     "kmeans_intensity",
     "local_mean_kmeans",
@@ -550,6 +553,18 @@ def hmrf_segmentation(
     return _finish(classes[inside], volume, mask)
 
 
+def kanezaki(
+    volume: Volume, n_classes: int, mask: np.ndarray | None = None, seed: int = 0, **options: Any
+) -> np.ndarray:
+    """Kim & Kanezaki 2020 in 3D, the closest deep peer (:func:`jule3d.kanezaki.kanezaki_segment`).
+
+    Imported on first use, so the classical baselines load without torch.
+    """
+    from .kanezaki import kanezaki_segment
+
+    return kanezaki_segment(volume, n_classes, mask=mask, seed=seed, **options)
+
+
 BASELINES: dict[str, Callable[..., np.ndarray]] = {
     "kmeans": kmeans_intensity,
     "otsu": multi_otsu,
@@ -558,6 +573,7 @@ BASELINES: dict[str, Callable[..., np.ndarray]] = {
     "localmean": local_mean_kmeans,
     "atropos": atropos_segmentation,
     "hmrf": hmrf_segmentation,
+    "kanezaki": kanezaki,
 }
 
 #: Baselines that need an optional package: name -> (module imported, package to ``pip install``).

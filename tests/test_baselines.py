@@ -28,8 +28,10 @@ from jule3d.volume import Volume
 SHAPE = (32, 32, 32)
 CLASS_MEANS = np.array([0.0, 1.0, 2.0])  # class i + 1 has mean CLASS_MEANS[i]
 #: Methods that label each voxel from its own intensity (and, for atropos/hmrf, its neighbours' labels);
-#: localmean blurs class boundaries by its 9³ box by design and has its own tests below.
-PER_VOXEL = sorted(set(BASELINES) - {"localmean"})
+#: localmean blurs class boundaries by its 9³ box by design and has its own tests below, and kanezaki (a CNN
+#: trained per volume) has its own tests in test_kanezaki.py.
+CLASSICAL = sorted(set(BASELINES) - {"kanezaki"})
+PER_VOXEL = sorted(set(CLASSICAL) - {"localmean"})
 
 
 def _needs_package(name: str) -> None:
@@ -89,7 +91,7 @@ def test_baselines_recover_intensity_classes_with_ordered_ids(
     assert matched_dice(truth, labels, truth > 0)["mapping"] == {1: 1, 2: 2, 3: 3}
 
 
-@pytest.mark.parametrize("name", sorted(BASELINES))
+@pytest.mark.parametrize("name", CLASSICAL)
 def test_baselines_are_deterministic_under_a_seed(name: str, volume: Volume) -> None:
     _needs_package(name)
     np.testing.assert_array_equal(
@@ -179,7 +181,14 @@ def test_order_labels_bad_inputs() -> None:
         order_labels_by_intensity(labels, np.zeros(labels.shape), np.zeros(labels.shape, dtype=bool))
 
 
-@pytest.mark.parametrize("name", sorted(BASELINES))
+def test_kanezaki_is_registered_and_runs_through_run_baseline(volume: Volume) -> None:
+    labels = run_baseline("kanezaki", volume, 3, seed=0, max_iter=3, n_channels=8)
+    assert labels.shape == SHAPE and set(np.unique(labels)) <= {0, 1, 2, 3}
+    with pytest.raises(ValueError, match="n_classes"):
+        run_baseline("kanezaki", volume, 1)
+
+
+@pytest.mark.parametrize("name", CLASSICAL)
 def test_bad_inputs_raise(name: str, volume: Volume) -> None:
     _needs_package(name)
     for bad in (1, 0, 2.5, True):

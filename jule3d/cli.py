@@ -72,12 +72,18 @@ def _register_segment(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", metavar="MODEL.pt", help="trained model: skip training")
     p.add_argument("--stride", type=int, default=2, help="grid stride of the dense features (default 2)")
     p.add_argument("--n-patches", type=int, default=2000, help="training patches (default 2000)")
-    p.add_argument("--intensity-weight", type=float, default=0.0, metavar="W",
-                   help="[ours] weight of the local mean intensity added to the features before k-means "
-                        "(default 0: the published method; 2 helped on MRI lesions)")
-    p.add_argument("--smoothing", type=float, default=0.0, metavar="BETA",
-                   help="[ours] weight of the Potts regularisation of the labels (default 0: the published "
-                        "method; 1-3 removes speckle)")
+    p.add_argument("--phase2", choices=["merge", "kmeans"], default=None,
+                   help="Phase 2 clustering (default: the preset's; merge [ours] for fast, kmeans (the paper) "
+                        "for paper)")
+    p.add_argument("--n-networks", type=int, default=None, metavar="N",
+                   help="[ours] networks trained with different seeds whose features are clustered together "
+                        "(default: the preset's)")
+    p.add_argument("--intensity-weight", type=float, default=None, metavar="W",
+                   help="[ours] weight of the local mean intensity next to the features (default: the Phase 2 "
+                        "method's; 0 leaves it out)")
+    p.add_argument("--smoothing", type=float, default=None, metavar="BETA",
+                   help="[ours] weight of the Potts regularisation of the labels (default: the Phase 2 "
+                        "method's; 0 turns it off)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     p.set_defaults(func=_cmd_segment)
 
@@ -95,8 +101,8 @@ def _cmd_segment(args: argparse.Namespace) -> int:
         raise FileExistsError(f"--out {out} exists; pass --overwrite to replace it")
     volume = load_volume(args.inputs, mask=args.mask)
     labels = segment(volume, n_clusters=args.n_clusters, preset=args.preset, seed=args.seed,
-                     model=args.model, stride=args.stride, n_patches=args.n_patches,
-                     intensity_weight=args.intensity_weight, smoothing=args.smoothing,
+                     model=args.model, stride=args.stride, n_patches=args.n_patches, phase2=args.phase2,
+                     n_networks=args.n_networks, intensity_weight=args.intensity_weight, smoothing=args.smoothing,
                      progress=sys.stderr.isatty())  # progress bars on a terminal, not in a log file
     save_labels(labels, out, reference=volume, overwrite=args.overwrite)
     counts = np.bincount(labels.ravel(), minlength=args.n_clusters + 1)[1:]

@@ -183,6 +183,17 @@ def test_smoothing_option(files, tmp_path: Path, capsys, monkeypatch) -> None:
     assert not (tmp_path / "bad.nii.gz").exists()
 
 
+def test_phase2_option_reaches_the_published_kmeans(files, tmp_path: Path, capsys) -> None:
+    merged, kmeans = tmp_path / "merge.nii.gz", tmp_path / "kmeans.nii.gz"
+    assert main(["segment", str(files["phantom"]), "--out", str(merged), "--model", str(files["tiny"])]) == 0
+    assert main(["segment", str(files["phantom"]), "--out", str(kmeans), "--model", str(files["tiny"]),
+                 "--phase2", "kmeans"]) == 0
+    assert not np.array_equal(read_image(merged)[0], read_image(kmeans)[0])
+    with pytest.raises(SystemExit) as info:
+        main(["segment", str(files["phantom"]), "--out", str(tmp_path / "x.nii.gz"), "--phase2", "spectral"])
+    assert info.value.code == 2 and "--phase2" in capsys.readouterr().err
+
+
 def test_bad_stride(files, tmp_path: Path, capsys) -> None:
     assert main(["segment", str(files["phantom"]), "--out", str(tmp_path / "l.nii.gz"),
                  "--model", str(files["tiny"]), "--stride", "3"]) == 2

@@ -556,19 +556,22 @@ def grid_contacts(grid: GridFeatures, labels: np.ndarray, n_labels: int) -> np.n
 def merge_clusters(
     contacts: np.ndarray, sizes: np.ndarray, centroids: np.ndarray, n_clusters: int
 ) -> np.ndarray:
-    """[ours] Merge an over-segmentation down to ``n_clusters`` clusters: spatial contact over Ward cost.
+    """[ours] Merge an over-segmentation down to ``n_clusters`` clusters: Ward's cost, discounted by contact.
 
-    Greedy agglomeration; at every step the pair with the largest
+    Greedy agglomeration; at every step the pair with the smallest
 
-    ``s(a, b) = [c_ab / min(n_a, n_b)] / [n_a n_b / (n_a + n_b) · |m_a - m_b|² / N]``
+    ``cost(a, b) = [n_a n_b / (n_a + n_b) · |m_a - m_b|² / N] / (1 + c_ab / min(n_a, n_b))``
 
-    merges, where ``c_ab`` is the number of grid-neighbour pairs between the two clusters, ``n`` their sizes,
-    ``m`` their centroids and ``N`` the number of positions. The numerator is the share of the smaller
-    cluster that touches the other (high for a thin band along a border, or for fragments of one tissue that
-    interleave); the denominator is Ward's increase of the within-cluster sum of squares (low for clusters
-    that look alike). A band of border patches between two tissues, whose features are a mixture of both and
-    which k-means makes a class of its own, touches both sides everywhere and joins the side it resembles;
-    two tissues that only meet along an interface stay apart unless they look alike.
+    merges, where ``n`` are the clusters' sizes, ``m`` their centroids, ``N`` the number of positions and
+    ``c_ab`` the number of grid-neighbour pairs between the two clusters. The numerator is Ward's increase of
+    the within-cluster sum of squares (small for clusters that look alike); the discount is the share of the
+    smaller cluster that touches the other (up to about 3-5 for a thin band along a border, or for fragments of
+    one tissue that interleave; 0 for clusters that never meet). A band of border patches between two
+    tissues, whose features mix both and which k-means makes a class of its own, touches both sides everywhere
+    and joins the side it resembles; clusters that never touch can still merge when they look alike (air
+    cavities in different places). Measured on the Iguana micro-CT: dividing by the contact instead
+    (``touch / ward``) chained bone to soft tissue through the partial-volume band and never joined separate
+    cavities (bone and soft tissue in one class); the discount keeps them apart.
 
     Parameters
     ----------
@@ -599,10 +602,9 @@ def merge_clusters(
         touch = contacts[np.ix_(idx, idx)] / np.minimum.outer(n, n)
         d2 = ((centroids[idx, None, :] - centroids[None, idx, :]) ** 2).sum(-1)
         ward = np.outer(n, n) / np.add.outer(n, n) * d2 / n_total
-        with np.errstate(divide="ignore", invalid="ignore"):
-            score = np.where(ward > 0, touch / ward, np.where(touch > 0, np.inf, 0.0))
-        score[np.tril_indices(len(idx))] = -np.inf
-        i, j = np.unravel_index(int(np.argmax(score)), score.shape)
+        cost = ward / (1.0 + touch)
+        cost[np.tril_indices(len(idx))] = np.inf
+        i, j = np.unravel_index(int(np.argmin(cost)), cost.shape)
         a, b = idx[i], idx[j]
         centroids[a] = (centroids[a] * sizes[a] + centroids[b] * sizes[b]) / (sizes[a] + sizes[b])
         sizes[a] += sizes[b]

@@ -565,6 +565,10 @@ def test_merge_clusters_joins_a_border_band_to_the_side_it_resembles() -> None:
     centroids = np.array([[0.0], [0.3], [0.5]])
     np.testing.assert_array_equal(merge_clusters(contacts, sizes, centroids, 2), [0, 0, 1])
     np.testing.assert_array_equal(merge_clusters(contacts, sizes, centroids, 3), [0, 1, 2])
+    # two separate pockets of one tissue (no contact) merge before either joins the tissue around them
+    contacts = np.array([[0, 0, 100], [0, 0, 100], [100, 100, 0]], float)
+    centroids = np.array([[0.0], [0.05], [1.0]])
+    np.testing.assert_array_equal(merge_clusters(contacts, sizes, centroids, 2), [0, 0, 1])
 
 
 def test_joint_features_weighs_intensity_by_its_variance_at_label_scale() -> None:

@@ -25,6 +25,7 @@ from __future__ import annotations
 import os
 import tempfile
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
@@ -37,7 +38,7 @@ from .volume import Volume
 __all__ = [
     "PHASE2_METHODS", "GridFeatures", "grid_features", "cluster_features", "smooth_labels", "local_intensity",
     "joint_features", "grid_contacts", "merge_clusters", "merge_segment", "project_labels", "label_volume",
-    "PRESET_PHASE2", "segment",
+    "PRESET_PHASE2", "phase2_defaults", "network_seeds", "train_networks", "segment",
 ]
 
 #: Grid features above this many bytes are kept in a temporary memory-mapped file instead of RAM.
@@ -808,6 +809,132 @@ def label_volume(
 PRESET_PHASE2: dict[str, tuple[int, str]] = {"fast": (2, "merge"), "paper": (1, "kmeans")}
 
 
+def phase2_defaults(preset: str, n_networks: int | None = None, phase2: str | None = None) -> tuple[int, str]:
+    """The number of networks and the Phase 2 method to use: the given ones, or the preset's.
+
+    Parameters
+    ----------
+    preset : str
+        A JULE preset (``"fast"`` or ``"paper"``).
+    n_networks : int, optional
+        Networks to train; ``None``: the preset's (:data:`PRESET_PHASE2`).
+    phase2 : {"merge", "kmeans"}, optional
+        Phase 2 clustering; ``None``: the preset's.
+
+    Returns
+    -------
+    tuple of (int, str)
+        ``(n_networks, phase2)``.
+
+    Raises
+    ------
+    ValueError
+        An unknown preset or Phase 2 method, or ``n_networks`` that is not a positive integer.
+
+    Examples
+    --------
+    >>> phase2_defaults("fast"), phase2_defaults("paper"), phase2_defaults("fast", 1, "kmeans")
+    ((2, 'merge'), (1, 'kmeans'), (1, 'kmeans'))
+    """
+    from .jule import JULE_PRESETS
+
+    if preset not in JULE_PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; valid presets: {sorted(JULE_PRESETS)}")
+    default_networks, default_phase2 = PRESET_PHASE2.get(preset, (1, "kmeans"))
+    phase2 = default_phase2 if phase2 is None else phase2
+    if phase2 not in PHASE2_METHODS:
+        raise ValueError(f"phase2 must be one of {PHASE2_METHODS}, got {phase2!r}")
+    n_networks = default_networks if n_networks is None else n_networks
+    if isinstance(n_networks, bool) or not isinstance(n_networks, (int, np.integer)) or n_networks < 1:
+        raise ValueError(f"n_networks must be a positive integer, got {n_networks!r}")
+    return int(n_networks), phase2
+
+
+def network_seeds(seed: int, n_networks: int) -> list[int]:
+    """Seeds of the networks of one run: network ``i`` of ``n`` gets ``seed * n + i`` (patches, weights, batches).
+
+    So the networks of different run seeds never coincide, and one network with seed ``s`` is the
+    single-network run of seed ``s``.
+
+    Examples
+    --------
+    >>> network_seeds(0, 2), network_seeds(3, 2), network_seeds(3, 1)
+    ([0, 1], [6, 7], [3])
+    """
+    return [seed * n_networks + i for i in range(n_networks)]
+
+
+def train_networks(
+    volume: Volume,
+    n_clusters: int,
+    preset: str = "fast",
+    seed: int = 0,
+    n_networks: int | None = None,
+    n_patches: int = 2000,
+    min_foreground: float = 0.5,
+    patches: Any = None,
+    ground_truth: np.ndarray | None = None,
+    checkpoint_dir: str | os.PathLike | None = None,
+    resume: bool = False,
+    progress: bool = True,
+    **jule_overrides: Any,
+) -> list[Any]:
+    """Phase 1 of :func:`segment`: ``n_networks`` JULE runs on the volume, each with its own seed.
+
+    Network ``i`` samples its own patches and trains with seed ``network_seeds(seed, n)[i]``.
+
+    Parameters
+    ----------
+    volume : Volume
+        The (normalised, masked) volume.
+    n_clusters : int
+        JULE's target cluster count ``k``.
+    preset : str
+        JULE preset; it sets the default ``n_networks`` (:func:`phase2_defaults`).
+    seed : int
+        Seed of the run.
+    n_networks : int, optional
+        Networks to train; ``None``: the preset's.
+    n_patches, min_foreground : int, float
+        Patch sampling of each network (:func:`jule3d.patches.sample_patches`).
+    patches : PatchSet, optional
+        Patches of network 0, already sampled with its seed (notebook 01 saves them); sampled here otherwise.
+    ground_truth : numpy.ndarray, optional
+        Labels ``(Z, Y, X)``: each network tracks the NMI of its clusters at its patch centres.
+    checkpoint_dir : path, optional
+        Checkpoints of network ``i`` go to ``checkpoint_dir/network_i`` (see :func:`jule3d.jule.train_jule`).
+    resume : bool
+        Continue each network from its last checkpoint.
+    progress : bool
+        Show progress bars.
+    **jule_overrides
+        Fields of :class:`jule3d.jule.JuleConfig`; ``None`` keeps the preset's value.
+
+    Returns
+    -------
+    list of JuleResult
+        One per network, in seed order.
+    """
+    from .jule import jule_config, train_jule
+    from .models import net_config
+    from .patches import sample_patches
+
+    n_networks, _ = phase2_defaults(preset, n_networks)
+    results = []
+    for i, net_seed in enumerate(network_seeds(seed, n_networks)):
+        config = jule_config(preset, n_clusters=n_clusters, seed=net_seed, **jule_overrides)
+        net = net_config(config.net, **config.net_overrides)
+        if i > 0 or patches is None:
+            patches = sample_patches(volume, n_patches, patch_size=net.patch_size, min_foreground=min_foreground,
+                                     seed=net_seed)
+            if ground_truth is not None:
+                patches.labels = np.asarray(ground_truth)[tuple(patches.centers.T)]
+        folder = None if checkpoint_dir is None else Path(checkpoint_dir) / f"network_{i}"
+        results.append(train_jule(patches, config, ground_truth=patches.labels, checkpoint_dir=folder,
+                                  resume=resume, progress=progress))
+    return results
+
+
 def segment(
     volume: Volume | str | os.PathLike | Sequence[str | os.PathLike] | np.ndarray,
     n_clusters: int = 3,
@@ -875,24 +1002,15 @@ def segment(
         ``(Z, Y, X)`` labels, 0 = background, 1..k = classes.
     """
     from .io import load_volume
-    from .jule import JULE_PRESETS, jule_config, load_model, train_jule
+    from .jule import jule_config, load_model
     from .models import net_config
     from .normalize import normalize_intensity
-    from .patches import sample_patches
 
     _check_n_clusters(n_clusters)
     for name, value in (("intensity_weight", intensity_weight), ("smoothing", smoothing)):
         if value is not None:
             _check_weight(name, value)
-    if preset not in JULE_PRESETS:
-        raise ValueError(f"unknown preset {preset!r}; valid presets: {sorted(JULE_PRESETS)}")
-    default_networks, default_phase2 = PRESET_PHASE2.get(preset, (1, "kmeans"))
-    phase2 = default_phase2 if phase2 is None else phase2
-    if phase2 not in PHASE2_METHODS:
-        raise ValueError(f"phase2 must be one of {PHASE2_METHODS}, got {phase2!r}")
-    n_networks = default_networks if n_networks is None else n_networks
-    if isinstance(n_networks, bool) or not isinstance(n_networks, (int, np.integer)) or n_networks < 1:
-        raise ValueError(f"n_networks must be a positive integer, got {n_networks!r}")
+    n_networks, phase2 = phase2_defaults(preset, n_networks, phase2)
     if isinstance(volume, Volume):
         vol = volume if mask is None else volume.with_mask(_mask_of(mask, volume))
     elif isinstance(volume, np.ndarray):
@@ -907,15 +1025,10 @@ def segment(
         given = [model] if isinstance(model, (JuleNet3D, str, os.PathLike)) else list(model)
         models = [load_model(m) if isinstance(m, (str, os.PathLike)) else m for m in given]
     else:
-        models = []
-        for i in range(n_networks):
-            net_seed = seed * n_networks + i
-            config = jule_config(preset, n_clusters=n_clusters, seed=net_seed, **jule_overrides)
-            net = net_config(config.net, **config.net_overrides)
-            _check_stride(stride, net.stride)  # fail before the training, not after it
-            patches = sample_patches(vol, n_patches, patch_size=net.patch_size, min_foreground=min_foreground,
-                                     seed=net_seed)
-            models.append(train_jule(patches, config, progress=progress).model)
+        config = jule_config(preset, n_clusters=n_clusters, seed=seed, **jule_overrides)
+        _check_stride(stride, net_config(config.net, **config.net_overrides).stride)  # fail before the training
+        models = [r.model for r in train_networks(vol, n_clusters, preset, seed, n_networks, n_patches,
+                                                  min_foreground, progress=progress, **jule_overrides)]
     return label_volume(models, vol, n_clusters, stride=stride, seed=seed, phase2=phase2,
                         intensity_weight=intensity_weight, smoothing=smoothing, progress=progress)
 

@@ -610,7 +610,7 @@ def test_segment_trains_the_presets_networks_with_distinct_seeds(phantom, monkey
     seen: list[tuple[int, str]] = []
     calls: list[dict] = []
 
-    def fake_training(patches, config, progress=True):
+    def fake_training(patches, config, progress=True, **options):
         seen.append((config.seed, config.net))
         net = config.network_config(in_channels=patches.patches.shape[1], patch_size=patches.patch_size)
         return type("Result", (), {"model": JuleNet3D(net, seed=config.seed)})()
@@ -632,3 +632,20 @@ def test_segment_trains_the_presets_networks_with_distinct_seeds(phantom, monkey
     for bad in ({"n_networks": 0}, {"phase2": "agdl"}, {"preset": "slow"}):
         with pytest.raises(ValueError):
             segment(phantom.volume, 3, progress=False, **bad)
+
+
+def test_train_networks_uses_given_patches_for_network_0_and_its_own_for_the_rest(phantom, tmp_path) -> None:
+    from jule3d.patches import sample_patches
+    from jule3d.segmentation import network_seeds, train_networks
+
+    first = sample_patches(phantom.volume, 60, patch_size=17, seed=network_seeds(2, 2)[0])
+    first.labels = phantom.labels[tuple(first.centers.T)]
+    results = train_networks(phantom.volume, 3, seed=2, patches=first, ground_truth=phantom.labels,
+                             checkpoint_dir=tmp_path, progress=False, epochs_per_period=1, final_epochs=1, k_s=5,
+                             n_patches=60)
+    assert [r.config.seed for r in results] == network_seeds(2, 2) == [4, 5]
+    assert all(r.history[-1].get("nmi") is not None for r in results), "both track the NMI at their centres"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["network_0", "network_1"]
+    again = train_networks(phantom.volume, 3, seed=2, progress=False, epochs_per_period=1, final_epochs=1, k_s=5,
+                           n_patches=60)
+    np.testing.assert_array_equal(again[0].labels, results[0].labels)  # the given patches are network 0's own

@@ -417,7 +417,7 @@ def run_suite(cases: Sequence[str], methods: Sequence[str], seeds: Sequence[int]
         case = load()
         truth = None if case.name == IGUANA else case.ground_truth
         for name, how in runners.items():
-            for seed in (seeds[:1] if how in SEEDLESS else seeds):
+            for seed in (seeds[:1] if isinstance(how, str) and how in SEEDLESS else seeds):
                 extra = {name: jule_method(case, how, seed)} if isinstance(how, JuleSettings) else {}
                 results = compare_methods(case.volume, case.n_clusters, [] if extra else [how], truth,
                                           case.evaluation_mask, extra=extra, seed=seed)

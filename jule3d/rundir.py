@@ -147,6 +147,41 @@ class RunDir:
                 f"differ. Redo the run into a new folder, or replace it: jule3d run --out {self.path} --overwrite"
             )
 
+    def model_file(self, index: int) -> str:
+        """File name of network ``index`` of the run: ``model.pt`` for the first, ``model_<i>.pt`` after it."""
+        return self.MODEL if index == 0 else self.MODEL.replace(".pt", f"_{index}.pt")
+
+    def save_training(self, results: Sequence) -> list[Path]:
+        """Write Phase 1's results: every network, the first one's clusters and features, every history.
+
+        ``history.json`` holds the first network's configuration, the number of networks and one record per
+        period of every network (with its ``network`` index), so the run's training seconds are their sum.
+        Returns the files written.
+        """
+        from .jule import save_model
+
+        for i, result in enumerate(results):
+            save_model(result, self.file(self.model_file(i)), overwrite=True)
+        extra = len(results)  # networks left from an earlier run with more of them
+        while (self.path / self.model_file(extra)).exists():
+            (self.path / self.model_file(extra)).unlink()
+            extra += 1
+        np.savez_compressed(self.file(self.CLUSTERS), labels=results[0].labels, features=results[0].features)
+        history = [dict(record, network=i) for i, r in enumerate(results) for record in r.history]
+        _write_json(self.file(self.HISTORY), {"config": results[0].config.to_dict(), "n_networks": len(results),
+                                              "history": history})
+        return [self.path / self.model_file(i) for i in range(len(results))] + [
+            self.path / self.CLUSTERS, self.path / self.HISTORY]
+
+    def load_models(self) -> list:
+        """The run's trained networks, in order (written by :meth:`save_training`)."""
+        from .jule import load_model
+
+        paths = [self.require(self.MODEL, "notebook 02_jule_training")]
+        while (self.path / self.model_file(len(paths))).exists():
+            paths.append(self.path / self.model_file(len(paths)))
+        return [load_model(p) for p in paths]
+
     def save_metrics(self, record: dict) -> Path:
         """Write notebook 04's metrics record (``metrics.json``): scores per method, class volumes, seconds."""
         return _write_json(self.file(self.METRICS), record)

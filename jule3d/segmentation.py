@@ -38,7 +38,7 @@ from .volume import Volume
 __all__ = [
     "PHASE2_METHODS", "GridFeatures", "grid_features", "cluster_features", "smooth_labels", "local_intensity",
     "joint_features", "grid_contacts", "merge_clusters", "merge_segment", "project_labels", "label_volume",
-    "PRESET_PHASE2", "phase2_defaults", "network_seeds", "train_networks", "segment",
+    "PRESET_PHASE2", "phase2_defaults", "phase2_weights", "network_seeds", "train_networks", "segment",
 ]
 
 #: Grid features above this many bytes are kept in a temporary memory-mapped file instead of RAM.
@@ -478,6 +478,22 @@ N_OVERCLUSTERS = 32
 #: counts 1, of 19.1 in all). [ours]
 MERGE_SMOOTHING = 0.25
 
+def phase2_weights(phase2: str) -> tuple[float, float]:
+    """The default ``(intensity_weight, smoothing)`` of a Phase 2 method.
+
+    ``"merge"`` [ours]: the intensity block at weight 1 and a Potts weight of :data:`MERGE_SMOOTHING`;
+    ``"kmeans"``: both 0, the published method.
+
+    Examples
+    --------
+    >>> phase2_weights("merge"), phase2_weights("kmeans")
+    ((1.0, 0.25), (0.0, 0.0))
+    """
+    if phase2 not in PHASE2_METHODS:
+        raise ValueError(f"phase2 must be one of {PHASE2_METHODS}, got {phase2!r}")
+    return (1.0, MERGE_SMOOTHING) if phase2 == "merge" else (0.0, 0.0)
+
+
 #: Times :func:`merge_segment` halves a Potts weight that empties a class before it gives up smoothing.
 MAX_SMOOTHING_HALVINGS = 4
 
@@ -776,11 +792,10 @@ def label_volume(
     numpy.ndarray
         ``(Z, Y, X)`` labels, ``uint8`` (``uint16`` above 255 classes): 0 background, 1..k classes.
     """
-    if phase2 not in PHASE2_METHODS:
-        raise ValueError(f"phase2 must be one of {PHASE2_METHODS}, got {phase2!r}")
     merge = phase2 == "merge"
-    intensity_weight = (1.0 if merge else 0.0) if intensity_weight is None else intensity_weight
-    smoothing = (MERGE_SMOOTHING if merge else 0.0) if smoothing is None else smoothing
+    default_weight, default_smoothing = phase2_weights(phase2)
+    intensity_weight = default_weight if intensity_weight is None else intensity_weight
+    smoothing = default_smoothing if smoothing is None else smoothing
     _check_weight("intensity_weight", intensity_weight)
     _check_weight("smoothing", smoothing)
     models = [model] if isinstance(model, JuleNet3D) else list(model)
@@ -872,6 +887,7 @@ def train_networks(
     n_networks: int | None = None,
     n_patches: int = 2000,
     min_foreground: float = 0.5,
+    patch_size: int | None = None,
     patches: Any = None,
     ground_truth: np.ndarray | None = None,
     checkpoint_dir: str | os.PathLike | None = None,
@@ -897,6 +913,8 @@ def train_networks(
         Networks to train; ``None``: the preset's.
     n_patches, min_foreground : int, float
         Patch sampling of each network (:func:`jule3d.patches.sample_patches`).
+    patch_size : int, optional
+        Patch side; ``None``: that of ``patches`` when given, else the preset network's.
     patches : PatchSet, optional
         Patches of network 0, already sampled with its seed (notebook 01 saves them); sampled here otherwise.
     ground_truth : numpy.ndarray, optional
@@ -923,9 +941,11 @@ def train_networks(
     results = []
     for i, net_seed in enumerate(network_seeds(seed, n_networks)):
         config = jule_config(preset, n_clusters=n_clusters, seed=net_seed, **jule_overrides)
-        net = net_config(config.net, **config.net_overrides)
+        if patch_size is None:
+            patch_size = patches.patch_size if patches is not None else net_config(
+                config.net, **config.net_overrides).patch_size
         if i > 0 or patches is None:
-            patches = sample_patches(volume, n_patches, patch_size=net.patch_size, min_foreground=min_foreground,
+            patches = sample_patches(volume, n_patches, patch_size=patch_size, min_foreground=min_foreground,
                                      seed=net_seed)
             if ground_truth is not None:
                 patches.labels = np.asarray(ground_truth)[tuple(patches.centers.T)]

@@ -116,8 +116,8 @@ TUNABLE: dict[str, Any] = {
     "k_c": None,
     "eta": None,
     "n_clusters": 3,
-    "intensity_weight": 0.0,
-    "smoothing": 0.0,
+    "intensity_weight": None,
+    "smoothing": None,
 }
 
 
@@ -126,8 +126,12 @@ def preset_values(preset: str) -> dict[str, Any]:
     from .jule import jule_config
     from .models import net_config
 
+    from .segmentation import phase2_defaults, phase2_weights
+
     config = jule_config(preset)
-    return {"patch_size": net_config(config.net).patch_size, "k_s": config.k_s, "k_c": config.k_c, "eta": config.eta}
+    intensity_weight, smoothing = phase2_weights(phase2_defaults(preset)[1])
+    return {"patch_size": net_config(config.net).patch_size, "k_s": config.k_s, "k_c": config.k_c, "eta": config.eta,
+            "intensity_weight": intensity_weight, "smoothing": smoothing}
 
 
 def quick_preview(
@@ -163,7 +167,7 @@ def quick_preview(
     """
     from .jule import jule_config, train_jule
     from .patches import sample_patches
-    from .segmentation import label_volume
+    from .segmentation import label_volume, phase2_defaults
 
     unknown = sorted(set(params) - set(TUNABLE))
     if unknown:
@@ -179,7 +183,7 @@ def quick_preview(
     middle = volume.shape[0] // 2
     start = int(np.clip(middle - thickness // 2, 0, max(volume.shape[0] - thickness, 0)))
     part = volume.crop((start, 0, 0), (start + thickness, *volume.shape[1:]))
-    return part, label_volume(model, part, int(p["n_clusters"]), seed=seed,
+    return part, label_volume(model, part, int(p["n_clusters"]), seed=seed, phase2=phase2_defaults(p["preset"])[1],
                               intensity_weight=float(p["intensity_weight"]), smoothing=float(p["smoothing"]))
 
 

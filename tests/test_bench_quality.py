@@ -149,6 +149,21 @@ def test_suite_runs_seedless_methods_once_and_scores_structure(monkeypatch) -> N
     assert "phantom-lung" in table and "worst seed NMI" in table
 
 
+def test_suite_runs_jule3d_with_its_defaults_once_per_seed(monkeypatch) -> None:
+    case = bq.phantom_case("intensity", size=32)
+    calls = []
+
+    def fake_segment(volume, n_clusters, seed, progress, **options):
+        calls.append((seed, options))
+        return bq.compare_methods(volume, n_clusters, ["kmeans"], seed=seed)[0].labels
+
+    monkeypatch.setattr(bq, "suite_loaders", lambda cases, intensity: [lambda: case])
+    monkeypatch.setattr(bq, "segment", fake_segment)
+    rows = bq.run_suite(["phantom-intensity"], ["jule3d"], [0, 1], "zero-background")
+    assert [(r["method"], r["seed"]) for r in rows] == [("jule3d (default)", 0), ("jule3d (default)", 1)]
+    assert calls == [(0, {"preset": "fast"}), (1, {"preset": "fast"})], "defaults only: nothing but the preset"
+
+
 def test_structure_shares_detects_a_merged_tissue() -> None:
     tissues = np.array([1, 1, 2, 2, 3, 3])
     assert bq.structure_shares(tissues, np.array([1, 1, 2, 2, 3, 3])) == {

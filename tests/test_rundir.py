@@ -164,3 +164,22 @@ def test_metrics_round_trip(tmp_path: Path) -> None:
     run.save_metrics({"methods": {"jule3d": {"nmi": 0.5}}, "class_volumes_mm3": {"1": 2.0}})
     assert run.load_metrics()["methods"]["jule3d"]["nmi"] == 0.5
     assert not list(run.path.glob("*.tmp"))
+
+
+def test_training_of_several_networks_round_trips(tmp_path: Path) -> None:
+    from jule3d.segmentation import train_networks
+
+    phantom = make_phantom(shape=(32, 32, 32), seed=0)
+    results = train_networks(phantom.volume, 3, seed=1, n_networks=3, n_patches=40, progress=False,
+                             epochs_per_period=1, final_epochs=1, k_s=5)
+    run = RunDir(tmp_path / "run")
+    written = run.save_training(results)
+    assert [p.name for p in written] == ["model.pt", "model_1.pt", "model_2.pt", "clusters.npz", "history.json"]
+    models = run.load_models()
+    assert len(models) == 3
+    x = results[1].model.embed(np.zeros((1, 1, 17, 17, 17), np.float32))
+    np.testing.assert_allclose(models[1].embed(np.zeros((1, 1, 17, 17, 17), np.float32)), x, rtol=1e-6)
+    history = json.loads((run.path / RunDir.HISTORY).read_text(encoding="utf-8"))
+    assert history["n_networks"] == 3 and {r["network"] for r in history["history"]} == {0, 1, 2}
+    run.save_training(results[:1])  # a later run with one network leaves no stale model_1.pt behind
+    assert len(run.load_models()) == 1 and not (run.path / "model_1.pt").exists()

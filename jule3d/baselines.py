@@ -152,9 +152,7 @@ def kmeans_intensity(
     """
     mask, features = _prepare(volume, n_classes, mask)
     _check_positive(max_samples=max_samples, n_init=n_init)
-    sample = _sample_rows(features, max_samples, seed)
-    model = KMeans(n_clusters=n_classes, n_init=n_init, random_state=seed).fit(sample)
-    return _finish(_predict(model, features), volume, mask)
+    return _finish(_kmeans_codes(features, n_classes, max_samples, n_init, seed), volume, mask)
 
 
 def gmm_intensity(
@@ -380,9 +378,7 @@ def local_mean_kmeans(
     mask, _ = _prepare(volume, n_classes, mask)
     _check_positive_int(window=window, max_samples=max_samples, n_init=n_init)
     features = np.ascontiguousarray(masked_box_mean(volume.data, mask, window, np.nonzero(mask)).T)
-    sample = _sample_rows(features, max_samples, seed)
-    model = KMeans(n_clusters=n_classes, n_init=n_init, random_state=seed).fit(sample)
-    return _finish(_predict(model, features), volume, mask)
+    return _finish(_kmeans_codes(features, n_classes, max_samples, n_init, seed), volume, mask)
 
 
 def atropos_segmentation(
@@ -707,6 +703,13 @@ def _count_distinct_rows(rows: np.ndarray) -> int:
     if rows.shape[1] == 1:
         return int(np.unique(rows[:, 0]).size)
     return int(np.unique(rows, axis=0).shape[0])
+
+
+def _kmeans_codes(features: np.ndarray, n_classes: int, max_samples: int, n_init: int, seed: int) -> np.ndarray:
+    """k-means fitted on a seeded sample of at most ``max_samples`` rows, then every row's cluster."""
+    sample = _sample_rows(features, max_samples, seed)
+    model = KMeans(n_clusters=n_classes, n_init=n_init, random_state=seed).fit(sample)
+    return _predict(model, features)
 
 
 def _check_positive(**values: float) -> None:

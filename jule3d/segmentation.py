@@ -443,26 +443,21 @@ def local_intensity(volume: Volume, grid: GridFeatures, window: int = 3) -> np.n
         ``(M, C)`` float32, each column with mean 0 and standard deviation 1 over the ``M`` positions
         (a constant column stays 0).
     """
-    from .baselines import masked_box_mean
-
     return _local_mean(volume, grid, window, standardise=True)
 
 
 def _local_mean(volume: Volume, grid: GridFeatures, window: int, standardise: bool) -> np.ndarray:
     """Foreground mean of every channel in a ``window``³ box at each featured centre, centred; divided by its
     own sd (``standardise``) or by the sd of the channel's foreground voxels."""
+    from .baselines import masked_box_mean
+
     if not isinstance(window, (int, np.integer)) or isinstance(window, bool) or window < 1:
         raise ValueError(f"intensity_window must be a positive integer, got {window!r}")
-    centres = tuple(grid.centers.T)
     foreground = volume.foreground()
-    inside = foreground.astype(np.float32)
-    share = ndimage.uniform_filter(inside, size=int(window), mode="constant")[centres]  # > 0: centres are inside
     columns = []
-    for channel in volume.data:
-        channel = np.asarray(channel, dtype=np.float32)
-        total = ndimage.uniform_filter(channel * inside, size=int(window), mode="constant")
-        values = total[centres] / share
-        std = values.std() if standardise else channel[foreground].std()
+    for channel, values in zip(volume.data, masked_box_mean(volume.data, foreground, int(window),
+                                                            tuple(grid.centers.T))):
+        std = values.std() if standardise else np.asarray(channel, dtype=np.float32)[foreground].std()
         columns.append((values - values.mean()) / std if std > 0 else np.zeros_like(values))
     return np.stack(columns, axis=1).astype(np.float32)
 

@@ -13,6 +13,7 @@ import os
 import re
 import shutil
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -253,20 +254,18 @@ def _prepare_run_dir(run_dir: Path, parameters: Mapping[str, Any], overwrite: bo
     RunDir(run_dir).write_manifest()
 
 
-def _kernel_manager_class() -> type:
-    """A kernel manager that talks to its kernel over local IPC sockets instead of unencrypted TCP.
+def _kernel_manager_class(socket_dir: str) -> type:
+    """A kernel manager that talks to its kernel over local IPC sockets in ``socket_dir``, not unencrypted TCP.
 
-    The sockets live in a private temporary folder (ipykernel warns about plain TCP for every notebook).
+    ipykernel warns about plain TCP for every notebook. The caller owns ``socket_dir`` and removes it.
     """
-    import tempfile
-
     from jupyter_client.manager import AsyncKernelManager
 
     class IPCKernelManager(AsyncKernelManager):
         def __init__(self, **kwargs: Any) -> None:
             super().__init__(**kwargs)
             self.transport = "ipc"
-            self.ip = os.path.join(tempfile.mkdtemp(prefix="jule3d-kernel-"), "kernel")
+            self.ip = os.path.join(socket_dir, "kernel")
 
     return IPCKernelManager
 
@@ -343,35 +342,36 @@ def run_pipeline(
     show_bar = sys.stderr.isatty() if progress is None else progress
 
     result = PipelineResult(run_dir=run_dir, parameters=params)
-    for nb in notebooks:
-        out = run_dir / EXECUTED_DIR / nb.name
-        if resume and _succeeded(out):
-            result.notebooks.append(NotebookRun(nb.name, out, 0.0, 0.0, skipped=True))
-            continue
-        declared = notebook_parameters(nb)
-        nb_params = dict(routed[nb])
-        nb_params["run_dir"] = str(run_dir)
-        if "volume_path" in declared:
-            nb_params["volume_path"] = params["volume_path"]
-        if resume and "resume" in declared:  # a notebook interrupted mid-way continues from its checkpoint
-            nb_params["resume"] = True
-        nb_params = {k: v for k, v in nb_params.items() if k in declared}
-        start = time.perf_counter()
-        try:
-            papermill.execute_notebook(
-                str(nb), str(out), parameters=nb_params, kernel_name="python3", cwd=str(run_dir),
-                progress_bar=show_bar, execution_timeout=cell_timeout,
-                kernel_manager_class=_kernel_manager_class(),
-            )
-        except PapermillExecutionError as exc:
-            raise PipelineError(
-                f"notebook {nb.name} failed in cell {exc.exec_count}: {exc.ename}: {exc.evalue}\n"
-                f"the executed notebook is kept for inspection: {out}"
-            ) from None
-        seconds = time.perf_counter() - start
-        result.notebooks.append(NotebookRun(nb.name, out, seconds, _cell_seconds(out)))
-        if progress is None and not show_bar:
-            print(f"jule3d run: {nb.name} done in {seconds:.1f} s", file=sys.stderr, flush=True)
+    with tempfile.TemporaryDirectory(prefix="jule3d-kernels-") as socket_dir:
+        kernel_manager = _kernel_manager_class(socket_dir)
+        for nb in notebooks:
+            out = run_dir / EXECUTED_DIR / nb.name
+            if resume and _succeeded(out):
+                result.notebooks.append(NotebookRun(nb.name, out, 0.0, 0.0, skipped=True))
+                continue
+            declared = notebook_parameters(nb)
+            nb_params = dict(routed[nb])
+            nb_params["run_dir"] = str(run_dir)
+            if "volume_path" in declared:
+                nb_params["volume_path"] = params["volume_path"]
+            if resume and "resume" in declared:  # a notebook interrupted mid-way continues from its checkpoint
+                nb_params["resume"] = True
+            nb_params = {k: v for k, v in nb_params.items() if k in declared}
+            start = time.perf_counter()
+            try:
+                papermill.execute_notebook(
+                    str(nb), str(out), parameters=nb_params, kernel_name="python3", cwd=str(run_dir),
+                    progress_bar=show_bar, execution_timeout=cell_timeout, kernel_manager_class=kernel_manager,
+                )
+            except PapermillExecutionError as exc:
+                raise PipelineError(
+                    f"notebook {nb.name} failed in cell {exc.exec_count}: {exc.ename}: {exc.evalue}\n"
+                    f"the executed notebook is kept for inspection: {out}"
+                ) from None
+            seconds = time.perf_counter() - start
+            result.notebooks.append(NotebookRun(nb.name, out, seconds, _cell_seconds(out)))
+            if progress is None and not show_bar:
+                print(f"jule3d run: {nb.name} done in {seconds:.1f} s", file=sys.stderr, flush=True)
     run = RunDir(run_dir)
     if report:
         start = time.perf_counter()

@@ -57,6 +57,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 @subcommand
+#: ``jule3d segment --phase2`` choices: :data:`jule3d.segmentation.PHASE2_METHODS`, written out so that building
+#: the parser does not import torch (a test checks they agree).
+PHASE2_CHOICES = ("consensus", "merge", "kmeans")
+
+
 def _register_segment(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "segment", help="segment a volume without labels (JULE-3D) into a label map",
@@ -72,11 +77,11 @@ def _register_segment(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", metavar="MODEL.pt", help="trained model: skip training")
     p.add_argument("--stride", type=int, default=2, help="grid stride of the dense features (default 2)")
     p.add_argument("--n-patches", type=int, default=2000, help="training patches (default 2000)")
-    p.add_argument("--phase2", choices=["merge", "kmeans"], default=None,
-                   help="Phase 2 clustering (default: the preset's; merge [ours] for fast, kmeans (the paper) "
-                        "for paper)")
+    p.add_argument("--phase2", choices=PHASE2_CHOICES, default=None,
+                   help="Phase 2 clustering (default: the preset's; consensus [ours] for fast, kmeans (the "
+                        "paper) for paper)")
     p.add_argument("--n-networks", type=int, default=None, metavar="N",
-                   help="[ours] networks trained with different seeds whose features are clustered together "
+                   help="[ours] networks trained with different seeds, clustered together and each alone "
                         "(default: the preset's)")
     p.add_argument("--intensity-weight", type=float, default=None, metavar="W",
                    help="[ours] weight of the local mean intensity next to the features (default: the Phase 2 "

@@ -37,7 +37,8 @@ from .volume import Volume
 
 __all__ = [
     "PHASE2_METHODS", "GridFeatures", "grid_features", "cluster_features", "smooth_labels", "local_intensity",
-    "joint_features", "grid_contacts", "merge_clusters", "merge_segment", "project_labels", "label_volume",
+    "joint_features", "grid_contacts", "merge_clusters", "merge_segment", "CONSENSUS_WEIGHTS", "Consensus",
+    "network_subsets", "consensus_segment", "REFINE_FLOOR", "refine_labels", "project_labels", "label_volume",
     "PRESET_PHASE2", "phase2_defaults", "phase2_weights", "network_seeds", "train_networks", "segment",
 ]
 
@@ -462,31 +463,32 @@ def _local_mean(volume: Volume, grid: GridFeatures, window: int, standardise: bo
     return np.stack(columns, axis=1).astype(np.float32)
 
 
-PHASE2_METHODS: tuple[str, ...] = ("merge", "kmeans")
-"""Phase 2 clusterings: ``"merge"`` [ours, the default of ``fast``] and ``"kmeans"`` (Moriya 2018)."""
+PHASE2_METHODS: tuple[str, ...] = ("consensus", "merge", "kmeans")
+"""Phase 2 clusterings: ``"consensus"`` [ours, the default of ``fast``], ``"merge"`` [ours, one of its
+candidates] and ``"kmeans"`` (Moriya 2018)."""
 
 #: Clusters of the over-segmentation that :func:`merge_clusters` merges down to ``k`` [ours].
 N_OVERCLUSTERS = 32
 
-#: Default Potts weight of the ``"merge"`` Phase 2, in units of the median class margin: a position whose
-#: margin is the median one changes its label only when its neighbours outvote it by 4 (a face neighbour
-#: counts 1, of 19.1 in all). [ours]
+#: Default Potts weight of the ``"merge"`` and ``"consensus"`` Phase 2, in units of the median class margin:
+#: a position whose margin is the median one changes its label only when its neighbours outvote it by 4
+#: (a face neighbour counts 1, of 19.1 in all). [ours]
 MERGE_SMOOTHING = 0.25
 
 def phase2_weights(phase2: str) -> tuple[float, float]:
     """The default ``(intensity_weight, smoothing)`` of a Phase 2 method.
 
-    ``"merge"`` [ours]: the intensity block at weight 1 and a Potts weight of :data:`MERGE_SMOOTHING`;
-    ``"kmeans"``: both 0, the published method.
+    ``"consensus"`` and ``"merge"`` [ours]: the intensity block at weight 1 and a Potts weight of
+    :data:`MERGE_SMOOTHING`; ``"kmeans"``: both 0, the published method.
 
     Examples
     --------
-    >>> phase2_weights("merge"), phase2_weights("kmeans")
+    >>> phase2_weights("consensus"), phase2_weights("kmeans")
     ((1.0, 0.25), (0.0, 0.0))
     """
     if phase2 not in PHASE2_METHODS:
         raise ValueError(f"phase2 must be one of {PHASE2_METHODS}, got {phase2!r}")
-    return (1.0, MERGE_SMOOTHING) if phase2 == "merge" else (0.0, 0.0)
+    return (0.0, 0.0) if phase2 == "kmeans" else (1.0, MERGE_SMOOTHING)
 
 
 #: Times :func:`merge_segment` halves a Potts weight that empties a class before it gives up smoothing.
@@ -640,10 +642,12 @@ def merge_segment(
     n_overclusters: int = N_OVERCLUSTERS,
     spacing: Sequence[float] = (1.0, 1.0, 1.0),
     max_fit: int = 50_000,
+    n_init: int = 3,
 ) -> np.ndarray:
     """[ours] Over-cluster, merge by spatial contact and likeness, then Potts-regularise: labels of the grid.
 
-    1. k-means with ``n_overclusters`` clusters (3 restarts, fitted on a seeded sample of ``max_fit`` rows).
+    1. k-means with ``n_overclusters`` clusters (``n_init`` restarts, fitted on a seeded sample of ``max_fit``
+       rows).
     2. :func:`merge_clusters` merges them to ``n_clusters`` groups.
     3. Each position's distance to a group is its squared distance to the nearest centroid of the group's
        over-clusters (a group may hold several modes, e.g. the enhancing rim and the necrosis of a tumour
@@ -670,6 +674,8 @@ def merge_segment(
         Voxel spacing, for the Potts weights.
     max_fit : int
         Rows k-means is fitted on.
+    n_init : int
+        k-means restarts of step 1 (the one with the lowest inertia is kept).
 
     Returns
     -------
@@ -690,7 +696,7 @@ def merge_segment(
     rng = np.random.default_rng(seed)
     fit = features if n <= max_fit else features[np.sort(rng.choice(n, size=max_fit, replace=False))]
     with threadpool_limits(limits=1):
-        km = KMeans(n_clusters=n_over, n_init=3, random_state=seed).fit(np.asarray(fit, dtype=np.float32))
+        km = KMeans(n_clusters=n_over, n_init=n_init, random_state=seed).fit(np.asarray(fit, dtype=np.float32))
         over = np.empty(n, dtype=np.int64)
         nearest = np.empty((n, n_over), dtype=np.float32)
         for start in range(0, n, 262_144):
@@ -722,13 +728,198 @@ def merge_segment(
     return merged
 
 
+#: Factors on the intensity block of the candidates of the ``"consensus"`` Phase 2: a geometric range around
+#: the variance-matched scale of :func:`joint_features` [ours].
+CONSENSUS_WEIGHTS: tuple[float, ...] = (0.25, 0.5, 1.0, 2.0, 4.0)
+
+
+@dataclass
+class Consensus:
+    """The candidate segmentations of :func:`consensus_segment` and the one it keeps.
+
+    Attributes
+    ----------
+    labels : numpy.ndarray
+        ``(M,)`` int32 labels of the featured grid positions: those of the chosen candidate.
+    candidates : list of tuple
+        ``(networks, intensity_weight)`` of every candidate: which networks' features it clusters (indices
+        into the grids) and the factor on the intensity block.
+    agreement : numpy.ndarray
+        ``(R, R)`` NMI between every two candidates' labels (diagonal 1).
+    chosen : int
+        Index of the kept candidate: the one with the highest mean NMI to the others.
+    """
+
+    labels: np.ndarray
+    candidates: list[tuple[tuple[int, ...], float]]
+    agreement: np.ndarray
+    chosen: int
+
+    @property
+    def support(self) -> np.ndarray:
+        """``(R,)`` mean NMI of every candidate to the other candidates (1 when there is one candidate)."""
+        r = len(self.candidates)
+        return (self.agreement.sum(axis=1) - 1.0) / (r - 1) if r > 1 else np.ones(1)
+
+
+def network_subsets(n_networks: int) -> list[tuple[int, ...]]:
+    """The networks whose features each consensus candidate clusters: all of them together, then each alone.
+
+    Examples
+    --------
+    >>> network_subsets(2), network_subsets(1)
+    ([(0, 1), (0,), (1,)], [(0,)])
+    """
+    together = [tuple(range(n_networks))]
+    return together if n_networks == 1 else together + [(i,) for i in range(n_networks)]
+
+
+def consensus_segment(
+    grids: Sequence[GridFeatures],
+    volume: Volume,
+    n_clusters: int,
+    seed: int = 0,
+    intensity_weight: float = 1.0,
+    window: int = 3,
+    smoothing: float = MERGE_SMOOTHING,
+    weights: Sequence[float] = CONSENSUS_WEIGHTS,
+) -> Consensus:
+    """[ours] Several :func:`merge_segment` candidates; keep the one that agrees best with the others.
+
+    How much the local intensity should count against the learnt structure depends on the data (much on
+    an MRI lesion, little on a texture), and one network can learn a worse feature space than another. With
+    no labels to decide, every combination of the networks (:func:`network_subsets`) with every factor of
+    ``weights`` (times ``intensity_weight``) on the intensity block of :func:`joint_features` is segmented
+    by :func:`merge_segment` (one k-means restart each: the candidates are the restarts), and the candidate
+    with the highest mean NMI to the other candidates is kept: the medoid of the ensemble, the "best of"
+    consensus of Strehl & Ghosh (2002, JMLR 3: 583-617). A candidate that collapsed (a network that merged
+    two tissues, an intensity factor that drowns a texture) agrees little with the rest and is not chosen.
+
+    Parameters
+    ----------
+    grids : sequence of GridFeatures
+        Features of each network on the same grid.
+    volume : Volume
+        The volume the grids were computed on.
+    n_clusters : int
+        Number of classes ``k``.
+    seed : int
+        Seed of every candidate's k-means.
+    intensity_weight : float
+        Factor on all of ``weights`` (0: the learnt features alone, one candidate per network subset).
+    window : int
+        Side of the intensity box of :func:`joint_features`.
+    smoothing : float
+        Potts weight of :func:`merge_segment`.
+    weights : sequence of float
+        Factors on the intensity block, one candidate each per network subset.
+
+    Returns
+    -------
+    Consensus
+        The chosen labels, the candidates and their agreement.
+    """
+    from .metrics import nmi
+
+    _check_weight("intensity_weight", intensity_weight)
+    if not weights or any(isinstance(w, bool) or not np.isfinite(w) or w < 0 for w in weights):
+        raise ValueError(f"weights must be a non-empty sequence of non-negative numbers, got {weights!r}")
+    factors = [0.0] if intensity_weight == 0 else [float(w) * intensity_weight for w in weights]
+    candidates = [(subset, w) for subset in network_subsets(len(grids)) for w in factors]
+    spacing = volume.geometry.spacing_zyx
+    labels = [merge_segment(joint_features([grids[i] for i in subset], volume, w, window), grids[0], n_clusters,
+                            seed=seed, smoothing=smoothing, spacing=spacing, n_init=1)
+              for subset, w in candidates]
+    agreement = np.eye(len(labels))
+    for i in range(len(labels)):
+        for j in range(i + 1, len(labels)):
+            agreement[i, j] = agreement[j, i] = nmi(labels[i], labels[j])
+    result = Consensus(labels[0], candidates, agreement, 0)
+    result.chosen = int(np.argmax(result.support))  # ties: the first, i.e. all networks at the lowest factor
+    result.labels = labels[result.chosen]
+    return result
+
+
+#: Least prior probability of a class at a voxel in :func:`refine_labels`: deep inside a region of the coarse
+#: labels a voxel changes class only when its local intensity is 1000 times likelier under another [ours].
+REFINE_FLOOR = 1e-3
+
+
+def refine_labels(
+    labels: np.ndarray, volume: Volume, stride: int, window: int = 3, floor: float = REFINE_FLOOR
+) -> np.ndarray:
+    """[ours] Voxel-level borders for labels of a grid: the grid labels as a spatial prior, intensity as evidence.
+
+    Labels projected from a grid are blocks of ``stride`` voxels from features of whole patches, so their
+    borders are uncertain by about a block. Each voxel takes the class of highest posterior
+
+    ``log P(c | x) = log max(prior_c(x), floor) + log N(m(x); mu_c, Sigma_c)``
+
+    where ``prior_c`` is the share of class ``c`` among the coarse labels, smoothed by a Gaussian of standard
+    deviation ``stride`` voxels (renormalised over the foreground), ``m(x)`` the mean of every channel over
+    the foreground voxels of the ``window``³ box at ``x``, and ``mu_c``, ``Sigma_c`` the mean and
+    covariance of ``m`` over the voxels of class ``c``: Atropos' use of prior probability maps (Avants et
+    al. 2011, Neuroinformatics 9: 381-400) with the network's segmentation as the prior. Where the classes
+    differ in brightness the border moves to the intensity edge; where they do not (textures), the
+    likelihoods are alike and the prior keeps the labels.
+
+    Parameters
+    ----------
+    labels : numpy.ndarray
+        ``(Z, Y, X)`` labels ``1..k`` inside the foreground, 0 outside (:func:`project_labels`).
+    volume : Volume
+        The volume with its foreground mask.
+    stride : int
+        Grid stride the labels were projected from: the prior's smoothing in voxels.
+    window : int
+        Side of the intensity box in voxels.
+    floor : float
+        Least prior probability, in ``(0, 1)``.
+
+    Returns
+    -------
+    numpy.ndarray
+        Labels of the same dtype, ``1..k`` ordered by mean intensity of the first channel; the input labels
+        when refining would empty a class.
+    """
+    from .baselines import masked_box_mean, order_labels_by_intensity
+
+    if not 0 < floor < 1:
+        raise ValueError(f"floor must be in (0, 1), got {floor!r}")
+    foreground = volume.foreground()
+    inside = labels[foreground].astype(np.int64)
+    classes = np.unique(inside)
+    if len(classes) < 2:
+        return labels
+    local = masked_box_mean(volume.data, foreground, int(window), np.nonzero(foreground)).T.astype(np.float64)
+    pooled = np.atleast_2d(np.cov(local, rowvar=False))
+    ridge = 1e-6 * max(float(np.trace(pooled)) / len(pooled), 1e-12) * np.eye(len(pooled))
+    priors = np.stack([ndimage.gaussian_filter((labels == c).astype(np.float32), sigma=float(stride),
+                                               mode="nearest")[foreground] for c in classes], axis=1)
+    priors /= np.maximum(priors.sum(axis=1, keepdims=True), np.float32(1e-30))
+    log_posterior = np.log(np.maximum(priors, floor)).astype(np.float64)
+    for j, c in enumerate(classes):
+        members = local[inside == c]
+        cov = np.atleast_2d(np.cov(members, rowvar=False)) if len(members) > local.shape[1] + 1 else pooled
+        cov = cov + ridge
+        diff = local - members.mean(axis=0)
+        _, logdet = np.linalg.slogdet(cov)
+        log_posterior[:, j] -= 0.5 * (np.einsum("ij,ij->i", diff @ np.linalg.inv(cov), diff) + logdet)
+    refined = classes[np.argmax(log_posterior, axis=1)]
+    if len(np.unique(refined)) < len(classes):
+        return labels
+    out = np.zeros_like(labels)
+    out[foreground] = refined
+    return order_labels_by_intensity(out, np.asarray(volume.data[0]), foreground).astype(labels.dtype, copy=False)
+
+
 def label_volume(
     model: JuleNet3D | Sequence[JuleNet3D],
     volume: Volume,
     n_clusters: int,
     stride: int = 2,
     seed: int = 0,
-    phase2: str = "merge",
+    phase2: str = "consensus",
     intensity_weight: float | None = None,
     intensity_window: int = 3,
     smoothing: float | None = None,
@@ -750,33 +941,29 @@ def label_volume(
         Grid stride in voxels.
     seed : int
         Seed of k-means.
-    phase2 : {"merge", "kmeans"}
-        ``"merge"`` [ours, default]: :func:`joint_features` (the networks' features and the local mean
-        intensity on one scale) → 32 k-means clusters → :func:`merge_clusters` to ``k`` by spatial contact
-        and likeness → Potts regularisation (:func:`merge_segment`). It keeps a band of border patches from
-        becoming a class of its own, and lets intensity count only as far as it varies at the scale of a
-        label. ``"kmeans"``: k-means with ``k`` clusters on the features, Moriya 2018's Phase 2 (with
-        ``intensity_weight`` and ``smoothing`` left at 0, the published method). Measured with the ``fast``
-        preset, seeds 0-4, voxel NMI mean / worst seed, ``segment``'s default (two networks, ``"merge"``)
-        vs one network and ``"kmeans"``: texture phantom 0.875 / 0.844 vs 0.817 / 0.609; intensity
-        phantom 0.824 / 0.740 vs 0.636 / 0.485; lung phantom 0.808 / 0.748 vs 0.750 / 0.722 (k-means on a 9³
-        local mean: 0.808); BraTS-ROI mean of 4 cases 0.435 vs 0.303; on the Iguana
-        micro-CT (k = 3) bone and soft tissue fall in different classes (79 % and 75 % in their most common
-        class) where k-means put both in one (100 % and 88 %). With one network ``"merge"`` gave 0.829 /
-        0.623, 0.841 / 0.755, 0.819 / 0.754 and 0.470.
+    phase2 : {"consensus", "merge", "kmeans"}
+        ``"merge"`` [ours]: :func:`joint_features` (the networks' features and the local mean intensity on
+        one scale) → 32 k-means clusters → :func:`merge_clusters` to ``k`` by spatial contact and likeness →
+        Potts regularisation (:func:`merge_segment`). It keeps a band of border patches from becoming a class
+        of its own. ``"consensus"`` [ours, default]: ``"merge"`` on every combination of the networks with
+        five weights of the intensity block, keeping the candidate that agrees best with the others
+        (:func:`consensus_segment`), so neither one network's training nor one balance of intensity and
+        structure decides the result; then voxel-level borders (:func:`refine_labels`). ``"kmeans"``: k-means with ``k`` clusters on the features, Moriya
+        2018's Phase 2 (with ``intensity_weight`` and ``smoothing`` left at 0, the published method).
+        ``benchmarks/README.md`` has the measured ablations.
     intensity_weight : float, optional
-        [ours] Weight of the local mean intensity. ``"merge"``: factor on the intensity block of
-        :func:`joint_features` (default 1). ``"kmeans"``: the standardised local mean intensity
+        [ours] Weight of the local mean intensity. ``"merge"`` and ``"consensus"``: factor on the intensity
+        block of :func:`joint_features` (default 1; for ``"consensus"`` it scales all of
+        :data:`CONSENSUS_WEIGHTS`). ``"kmeans"``: the standardised local mean intensity
         (:func:`local_intensity`) times this weight is appended to the features (default 0, the published
-        method); on BraTS-ROI a weight of 2 raised the case-mean NMI from 0.21 to 0.46 (``fast``, seeds
-        0-2), but it ruins texture-only data (the standardised box mean is noise there).
+        method).
     intensity_window : int
         Side (voxels) of the box over which the local mean intensity of the foreground is taken.
     smoothing : float, optional
         [ours] Weight ``beta`` of the Potts term that regularises the labels of the grid positions
-        (:func:`smooth_labels`). Default :data:`MERGE_SMOOTHING` for ``"merge"`` (there in units of the
-        median margin between a position's nearest and second-nearest class, see :func:`merge_segment`),
-        0 (the published method) for ``"kmeans"``.
+        (:func:`smooth_labels`). Default :data:`MERGE_SMOOTHING` for ``"merge"`` and ``"consensus"`` (there
+        in units of the median margin between a position's nearest and second-nearest class, see
+        :func:`merge_segment`), 0 (the published method) for ``"kmeans"``.
     progress : bool
         Show progress bars.
     **feature_options
@@ -787,7 +974,6 @@ def label_volume(
     numpy.ndarray
         ``(Z, Y, X)`` labels, ``uint8`` (``uint16`` above 255 classes): 0 background, 1..k classes.
     """
-    merge = phase2 == "merge"
     default_weight, default_smoothing = phase2_weights(phase2)
     intensity_weight = default_weight if intensity_weight is None else intensity_weight
     smoothing = default_smoothing if smoothing is None else smoothing
@@ -799,7 +985,11 @@ def label_volume(
     grids = [grid_features(m, volume, stride=stride, progress=progress, **feature_options) for m in models]
     grid = grids[0]
     spacing = volume.geometry.spacing_zyx
-    if merge:
+    if phase2 == "consensus":
+        clusters = consensus_segment(grids, volume, n_clusters, seed=seed, intensity_weight=intensity_weight,
+                                     window=intensity_window, smoothing=smoothing).labels
+        return refine_labels(project_labels(grid, clusters, volume), volume, stride, intensity_window)
+    if phase2 == "merge":
         features = joint_features(grids, volume, intensity_weight, intensity_window)
         clusters = merge_segment(features, grid, n_clusters, seed=seed, smoothing=smoothing, spacing=spacing)
         return project_labels(grid, clusters, volume)
@@ -816,7 +1006,7 @@ def label_volume(
 
 
 #: Networks that :func:`segment` trains by default, and its Phase 2, per preset [ours for ``fast``].
-PRESET_PHASE2: dict[str, tuple[int, str]] = {"fast": (2, "merge"), "paper": (1, "kmeans")}
+PRESET_PHASE2: dict[str, tuple[int, str]] = {"fast": (2, "consensus"), "paper": (1, "kmeans")}
 
 
 def phase2_defaults(preset: str, n_networks: int | None = None, phase2: str | None = None) -> tuple[int, str]:
@@ -828,7 +1018,7 @@ def phase2_defaults(preset: str, n_networks: int | None = None, phase2: str | No
         A JULE preset (``"fast"`` or ``"paper"``).
     n_networks : int, optional
         Networks to train; ``None``: the preset's (:data:`PRESET_PHASE2`).
-    phase2 : {"merge", "kmeans"}, optional
+    phase2 : {"consensus", "merge", "kmeans"}, optional
         Phase 2 clustering; ``None``: the preset's.
 
     Returns
@@ -844,7 +1034,7 @@ def phase2_defaults(preset: str, n_networks: int | None = None, phase2: str | No
     Examples
     --------
     >>> phase2_defaults("fast"), phase2_defaults("paper"), phase2_defaults("fast", 1, "kmeans")
-    ((2, 'merge'), (1, 'kmeans'), (1, 'kmeans'))
+    ((2, 'consensus'), (1, 'kmeans'), (1, 'kmeans'))
     """
     from .jule import JULE_PRESETS
 
@@ -980,7 +1170,7 @@ def segment(
     preset : {"fast", "paper"}
         Network and schedule preset; it also sets the defaults of ``n_networks`` and ``phase2``
         (:data:`PRESET_PHASE2`): ``paper`` is the published method (one network, k-means), ``fast`` [ours]
-        trains two networks and uses the ``"merge"`` Phase 2.
+        trains two networks and uses the ``"consensus"`` Phase 2.
     seed : int
         Seed of everything random. Network ``i`` of ``n`` is trained with seed ``seed * n + i`` (patches,
         weights and minibatches), so one network with seed ``s`` is the single-network run of seed ``s``.
@@ -995,12 +1185,13 @@ def segment(
         border are learnt: Phase 2 labels them too (texture phantom, ``fast``: NMI 0.84 at 0.5, 0.43 at 0.9).
     stride : int
         Grid stride of Phase 2.
-    phase2 : {"merge", "kmeans"}, optional
+    phase2 : {"consensus", "merge", "kmeans"}, optional
         Phase 2 clustering (:func:`label_volume`); default: the preset's.
     n_networks : int, optional
-        [ours] Networks trained with different seeds whose features are clustered together; default: the
-        preset's (2 for ``fast``: one JULE run in five on the texture phantom merges two classes during
-        training, and the pair's features carry the classes when one of them does; it doubles Phase 1).
+        [ours] Networks trained with different seeds; Phase 2 clusters their features together and each
+        alone (``"consensus"``). Default: the preset's (2 for ``fast``: a JULE run sometimes merges two
+        tissues during training, and the consensus keeps the network, or the pair, that carries them; it
+        doubles Phase 1).
     intensity_weight : float, optional
         [ours] Weight of the local mean intensity (:func:`label_volume`); default: the Phase 2 method's.
     smoothing : float, optional

@@ -194,6 +194,13 @@ def test_phase2_option_reaches_the_published_kmeans(files, tmp_path: Path, capsy
     assert info.value.code == 2 and "--phase2" in capsys.readouterr().err
 
 
+def test_phase2_choices_are_the_packages_methods() -> None:
+    from jule3d.cli import PHASE2_CHOICES
+    from jule3d.segmentation import PHASE2_METHODS
+
+    assert PHASE2_CHOICES == PHASE2_METHODS
+
+
 def test_bad_stride(files, tmp_path: Path, capsys) -> None:
     assert main(["segment", str(files["phantom"]), "--out", str(tmp_path / "l.nii.gz"),
                  "--model", str(files["tiny"]), "--stride", "3"]) == 2

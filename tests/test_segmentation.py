@@ -18,15 +18,20 @@ from jule3d.metrics import nmi
 from jule3d.models import JuleNet3D, net_config
 from jule3d.phantom import make_phantom
 from jule3d.segmentation import (
+    CONSENSUS_WEIGHTS,
     GridFeatures,
     cluster_features,
+    consensus_segment,
     grid_contacts,
     grid_features,
     joint_features,
     label_volume,
     local_intensity,
     merge_clusters,
+    merge_segment,
+    network_subsets,
     project_labels,
+    refine_labels,
     segment,
     smooth_labels,
 )
@@ -606,6 +611,85 @@ def test_default_phase2_finds_intensity_classes_and_keeps_kmeans_reachable() -> 
         label_volume(model, phantom.volume, 3, phase2="agdl")
 
 
+def _blocks_case(seed: int = 0) -> tuple[Volume, GridFeatures, GridFeatures, np.ndarray]:
+    """Three slabs of equal brightness; network 0's features tell them apart, network 1's are noise."""
+    rng = np.random.default_rng(seed)
+    truth = np.repeat(np.arange(3), 8)[:, None, None] * np.ones((1, 16, 16), np.int64)  # (24, 16, 16)
+    volume = Volume.from_array(rng.normal(size=truth.shape).astype(np.float32))
+    centres = np.eye(3, 8, dtype=np.float32)[truth.ravel()]
+    good = GridFeatures(centres + 0.35 * rng.normal(size=centres.shape).astype(np.float32), truth.shape,
+                        np.ones(truth.shape, bool), 0, 1)
+    noise = GridFeatures(rng.normal(size=centres.shape).astype(np.float32), truth.shape, good.selected, 0, 1)
+    return volume, good, noise, truth.ravel()
+
+
+def test_consensus_keeps_the_candidate_that_agrees_with_the_others() -> None:
+    volume, good, noise, truth = _blocks_case()
+    result = consensus_segment([good, noise, good], volume, 3, seed=0)
+    subsets = network_subsets(3)
+    assert subsets == [(0, 1, 2), (0,), (1,), (2,)]
+    assert result.candidates == [(s, w) for s in subsets for w in CONSENSUS_WEIGHTS]
+    n = 4 * len(CONSENSUS_WEIGHTS)
+    assert result.agreement.shape == (n, n) and np.allclose(np.diag(result.agreement), 1.0)
+    np.testing.assert_allclose(result.agreement, result.agreement.T)
+    support = result.support
+    assert result.chosen == int(np.argmax(support))
+    # the noise network alone agrees least, and is not kept; the kept labels find the slabs
+    noise_alone = [i for i, (s, _) in enumerate(result.candidates) if s == (1,)]
+    assert support[noise_alone].max() < support.max() and result.chosen not in noise_alone
+    assert nmi(truth, result.labels) > 0.9
+    subset, weight = result.candidates[result.chosen]
+    expected = merge_segment(joint_features([[good, noise, good][i] for i in subset], volume, weight), good, 3,
+                             seed=0, spacing=volume.geometry.spacing_zyx, n_init=1)
+    np.testing.assert_array_equal(result.labels, expected)  # the chosen candidate's own labels
+    again = consensus_segment([good, noise, good], volume, 3, seed=0)
+    np.testing.assert_array_equal(again.labels, result.labels)
+
+
+def test_consensus_candidates_and_bad_weights() -> None:
+    volume, good, _, _ = _blocks_case()
+    single = consensus_segment([good], volume, 3, seed=0, intensity_weight=0.0)
+    assert single.candidates == [((0,), 0.0)] and single.chosen == 0 and single.support.tolist() == [1.0]
+    doubled = consensus_segment([good], volume, 3, intensity_weight=2.0, weights=(0.5, 1.0, 2.0))
+    assert doubled.candidates == [((0,), 1.0), ((0,), 2.0), ((0,), 4.0)]
+    for bad in ((), (1.0, -1.0), (float("nan"),)):
+        with pytest.raises(ValueError, match="weights"):
+            consensus_segment([good], volume, 3, weights=bad)
+    with pytest.raises(ValueError, match="intensity_weight"):
+        consensus_segment([good], volume, 3, intensity_weight=-1.0)
+
+
+def test_refine_labels_moves_a_blocky_border_to_the_intensity_edge() -> None:
+    rng = np.random.default_rng(0)
+    truth = np.where(np.arange(32) < 16, 1, 2)[None, None, :] * np.ones((20, 20, 1), np.uint8)  # edge at x = 16
+    data = np.where(truth == 1, -1.0, 1.0) + 0.3 * rng.normal(size=truth.shape)
+    mask = np.ones(truth.shape, bool)
+    mask[:2] = False  # outside the mask stays 0
+    volume = Volume.from_array(data.astype(np.float32)).with_mask(mask)
+    coarse = np.where(np.arange(32) < 19, 1, 2)[None, None, :] * np.ones((20, 20, 1), np.uint8)  # 3 voxels off
+    coarse[~mask] = 0
+    refined = refine_labels(coarse, volume, stride=2)
+    assert refined.dtype == coarse.dtype and (refined[~mask] == 0).all()
+    # the coarse border is 3 columns of 32 off (0.906); the refined one at most the column whose 3³ box
+    # straddles the edge
+    assert (refined[mask] == truth[mask]).mean() > 0.96 > (coarse[mask] == truth[mask]).mean() + 0.05
+
+
+def test_refine_labels_keeps_classes_that_do_not_differ_in_intensity() -> None:
+    rng = np.random.default_rng(1)
+    volume = Volume.from_array(rng.normal(size=(20, 20, 32)).astype(np.float32))  # two halves, same statistics
+    coarse = np.where(np.arange(32) < 16, 1, 2)[None, None, :] * np.ones((20, 20, 1), np.uint8)
+    refined = refine_labels(coarse, volume, stride=2)
+    assert (refined == coarse).mean() > 0.97  # only voxels at the border, where the prior is even, may move
+    far = np.abs(np.arange(32) - 15.5) > 4
+    np.testing.assert_array_equal(refined[..., far], coarse[..., far])
+    one = np.ones_like(coarse)
+    np.testing.assert_array_equal(refine_labels(one, volume, stride=2), one)
+    for bad in (0.0, 1.0, -1.0):
+        with pytest.raises(ValueError, match="floor"):
+            refine_labels(coarse, volume, stride=2, floor=bad)
+
+
 def test_segment_trains_the_presets_networks_with_distinct_seeds(phantom, monkeypatch) -> None:
     seen: list[tuple[int, str]] = []
     calls: list[dict] = []
@@ -622,7 +706,7 @@ def test_segment_trains_the_presets_networks_with_distinct_seeds(phantom, monkey
     monkeypatch.setattr(jule3d.jule, "train_jule", fake_training)
     monkeypatch.setattr(jule3d.segmentation, "label_volume", fake_label_volume)
     segment(phantom.volume, 3, seed=3, n_patches=20, progress=False)
-    assert seen == [(6, "fast"), (7, "fast")] and calls[-1]["n_models"] == 2 and calls[-1]["phase2"] == "merge"
+    assert seen == [(6, "fast"), (7, "fast")] and calls[-1]["n_models"] == 2 and calls[-1]["phase2"] == "consensus"
     seen.clear()
     segment(phantom.volume, 3, seed=3, preset="paper", n_patches=20, progress=False)
     assert seen == [(3, "paper")] and calls[-1]["n_models"] == 1 and calls[-1]["phase2"] == "kmeans"

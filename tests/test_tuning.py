@@ -73,7 +73,7 @@ def test_quick_preview_labels_a_slab(volume, monkeypatch: pytest.MonkeyPatch) ->
     assert labels.shape == part.shape and part.shape[1:] == volume.shape[1:]
     assert part.shape[0] == 17 + 8
     # Phase 2 settings reach label_volume; untouched ones take the preset's Phase 2 defaults
-    assert seen["smoothing"] == 1.0 and seen["intensity_weight"] == 1.0 and seen["phase2"] == "merge"
+    assert seen["smoothing"] == 1.0 and seen["intensity_weight"] == 1.0 and seen["phase2"] == "consensus"
     assert set(np.unique(labels[part.mask])) <= {1, 2, 3}
     assert (labels[~part.mask] == 0).all()
     with pytest.raises(ValueError, match="unknown tuning parameter"):

@@ -1,0 +1,138 @@
+"""Phase 2 ablations on cached Phase 1 networks: many clusterings of the same grid features, scored per seed.
+
+Phase 1 (training the networks) dominates the cost of a run; Phase 2 (grid features → clustering → labels) is
+seconds. This script trains the default's networks once per visible case and seed (``train_networks`` with
+``segment``'s defaults), caches their grid features in ``--cache`` (``<case>_s<seed>.npz``), and then scores every
+named Phase 2 variant of :data:`VARIANTS` on them: voxel NMI per case and seed, the mean, sd and worst seed, and
+the BraTS-ROI mean. The default's row is ``default`` (``label_volume``'s ``consensus`` with its defaults), so
+the numbers sit beside it in one run; the cache is reused by later runs (delete it after changing Phase 1). Cells:
+NMI mean ± sd over the seeds (worst seed); the last column is the mean seconds of the variant's Phase 2 after the
+grid features (clustering, merging, smoothing, projection).
+
+Usage::
+
+    python benchmarks/bench_phase2.py --cases phantom-texture phantom-lung --seeds 0 1 2 3 4
+    python benchmarks/bench_phase2.py --variants default kmeans --out results/phase2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_quality import BRATS_CASES, PHANTOM_CASES, SUITE_SEEDS, suite_loaders, Case  # noqa: E402
+from jule3d import segmentation as seg  # noqa: E402
+from jule3d.metrics import nmi  # noqa: E402
+
+Variant = Callable[[Sequence[seg.GridFeatures], Case, int], np.ndarray]
+
+
+def _merge(grids: Sequence[seg.GridFeatures], case: Case, seed: int, intensity_weight: float = 1.0) -> np.ndarray:
+    features = seg.joint_features(grids, case.volume, intensity_weight)
+    clusters = seg.merge_segment(features, grids[0], case.n_clusters, seed=seed,
+                                 spacing=case.volume.geometry.spacing_zyx)
+    return seg.project_labels(grids[0], clusters, case.volume)
+
+
+def _consensus(grids: Sequence[seg.GridFeatures], case: Case, seed: int, refine: bool = True,
+               **options) -> np.ndarray:
+    clusters = seg.consensus_segment(grids, case.volume, case.n_clusters, seed=seed, **options).labels
+    labels = seg.project_labels(grids[0], clusters, case.volume)
+    return seg.refine_labels(labels, case.volume, grids[0].stride) if refine else labels
+
+
+def _kmeans(grids: Sequence[seg.GridFeatures], case: Case, seed: int) -> np.ndarray:
+    clusters = seg.cluster_features(seg.joint_features(grids, case.volume, 0.0), case.n_clusters, seed=seed)
+    return seg.project_labels(grids[0], clusters, case.volume)
+
+
+#: Phase 2 variants on the same two networks; ``default`` is ``label_volume``'s default.
+VARIANTS: dict[str, Variant] = {
+    "default": _consensus,
+    "consensus-no-refine": lambda g, c, s: _consensus(g, c, s, refine=False),
+    "consensus-weights-0.5-2": lambda g, c, s: _consensus(g, c, s, weights=(0.5, 1.0, 2.0)),
+    "consensus-window-5": lambda g, c, s: _consensus(g, c, s, window=5),
+    "consensus-window-9": lambda g, c, s: _consensus(g, c, s, window=9),
+    "consensus-weight-1": lambda g, c, s: _consensus(g, c, s, weights=(1.0,)),
+    "consensus-one-network": lambda g, c, s: _consensus(g[:1], c, s),
+    "merge": _merge,
+    "merge-one-network": lambda g, c, s: _merge(g[:1], c, s),
+    "merge-refined": lambda g, c, s: seg.refine_labels(_merge(g, c, s), c.volume, g[0].stride),
+    "merge-no-intensity": lambda g, c, s: _merge(g, c, s, intensity_weight=0.0),
+    "kmeans": _kmeans,
+}
+
+
+def cached_grids(case: Case, seed: int, cache: Path) -> list[seg.GridFeatures]:
+    """The default's networks' grid features for one case and seed: from ``cache`` or trained and stored."""
+    path = cache / f"{case.name}_s{seed}.npz"
+    if path.is_file():
+        with np.load(path) as data:
+            n = int(data["n_networks"])
+            return [seg.GridFeatures(data[f"features_{i}"], tuple(data["grid_shape"]), data["selected"],
+                                     int(data["offset"]), int(data["stride"])) for i in range(n)]
+    results = seg.train_networks(case.volume, case.n_clusters, seed=seed, progress=False)
+    grids = [seg.grid_features(r.model, case.volume, stride=2) for r in results]
+    cache.mkdir(parents=True, exist_ok=True)
+    partial = path.with_suffix(".part.npz")
+    np.savez(partial, n_networks=len(grids), grid_shape=grids[0].grid_shape, selected=grids[0].selected,
+             offset=grids[0].offset, stride=grids[0].stride,
+             **{f"features_{i}": np.asarray(g.features) for i, g in enumerate(grids)})
+    partial.replace(path)
+    return grids
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cases", nargs="+", default=[*PHANTOM_CASES, *BRATS_CASES],
+                        choices=[*PHANTOM_CASES, *BRATS_CASES])
+    parser.add_argument("--seeds", nargs="+", type=int, default=list(SUITE_SEEDS))
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--cache", type=Path, default=Path("results/phase2_cache"))
+    parser.add_argument("--out", type=Path, default=None, help="write every row as JSON to this file")
+    parser.add_argument("--train-only", action="store_true", help="fill the cache, score nothing")
+    args = parser.parse_args(argv)
+    rows = []
+    for load in suite_loaders(args.cases, "zero-background"):
+        case = load()
+        for seed in args.seeds:
+            grids = cached_grids(case, seed, args.cache)
+            if args.train_only:
+                print(f"{case.name} seed {seed}: cached", flush=True)
+                continue
+            for name in args.variants:
+                start = time.perf_counter()
+                labels = VARIANTS[name](grids, case, seed)
+                score = nmi(case.ground_truth[case.evaluation_mask], labels[case.evaluation_mask])
+                rows.append({"case": case.name, "seed": seed, "variant": name, "nmi": float(score),
+                             "seconds": time.perf_counter() - start})
+                print(f"{case.name} s{seed} {name}: {score:.3f}", flush=True)
+    if args.train_only:
+        return
+    print("\n| variant | " + " | ".join(args.cases) + " | BraTS mean | Phase 2 seconds |")
+    print("|---|" + "---|" * (len(args.cases) + 2))
+    for name in args.variants:
+        cells, brats = [], []
+        for case in args.cases:
+            scores = np.array([r["nmi"] for r in rows if r["variant"] == name and r["case"] == case])
+            cells.append(f"{scores.mean():.3f} ± {scores.std(ddof=1) if len(scores) > 1 else 0:.3f} ({scores.min():.3f})")
+            if case in BRATS_CASES:
+                brats.append(scores)
+        mean = f"{np.mean(np.stack(brats).mean(axis=0)):.3f}" if brats else ""
+        seconds = np.mean([r["seconds"] for r in rows if r["variant"] == name])
+        print(f"| {name} | " + " | ".join(cells) + f" | {mean} | {seconds:.1f} |")
+    if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(rows, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -56,12 +56,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
 
 
-@subcommand
 #: ``jule3d segment --phase2`` choices: :data:`jule3d.segmentation.PHASE2_METHODS`, written out so that building
 #: the parser does not import torch (a test checks they agree).
 PHASE2_CHOICES = ("consensus", "merge", "kmeans")
 
 
+@subcommand
 def _register_segment(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "segment", help="segment a volume without labels (JULE-3D) into a label map",

@@ -9,10 +9,14 @@ the numbers sit beside it in one run; the cache is reused by later runs (delete 
 NMI mean ± sd over the seeds (worst seed); the last column is the mean seconds of the variant's Phase 2 after the
 grid features (clustering, merging, smoothing, projection).
 
+``--cost`` instead times the whole of ``segment()`` on the texture phantom, the default against the single-network
+k-means Phase 2 that ``fast`` had before (``n_networks=1, phase2="kmeans"``), in this process, and prints the ratio.
+
 Usage::
 
     python benchmarks/bench_phase2.py --cases phantom-texture phantom-lung --seeds 0 1 2 3 4
-    python benchmarks/bench_phase2.py --variants default kmeans --out results/phase2
+    python benchmarks/bench_phase2.py --variants default kmeans --out results/phase2.json
+    python benchmarks/bench_phase2.py --cost --seeds 0 1
 """
 
 from __future__ import annotations
@@ -90,16 +94,40 @@ def cached_grids(case: Case, seed: int, cache: Path) -> list[seg.GridFeatures]:
     return grids
 
 
+def cost(seeds: Sequence[int]) -> None:
+    """Seconds of ``segment()`` with its defaults vs one network and k-means, on the texture phantom."""
+    from bench_quality import phantom_case
+
+    case = phantom_case("texture")
+    runs = {"one network, kmeans": {"n_networks": 1, "phase2": "kmeans"}, "default": {}}
+    seconds: dict[str, list[float]] = {name: [] for name in runs}
+    for seed in seeds:
+        for name, options in runs.items():
+            start = time.perf_counter()
+            seg.segment(case.volume, case.n_clusters, seed=seed, progress=False, **options)
+            seconds[name].append(time.perf_counter() - start)
+            print(f"seed {seed} {name}: {seconds[name][-1]:.1f} s", flush=True)
+    base, new = np.mean(seconds["one network, kmeans"]), np.mean(seconds["default"])
+    print(f"\nsegment() on the 96³ texture phantom: one network + kmeans {base:.1f} s, default {new:.1f} s, "
+          f"ratio {new / base:.2f}")
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cases", nargs="+", default=[*PHANTOM_CASES, *BRATS_CASES],
-                        choices=[*PHANTOM_CASES, *BRATS_CASES])
-    parser.add_argument("--seeds", nargs="+", type=int, default=list(SUITE_SEEDS))
-    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
-    parser.add_argument("--cache", type=Path, default=Path("results/phase2_cache"))
+                        choices=[*PHANTOM_CASES, *BRATS_CASES], help="visible cases (default: all with labels)")
+    parser.add_argument("--seeds", nargs="+", type=int, default=list(SUITE_SEEDS), help="run seeds (default 0-4)")
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS),
+                        help="Phase 2 variants to score (default: all)")
+    parser.add_argument("--cache", type=Path, default=Path("results/phase2_cache"),
+                        help="folder of the cached grid features (default results/phase2_cache)")
     parser.add_argument("--out", type=Path, default=None, help="write every row as JSON to this file")
     parser.add_argument("--train-only", action="store_true", help="fill the cache, score nothing")
+    parser.add_argument("--cost", action="store_true", help="time segment() instead (see above)")
     args = parser.parse_args(argv)
+    if args.cost:
+        cost(args.seeds)
+        return
     rows = []
     for load in suite_loaders(args.cases, "zero-background"):
         case = load()

@@ -1,0 +1,53 @@
+"""Smoke test of benchmarks/bench_phase2.py: the feature cache round trip and the ablation table."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from jule3d.models import JuleNet3D, net_config
+
+_DIR = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+@pytest.fixture(scope="module")
+def bench():
+    sys.path.insert(0, str(_DIR))
+    try:
+        spec = importlib.util.spec_from_file_location("bench_phase2", _DIR / "bench_phase2.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        yield module
+    finally:
+        sys.path.remove(str(_DIR))
+
+
+def test_features_are_cached_once_and_scored_per_variant(bench, tmp_path: Path, monkeypatch, capsys) -> None:
+    trained = []
+
+    def fake_training(volume, n_clusters, seed=0, progress=False):
+        trained.append(seed)
+        nets = [JuleNet3D(net_config("fast", patch_size=13, n_filters=4, feature_dim=8), seed=seed * 2 + i)
+                for i in range(2)]
+        return [type("Result", (), {"model": net})() for net in nets]
+
+    monkeypatch.setattr(bench.seg, "train_networks", fake_training)
+    argv = ["--cases", "phantom-texture", "--seeds", "0", "--variants", "merge", "kmeans",
+            "--cache", str(tmp_path / "cache"), "--out", str(tmp_path / "rows.json")]
+    bench.main(argv)
+    first = capsys.readouterr().out
+    assert trained == [0] and (tmp_path / "cache" / "phantom-texture_s0.npz").is_file()
+    assert not list((tmp_path / "cache").glob("*.part.npz"))
+    table = [line for line in first.splitlines() if line.startswith("| merge") or line.startswith("| kmeans")]
+    assert len(table) == 2 and all(line.count("|") == 5 for line in table)
+    rows = json.loads((tmp_path / "rows.json").read_text())
+    assert {r["variant"] for r in rows} == {"merge", "kmeans"} and all(0 <= r["nmi"] <= 1 for r in rows)
+    bench.main(argv)  # from the cache: no training, the same scores
+    assert trained == [0]
+    again = json.loads((tmp_path / "rows.json").read_text())
+    assert [r["nmi"] for r in again] == [r["nmi"] for r in rows]

@@ -5,9 +5,9 @@ Prints:
 1. On one volume and grid, seconds of ``grid_features(method="dense")`` and ``method="patchwise"`` (the
    patch-wise run is timed on a seeded subset of positions and scaled, when ``--patchwise-max`` is below the
    grid size), their ratio, and the largest difference between the two feature sets (they must agree).
-2. Seconds and peak resident-memory growth of Phase 2 (``label_volume``: dense features, k-means,
-   projection) on a ``--size``³ phantom with the ``fast`` preset network (untrained: the cost does not depend
-   on the weights).
+2. Seconds and peak resident-memory growth of Phase 2 (``label_volume``: dense features, clustering,
+   projection) on a ``--size``³ phantom with the preset's networks (two for ``fast``; untrained: the cost does
+   not depend on the weights), once per Phase 2 method.
 
 Usage::
 
@@ -29,7 +29,7 @@ import torch
 from jule3d.evaluation import measure
 from jule3d.models import JuleNet3D, net_config
 from jule3d.phantom import make_phantom
-from jule3d.segmentation import grid_features, label_volume
+from jule3d.segmentation import PHASE2_METHODS, grid_features, label_volume, phase2_defaults
 
 
 def _model(preset: str, seed: int) -> JuleNet3D:
@@ -75,15 +75,18 @@ def compare(preset: str, size: int, stride: int, patchwise_max: int, seed: int) 
 
 
 def phase2(preset: str, size: int, stride: int, seed: int) -> dict:
-    """Seconds and peak memory of label_volume on a size³ phantom."""
+    """Seconds and peak memory of label_volume on a size³ phantom, with the preset's networks, per Phase 2 method."""
     t0 = time.perf_counter()
     volume = make_phantom(shape=(size,) * 3, seed=seed).volume
     make_s = time.perf_counter() - t0
-    model = _model(preset, seed)
-    run = measure(label_volume, model, volume, 3, stride=stride, seed=seed)
-    return {"preset": preset, "volume": size, "stride": stride, "phantom_s": make_s,
-            "label_volume_s": run.seconds, "label_volume_peak_mb": run.peak_mb,
-            "foreground_fraction": float(volume.mask.mean())}
+    n_networks, _ = phase2_defaults(preset)
+    models = [_model(preset, seed + i) for i in range(n_networks)]
+    methods = {}
+    for method in PHASE2_METHODS:
+        run = measure(label_volume, models, volume, 3, stride=stride, seed=seed, phase2=method)
+        methods[method] = {"label_volume_s": run.seconds, "label_volume_peak_mb": run.peak_mb}
+    return {"preset": preset, "volume": size, "stride": stride, "phantom_s": make_s, "n_networks": n_networks,
+            "methods": methods, "foreground_fraction": float(volume.mask.mean())}
 
 
 def main() -> None:
@@ -112,8 +115,10 @@ def main() -> None:
     p2 = phase2(args.preset, args.size, args.stride, args.seed)
     print(f"\n## Phase 2 on a {p2['volume']}³ phantom ({p2['foreground_fraction']:.0%} foreground), "
           f"{args.preset} preset, stride {p2['stride']}")
-    print(f"label_volume: {p2['label_volume_s']:.1f} s, peak +{p2['label_volume_peak_mb']:.0f} MB "
-          f"(phantom generation {p2['phantom_s']:.1f} s, not included)")
+    for method, run in p2["methods"].items():
+        print(f"label_volume, {p2['n_networks']} network(s), phase2={method}: {run['label_volume_s']:.1f} s, "
+              f"peak +{run['label_volume_peak_mb']:.0f} MB")
+    print(f"(phantom generation {p2['phantom_s']:.1f} s, not included)")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({"compare": cmp, "phase2": p2}, indent=2), encoding="utf-8")

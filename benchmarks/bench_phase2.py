@@ -39,39 +39,33 @@ from jule3d.metrics import nmi  # noqa: E402
 Variant = Callable[[Sequence[seg.GridFeatures], Case, int], np.ndarray]
 
 
-def _merge(grids: Sequence[seg.GridFeatures], case: Case, seed: int, intensity_weight: float = 1.0) -> np.ndarray:
-    features = seg.joint_features(grids, case.volume, intensity_weight)
-    clusters = seg.merge_segment(features, grids[0], case.n_clusters, seed=seed,
-                                 spacing=case.volume.geometry.spacing_zyx)
-    return seg.project_labels(grids[0], clusters, case.volume)
+def _label(grids: Sequence[seg.GridFeatures], case: Case, seed: int, **options) -> np.ndarray:
+    return seg.label_grids(grids, case.volume, case.n_clusters, seed=seed, **options)
 
 
 def _consensus(grids: Sequence[seg.GridFeatures], case: Case, seed: int, refine: bool = True,
                **options) -> np.ndarray:
+    """The consensus with other candidates (``options`` of ``consensus_segment``), refined or not."""
     clusters = seg.consensus_segment(grids, case.volume, case.n_clusters, seed=seed, **options).labels
     labels = seg.project_labels(grids[0], clusters, case.volume)
     return seg.refine_labels(labels, case.volume, grids[0].stride) if refine else labels
 
 
-def _kmeans(grids: Sequence[seg.GridFeatures], case: Case, seed: int) -> np.ndarray:
-    clusters = seg.cluster_features(seg.joint_features(grids, case.volume, 0.0), case.n_clusters, seed=seed)
-    return seg.project_labels(grids[0], clusters, case.volume)
-
-
-#: Phase 2 variants on the same two networks; ``default`` is ``label_volume``'s default.
+#: Phase 2 variants on the same two networks: ``default`` is ``label_volume``'s default (``label_grids``, the
+#: same code); ``no-refine-*`` are consensus variants before :func:`refine_labels`.
 VARIANTS: dict[str, Variant] = {
-    "default": _consensus,
+    "default": _label,
     "consensus-no-refine": lambda g, c, s: _consensus(g, c, s, refine=False),
-    "consensus-weights-0.5-2": lambda g, c, s: _consensus(g, c, s, weights=(0.5, 1.0, 2.0)),
-    "consensus-window-5": lambda g, c, s: _consensus(g, c, s, window=5),
-    "consensus-window-9": lambda g, c, s: _consensus(g, c, s, window=9),
-    "consensus-weight-1": lambda g, c, s: _consensus(g, c, s, weights=(1.0,)),
-    "consensus-one-network": lambda g, c, s: _consensus(g[:1], c, s),
-    "merge": _merge,
-    "merge-one-network": lambda g, c, s: _merge(g[:1], c, s),
-    "merge-refined": lambda g, c, s: seg.refine_labels(_merge(g, c, s), c.volume, g[0].stride),
-    "merge-no-intensity": lambda g, c, s: _merge(g, c, s, intensity_weight=0.0),
-    "kmeans": _kmeans,
+    "no-refine-weights-0.5-2": lambda g, c, s: _consensus(g, c, s, refine=False, weights=(0.5, 1.0, 2.0)),
+    "no-refine-weight-1": lambda g, c, s: _consensus(g, c, s, refine=False, weights=(1.0,)),
+    "no-refine-window-5": lambda g, c, s: _consensus(g, c, s, refine=False, window=5),
+    "no-refine-window-9": lambda g, c, s: _consensus(g, c, s, refine=False, window=9),
+    "no-refine-one-network": lambda g, c, s: _consensus(g[:1], c, s, refine=False),
+    "merge": lambda g, c, s: _label(g, c, s, phase2="merge"),
+    "merge-one-network": lambda g, c, s: _label(g[:1], c, s, phase2="merge"),
+    "merge-refined": lambda g, c, s: seg.refine_labels(_label(g, c, s, phase2="merge"), c.volume, g[0].stride),
+    "merge-no-intensity": lambda g, c, s: _label(g, c, s, phase2="merge", intensity_weight=0.0),
+    "kmeans": lambda g, c, s: _label(g, c, s, phase2="kmeans"),
 }
 
 

@@ -38,7 +38,7 @@ from .volume import Volume
 __all__ = [
     "PHASE2_METHODS", "GridFeatures", "grid_features", "cluster_features", "smooth_labels", "local_intensity",
     "joint_features", "grid_contacts", "merge_clusters", "merge_segment", "CONSENSUS_WEIGHTS", "Consensus",
-    "network_subsets", "consensus_segment", "REFINE_FLOOR", "refine_labels", "project_labels", "label_volume",
+    "network_subsets", "consensus_segment", "REFINE_FLOOR", "refine_labels", "project_labels", "label_volume", "label_grids",
     "PRESET_PHASE2", "phase2_defaults", "phase2_weights", "network_seeds", "train_networks", "segment",
 ]
 
@@ -278,6 +278,12 @@ _NEIGHBOURS = np.array([(dz, dy, dx) for dz in (-1, 0, 1) for dy in (-1, 0, 1) f
                         if (dz, dy, dx) != (0, 0, 0)])
 
 
+def _check_window(window: int) -> None:
+    """The side of an intensity box: a positive integer (not a bool)."""
+    if not isinstance(window, (int, np.integer)) or isinstance(window, bool) or window < 1:
+        raise ValueError(f"intensity_window must be a positive integer, got {window!r}")
+
+
 def _check_weight(name: str, value: float) -> None:
     """A Phase 2 option weight: a finite number >= 0 (not a bool)."""
     if isinstance(value, bool) or not isinstance(value, (int, float, np.number)) or not np.isfinite(value) or value < 0:
@@ -452,8 +458,7 @@ def _local_mean(volume: Volume, grid: GridFeatures, window: int, standardise: bo
     own sd (``standardise``) or by the sd of the channel's foreground voxels."""
     from .baselines import masked_box_mean
 
-    if not isinstance(window, (int, np.integer)) or isinstance(window, bool) or window < 1:
-        raise ValueError(f"intensity_window must be a positive integer, got {window!r}")
+    _check_window(window)
     foreground = volume.foreground()
     columns = []
     for channel, values in zip(volume.data, masked_box_mean(volume.data, foreground, int(window),
@@ -533,18 +538,39 @@ def joint_features(
         If the grids do not share their positions, or ``intensity_weight`` / ``window`` are invalid.
     """
     _check_weight("intensity_weight", intensity_weight)
+    _check_shared_positions(grids)
+    local = _local_mean(volume, grids[0], window, standardise=False) if intensity_weight > 0 else None
+    return _stack_blocks(grids, [_centring(g) for g in grids], local, intensity_weight)
+
+
+def _check_shared_positions(grids: Sequence[GridFeatures]) -> None:
     if not grids or any(g.selected.shape != grids[0].selected.shape or not np.array_equal(g.selected, grids[0].selected)
                         for g in grids):
         raise ValueError("the networks' grid features must share their positions (same patch size and stride)")
+
+
+def _centring(grid: GridFeatures) -> tuple[np.ndarray, np.floating]:
+    """Column means of a grid's features and the mean squared norm of the centred rows."""
+    block = np.asarray(grid.features, dtype=np.float32)
+    mean = block.mean(axis=0)
+    block = block - mean
+    return mean, np.mean(np.einsum("ij,ij->i", block, block))
+
+
+def _stack_blocks(
+    grids: Sequence[GridFeatures],
+    centring: Sequence[tuple[np.ndarray, np.floating]],
+    local: np.ndarray | None,
+    intensity_weight: float,
+) -> np.ndarray:
+    """:func:`joint_features` from each grid's :func:`_centring` and the unstandardised local mean (``local``)."""
     blocks = []
-    for grid in grids:
-        block = np.asarray(grid.features, dtype=np.float32)
-        block = block - block.mean(axis=0)
-        scale = float(np.sqrt(np.mean(np.einsum("ij,ij->i", block, block)) * len(grids)))
+    for grid, (mean, mean_square) in zip(grids, centring):
+        block = np.asarray(grid.features, dtype=np.float32) - mean
+        scale = float(np.sqrt(mean_square * len(grids)))
         blocks.append(block / scale if scale > 0 else block)
     if intensity_weight > 0:
-        blocks.append(np.float32(intensity_weight / np.sqrt(volume.n_channels))
-                      * _local_mean(volume, grids[0], window, standardise=False))
+        blocks.append(np.float32(intensity_weight / np.sqrt(local.shape[1])) * local)
     return np.hstack(blocks).astype(np.float32, copy=False)
 
 
@@ -758,8 +784,12 @@ class Consensus:
     @property
     def support(self) -> np.ndarray:
         """``(R,)`` mean NMI of every candidate to the other candidates (1 when there is one candidate)."""
-        r = len(self.candidates)
-        return (self.agreement.sum(axis=1) - 1.0) / (r - 1) if r > 1 else np.ones(1)
+        return _support(self.agreement)
+
+
+def _support(agreement: np.ndarray) -> np.ndarray:
+    r = len(agreement)
+    return (agreement.sum(axis=1) - 1.0) / (r - 1) if r > 1 else np.ones(1)
 
 
 def network_subsets(n_networks: int) -> list[tuple[int, ...]]:
@@ -826,18 +856,20 @@ def consensus_segment(
         raise ValueError(f"weights must be a non-empty sequence of non-negative numbers, got {weights!r}")
     factors = [0.0] if intensity_weight == 0 else [float(w) * intensity_weight for w in weights]
     candidates = [(subset, w) for subset in network_subsets(len(grids)) for w in factors]
+    # the blocks' statistics and the local mean are the same in every candidate: computed once
+    _check_shared_positions(grids)
+    centring = [_centring(g) for g in grids]
+    local = _local_mean(volume, grids[0], window, standardise=False) if intensity_weight > 0 else None
     spacing = volume.geometry.spacing_zyx
-    labels = [merge_segment(joint_features([grids[i] for i in subset], volume, w, window), grids[0], n_clusters,
-                            seed=seed, smoothing=smoothing, spacing=spacing, n_init=1)
+    labels = [merge_segment(_stack_blocks([grids[i] for i in subset], [centring[i] for i in subset], local, w),
+                            grids[0], n_clusters, seed=seed, smoothing=smoothing, spacing=spacing, n_init=1)
               for subset, w in candidates]
     agreement = np.eye(len(labels))
     for i in range(len(labels)):
         for j in range(i + 1, len(labels)):
             agreement[i, j] = agreement[j, i] = nmi(labels[i], labels[j])
-    result = Consensus(labels[0], candidates, agreement, 0)
-    result.chosen = int(np.argmax(result.support))  # ties: the first, i.e. all networks at the lowest factor
-    result.labels = labels[result.chosen]
-    return result
+    chosen = int(np.argmax(_support(agreement)))  # ties: the first, i.e. all networks at the lowest factor
+    return Consensus(labels[chosen], candidates, agreement, chosen)
 
 
 #: Least prior probability of a class at a voxel in :func:`refine_labels`: deep inside a region of the coarse
@@ -884,6 +916,7 @@ def refine_labels(
     """
     from .baselines import masked_box_mean, order_labels_by_intensity
 
+    _check_window(window)
     if not 0 < floor < 1:
         raise ValueError(f"floor must be in (0, 1), got {floor!r}")
     foreground = volume.foreground()
@@ -974,21 +1007,53 @@ def label_volume(
     numpy.ndarray
         ``(Z, Y, X)`` labels, ``uint8`` (``uint16`` above 255 classes): 0 background, 1..k classes.
     """
+    models = [model] if isinstance(model, JuleNet3D) else list(model)
+    if not models:
+        raise ValueError("label_volume needs at least one model")
+    # bad options fail before the grid features are computed
+    intensity_weight, smoothing = _phase2_options(phase2, intensity_weight, smoothing)
+    grids = [grid_features(m, volume, stride=stride, progress=progress, **feature_options) for m in models]
+    return label_grids(grids, volume, n_clusters, seed=seed, phase2=phase2, intensity_weight=intensity_weight,
+                       intensity_window=intensity_window, smoothing=smoothing)
+
+
+def _phase2_options(phase2: str, intensity_weight: float | None, smoothing: float | None) -> tuple[float, float]:
+    """``intensity_weight`` and ``smoothing``, the method's defaults where ``None``, checked."""
     default_weight, default_smoothing = phase2_weights(phase2)
     intensity_weight = default_weight if intensity_weight is None else intensity_weight
     smoothing = default_smoothing if smoothing is None else smoothing
     _check_weight("intensity_weight", intensity_weight)
     _check_weight("smoothing", smoothing)
-    models = [model] if isinstance(model, JuleNet3D) else list(model)
-    if not models:
-        raise ValueError("label_volume needs at least one model")
-    grids = [grid_features(m, volume, stride=stride, progress=progress, **feature_options) for m in models]
+    return intensity_weight, smoothing
+
+
+def label_grids(
+    grids: Sequence[GridFeatures],
+    volume: Volume,
+    n_clusters: int,
+    seed: int = 0,
+    phase2: str = "consensus",
+    intensity_weight: float | None = None,
+    intensity_window: int = 3,
+    smoothing: float | None = None,
+) -> np.ndarray:
+    """The clustering of :func:`label_volume`, from the networks' grid features: labels for every voxel.
+
+    Parameters are those of :func:`label_volume`; ``grids`` are the networks' :func:`grid_features` on one
+    grid.
+
+    Returns
+    -------
+    numpy.ndarray
+        ``(Z, Y, X)`` labels, ``uint8`` (``uint16`` above 255 classes): 0 background, 1..k classes.
+    """
+    intensity_weight, smoothing = _phase2_options(phase2, intensity_weight, smoothing)
     grid = grids[0]
     spacing = volume.geometry.spacing_zyx
     if phase2 == "consensus":
         clusters = consensus_segment(grids, volume, n_clusters, seed=seed, intensity_weight=intensity_weight,
                                      window=intensity_window, smoothing=smoothing).labels
-        return refine_labels(project_labels(grid, clusters, volume), volume, stride, intensity_window)
+        return refine_labels(project_labels(grid, clusters, volume), volume, grid.stride, intensity_window)
     if phase2 == "merge":
         features = joint_features(grids, volume, intensity_weight, intensity_window)
         clusters = merge_segment(features, grid, n_clusters, seed=seed, smoothing=smoothing, spacing=spacing)

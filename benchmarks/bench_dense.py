@@ -29,7 +29,8 @@ import torch
 from jule3d.evaluation import measure
 from jule3d.models import JuleNet3D, net_config
 from jule3d.phantom import make_phantom
-from jule3d.segmentation import PHASE2_METHODS, grid_features, label_volume, phase2_defaults
+from jule3d.estimator import JuleSegmenter
+from jule3d.segmentation import PHASE2_METHODS, grid_features, label_volume
 
 
 def _model(preset: str, seed: int) -> JuleNet3D:
@@ -79,7 +80,7 @@ def phase2(preset: str, size: int, stride: int, seed: int) -> dict:
     t0 = time.perf_counter()
     volume = make_phantom(shape=(size,) * 3, seed=seed).volume
     make_s = time.perf_counter() - t0
-    n_networks, _ = phase2_defaults(preset)
+    n_networks = JuleSegmenter(preset=preset).resolved_networks()
     models = [_model(preset, seed + i) for i in range(n_networks)]
     methods = {}
     for method in PHASE2_METHODS:

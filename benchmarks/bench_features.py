@@ -38,7 +38,8 @@ import numpy as np
 
 from bench_quality import BRATS_CASES, Case, data_root, load_brats_case, phantom_case  # the script's folder
 
-from jule3d.jule import jule_config, train_jule
+from jule3d.config import jule_config
+from jule3d.jule import train_jule
 from jule3d.metrics import nmi
 from jule3d.models import net_config
 from jule3d.patches import sample_patches

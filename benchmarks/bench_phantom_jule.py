@@ -28,7 +28,8 @@ import time
 from typing import Any
 
 from jule3d.baselines import kmeans_intensity, multi_otsu
-from jule3d.jule import jule_config, train_jule
+from jule3d.config import jule_config
+from jule3d.jule import train_jule
 from jule3d.metrics import evaluate
 from jule3d.models import PRESETS as NET_PRESETS
 from jule3d.normalize import normalize_intensity

@@ -1,7 +1,7 @@
 """Phase 2 ablations on cached Phase 1 networks: many clusterings of the same grid features, scored per seed.
 
 Phase 1 (training the networks) dominates the cost of a run; Phase 2 (grid features → clustering → labels) is
-seconds. This script trains the default's networks once per visible case and seed (``train_networks`` with
+seconds. This script trains the default's networks once per visible case and seed (``JuleSegmenter.fit`` with
 ``segment``'s defaults), caches their grid features in ``--cache`` (``<case>_s<seed>.npz``), and then scores every
 named Phase 2 variant of :data:`VARIANTS` on them: voxel NMI per case and seed, the mean, sd and worst seed, and
 the BraTS-ROI mean. The default's row is ``default`` (``label_volume``'s ``consensus`` with its defaults), so
@@ -34,6 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_quality import BRATS_CASES, PHANTOM_CASES, SUITE_SEEDS, suite_loaders, Case  # noqa: E402
 from jule3d import segmentation as seg  # noqa: E402
+from jule3d.estimator import JuleSegmenter, segment  # noqa: E402
 from jule3d.metrics import nmi  # noqa: E402
 
 Variant = Callable[[Sequence[seg.GridFeatures], Case, int], np.ndarray]
@@ -69,6 +70,11 @@ VARIANTS: dict[str, Variant] = {
 }
 
 
+def train_default(case: Case, seed: int) -> JuleSegmenter:
+    """Phase 1 of the default (``segment()`` with nothing set) on one case."""
+    return JuleSegmenter(n_clusters=case.n_clusters, seed=seed).fit(case.volume)
+
+
 def cached_grids(case: Case, seed: int, cache: Path) -> list[seg.GridFeatures]:
     """The default's networks' grid features for one case and seed: from ``cache`` or trained and stored."""
     path = cache / f"{case.name}_s{seed}.npz"
@@ -77,8 +83,7 @@ def cached_grids(case: Case, seed: int, cache: Path) -> list[seg.GridFeatures]:
             n = int(data["n_networks"])
             return [seg.GridFeatures(data[f"features_{i}"], tuple(data["grid_shape"]), data["selected"],
                                      int(data["offset"]), int(data["stride"])) for i in range(n)]
-    results = seg.train_networks(case.volume, case.n_clusters, seed=seed, progress=False)
-    grids = [seg.grid_features(r.model, case.volume, stride=2) for r in results]
+    grids = train_default(case, seed).transform(case.volume)
     cache.mkdir(parents=True, exist_ok=True)
     partial = path.with_suffix(".part.npz")
     np.savez(partial, n_networks=len(grids), grid_shape=grids[0].grid_shape, selected=grids[0].selected,
@@ -98,7 +103,7 @@ def cost(seeds: Sequence[int]) -> None:
     for seed in seeds:
         for name, options in runs.items():
             start = time.perf_counter()
-            seg.segment(case.volume, case.n_clusters, seed=seed, progress=False, **options)
+            segment(case.volume, n_clusters=case.n_clusters, seed=seed, progress=False, **options)
             seconds[name].append(time.perf_counter() - start)
             print(f"seed {seed} {name}: {seconds[name][-1]:.1f} s", flush=True)
     base, new = np.mean(seconds["one network, kmeans"]), np.mean(seconds["default"])

@@ -57,7 +57,7 @@ import ast
 import json
 import os
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -66,7 +66,7 @@ import numpy as np
 from jule3d.evaluation import MethodResult, compare_methods
 from jule3d.normalize import normalize_intensity
 from jule3d.phantom import make_phantom
-from jule3d.segmentation import segment
+from jule3d.estimator import segment
 from jule3d.volume import Volume
 
 BRATS_CASES = ("brats_2013_pat0003_1", "brats_2013_pat0004_1", "brats_2013_pat0005_1", "brats_2013_pat0006_1")
@@ -200,7 +200,8 @@ def brats_input(case_dir: Path, intensity: str = "zero-background") -> Volume:
         data = np.where(volume.foreground(), np.asarray(volume.data, dtype=np.float32), np.float32(0))
         volume = Volume(data, volume.geometry, mask=volume.mask, channel_names=volume.channel_names,
                         sources=volume.sources)
-    return volume
+    # the protocol's intensities are used as they are: marked normalised, so that segment() keeps them
+    return replace(volume, normalized=True)
 
 
 def load_brats_case(case_dir: Path, intensity: str = "zero-background", margin: int = CROP_MARGIN) -> Case:

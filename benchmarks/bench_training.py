@@ -17,7 +17,8 @@ import time
 
 import torch
 
-from jule3d.jule import jule_config, sample_triplets, weighted_triplet_loss
+from jule3d.config import jule_config
+from jule3d.loss import sample_triplets, weighted_triplet_loss
 from jule3d.models import PRESETS, JuleNet3D
 
 

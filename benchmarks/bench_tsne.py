@@ -19,7 +19,7 @@ import os
 import numpy as np
 
 from jule3d.embedding import embed, embedding_scores
-from jule3d.jule import load_model
+from jule3d.checkpoint import load_model
 from jule3d.models import JuleNet3D, net_config
 from jule3d.patches import sample_patches
 from jule3d.phantom import make_phantom
@@ -30,7 +30,7 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=[2000, 20000])
     parser.add_argument("--jobs", type=int, nargs="+", default=[1, -1], help="openTSNE n_jobs values to compare")
     parser.add_argument("--n-iter", type=int, nargs="+", default=[250], help="iterations after early exaggeration")
-    parser.add_argument("--model", help="trained model (jule3d.jule.save_model); default: untrained fast network")
+    parser.add_argument("--model", help="trained model (jule3d.checkpoint.save_model); default: untrained fast network")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     phantom = make_phantom(shape=(96, 96, 96), seed=args.seed)

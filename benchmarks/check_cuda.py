@@ -23,7 +23,9 @@ import time
 import numpy as np
 import torch
 
-from jule3d.jule import jule_config, sample_triplets, train_jule, weighted_triplet_loss
+from jule3d.config import jule_config
+from jule3d.jule import train_jule
+from jule3d.loss import sample_triplets, weighted_triplet_loss
 from jule3d.metrics import nmi
 from jule3d.models import PRESETS, JuleNet3D
 from jule3d.patches import sample_patches

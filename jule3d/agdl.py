@@ -66,6 +66,8 @@ import scipy.sparse as sp
 from scipy.sparse.csgraph import connected_components
 from sklearn.neighbors import NearestNeighbors
 
+from jule3d.validation import check_int
+
 __all__ = [
     "KC_CLUSTER_LIMIT",
     "agglomerate",
@@ -86,17 +88,6 @@ _CACHE_DEPTH = 2  # each cluster caches its CACHE_DEPTH * K_c largest affinities
 # --------------------------------------------------------------------------------------------
 # validation helpers
 # --------------------------------------------------------------------------------------------
-
-
-def _check_int(value: Any, name: str, minimum: int, maximum: int | None = None) -> int:
-    """Return ``value`` as an int in ``[minimum, maximum]`` or raise a ValueError naming it."""
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
-        raise ValueError(f"{name} must be an integer, got {value!r}")
-    value = int(value)
-    if value < minimum or (maximum is not None and value > maximum):
-        upper = "" if maximum is None else f" and <= {maximum}"
-        raise ValueError(f"{name} must be >= {minimum}{upper}, got {value}")
-    return value
 
 
 def _as_features(features: Any) -> np.ndarray:
@@ -149,10 +140,10 @@ def _check_merge_args(
     n: int, target: Any, n_merges: Any, K_c: Any, lam: Any
 ) -> tuple[int, int | None, int, float]:
     """Validate the arguments shared by :func:`agglomerate` and :func:`agglomerate_reference`."""
-    target = _check_int(target, "target", 1, n)
+    target = check_int("target", target, 1, n)
     if n_merges is not None:
-        n_merges = _check_int(n_merges, "n_merges", 0)
-    K_c = _check_int(K_c, "K_c", 2)
+        n_merges = check_int("n_merges", n_merges, 0)
+    K_c = check_int("K_c", K_c, 2)
     if isinstance(lam, bool) or not isinstance(lam, (int, float, np.integer, np.floating)):
         raise ValueError(f"lam must be a number, got {lam!r}")
     lam = float(lam)
@@ -243,7 +234,7 @@ def knn_affinity(features: np.ndarray, k_s: int, approximate: bool = False) -> s
     n = x.shape[0]
     if n < 2:
         raise ValueError(f"k_s needs at least 2 samples, got n={n}")
-    k_s = _check_int(k_s, "k_s", 1, n - 1)
+    k_s = check_int("k_s", k_s, 1, n - 1)
     indices = _knn_indices(x, k_s, bool(approximate))
     d2 = _neighbour_d2(x, indices)
     sigma2 = float(d2.mean())
@@ -394,8 +385,8 @@ def unfolding_merges(n_clusters: int, eta: float, target: int) -> int:
         ``min(ceil(eta * n_c), n_c - target)``, 0 when ``n_c <= target``. ``eta`` is taken at its
         shortest decimal form, so ``eta=0.7, n_c=100`` gives 70, not 71.
     """
-    n_clusters = _check_int(n_clusters, "n_clusters", 1)
-    target = _check_int(target, "target", 1)
+    n_clusters = check_int("n_clusters", n_clusters, 1)
+    target = check_int("target", target, 1)
     if isinstance(eta, bool) or not isinstance(eta, (int, float, np.integer, np.floating)):
         raise ValueError(f"eta must be a number in (0, 1], got {eta!r}")
     if not (math.isfinite(float(eta)) and 0 < float(eta) <= 1):

@@ -45,6 +45,7 @@ from skimage.segmentation import slic
 from sklearn.cluster import KMeans
 from sklearn.mixture import GaussianMixture
 
+from .validation import check_mask
 from .volume import Volume
 
 __all__ = [
@@ -107,7 +108,7 @@ def order_labels_by_intensity(
         raise ValueError(
             f"intensity shape {intensity.shape} does not match labels shape {labels.shape}"
         )
-    mask = _checked_mask(mask, labels.shape)
+    mask = check_mask(mask, labels.shape)
     ids, codes = np.unique(labels[mask], return_inverse=True)
     if ids.size > np.iinfo(np.uint16).max:
         raise ValueError(f"labels hold {ids.size} clusters inside the mask; at most 65535 fit uint16")
@@ -664,26 +665,13 @@ def run_baseline(
     return BASELINES[name](volume, n_classes, mask=mask, seed=seed, **options)
 
 
-def _checked_mask(mask: np.ndarray | None, shape: tuple[int, ...]) -> np.ndarray:
-    """``mask`` as bool of ``shape`` (all true when ``None``), refusing an empty one."""
-    if mask is None:
-        return np.ones(shape, dtype=bool)
-    mask = np.asarray(mask)
-    if mask.shape != tuple(shape):
-        raise ValueError(f"mask shape {mask.shape} does not match the volume shape {tuple(shape)}")
-    mask = mask.astype(bool, copy=False)
-    if not mask.any():
-        raise ValueError("mask is empty: no voxel to segment")
-    return mask
-
-
 def _prepare(
     volume: Volume, n_classes: int, mask: np.ndarray | None, channels: int | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
     """Check the common arguments; return the mask and the ``(n_voxels, C)`` float32 features."""
     if isinstance(n_classes, bool) or not isinstance(n_classes, Integral) or n_classes < 2:
         raise ValueError(f"n_classes must be an integer >= 2, got {n_classes!r}")
-    mask = _checked_mask(volume.mask if mask is None else mask, volume.shape)
+    mask = check_mask(volume.mask if mask is None else mask, volume.shape)
     features = np.ascontiguousarray(volume.data[:channels, mask].T, dtype=np.float32)
     if not np.isfinite(features).all():
         raise ValueError("volume holds NaN or infinite intensities inside the mask")

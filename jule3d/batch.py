@@ -19,6 +19,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+from .rundir import RunDir
+
 __all__ = ["Job", "JobResult", "expand_jobs", "run_batch", "write_index"]
 
 STATUS_FILE = "status.json"
@@ -112,9 +114,7 @@ def _run_job(job: Job, run_dir: str, common: Mapping[str, Any], cell_timeout: in
     result = JobResult(job.name, "ok", run_dir, parameters=params)
     try:
         run_pipeline(run_dir, job.volume_paths, params, overwrite=True, cell_timeout=cell_timeout, progress=False)
-        metrics = Path(run_dir) / "metrics.json"
-        if metrics.is_file():
-            result.metrics = json.loads(metrics.read_text(encoding="utf-8"))
+        result.metrics = RunDir(run_dir).load_metrics() or {}
     except Exception as exc:  # noqa: BLE001 - a batch records every failure and carries on
         result.status = "failed"
         result.error = f"{type(exc).__name__}: {exc}"
@@ -225,7 +225,7 @@ def write_index(out_dir: Path, results: Sequence[JobResult]) -> Path:
     (out_dir / "index.json").write_text(json.dumps([asdict(r) for r in results], indent=2, default=str), encoding="utf-8")
     rows = []
     for r in results:
-        jule = r.metrics.get("jule3d", r.metrics) if isinstance(r.metrics, dict) else {}
+        jule = RunDir.jule3d_scores(r.metrics)
         cells = [f"<td>{html.escape(r.name)}</td>", f"<td class='{r.status}'>{r.status}</td>"]
         cells += [f"<td>{jule[m]:.3f}</td>" if isinstance(jule.get(m), (int, float)) else "<td></td>"
                   for m in _METRIC_COLUMNS]

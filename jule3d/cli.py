@@ -56,13 +56,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
 
 
-#: ``jule3d segment --phase2`` choices: :data:`jule3d.segmentation.PHASE2_METHODS`, written out so that building
-#: the parser does not import torch (a test checks they agree).
-PHASE2_CHOICES = ("consensus", "merge", "kmeans")
-
-
 @subcommand
 def _register_segment(sub: argparse._SubParsersAction) -> None:
+    from .parameters import add_cli_options
+
     p = sub.add_parser(
         "segment", help="segment a volume without labels (JULE-3D) into a label map",
         description="Train JULE-3D on patches of the input (or use --model), then label every voxel: "
@@ -70,32 +67,17 @@ def _register_segment(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("inputs", nargs="+", metavar="INPUT", help="volume file(s); several = co-registered channels")
     p.add_argument("--out", required=True, metavar="LABELS.nii.gz", help="label map to write (input geometry)")
-    p.add_argument("--n-clusters", type=int, default=3, metavar="K", help="number of classes (default 3)")
-    p.add_argument("--preset", choices=["fast", "paper"], default="fast", help="network preset (default fast)")
-    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.add_argument("--mask", metavar="MASK", help="foreground mask file (default: automatic)")
     p.add_argument("--model", metavar="MODEL.pt", help="trained model: skip training")
-    p.add_argument("--stride", type=int, default=2, help="grid stride of the dense features (default 2)")
-    p.add_argument("--n-patches", type=int, default=2000, help="training patches (default 2000)")
-    p.add_argument("--phase2", choices=PHASE2_CHOICES, default=None,
-                   help="Phase 2 clustering (default: the preset's; consensus [ours] for fast, kmeans (the "
-                        "paper) for paper)")
-    p.add_argument("--n-networks", type=int, default=None, metavar="N",
-                   help="[ours] networks trained with different seeds, clustered together and each alone "
-                        "(default: the preset's)")
-    p.add_argument("--intensity-weight", type=float, default=None, metavar="W",
-                   help="[ours] weight of the local mean intensity next to the features (default: the Phase 2 "
-                        "method's; 0 leaves it out)")
-    p.add_argument("--smoothing", type=float, default=None, metavar="BETA",
-                   help="[ours] weight of the Potts regularisation of the labels (default: the Phase 2 "
-                        "method's; 0 turns it off)")
+    add_cli_options(p)
     p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     p.set_defaults(func=_cmd_segment)
 
 
 def _cmd_segment(args: argparse.Namespace) -> int:
+    from .estimator import segment
     from .io import load_volume, save_labels
-    from .segmentation import segment
+    from .parameters import cli_values
 
     out = Path(args.out)
     if any(out.resolve() == Path(i).resolve() for i in args.inputs + ([args.mask] if args.mask else [])):
@@ -105,10 +87,8 @@ def _cmd_segment(args: argparse.Namespace) -> int:
     if out.exists() and not args.overwrite:
         raise FileExistsError(f"--out {out} exists; pass --overwrite to replace it")
     volume = load_volume(args.inputs, mask=args.mask)
-    labels = segment(volume, n_clusters=args.n_clusters, preset=args.preset, seed=args.seed,
-                     model=args.model, stride=args.stride, n_patches=args.n_patches, phase2=args.phase2,
-                     n_networks=args.n_networks, intensity_weight=args.intensity_weight, smoothing=args.smoothing,
-                     progress=sys.stderr.isatty())  # progress bars on a terminal, not in a log file
+    labels = segment(volume, model=args.model, progress=sys.stderr.isatty(),  # bars on a terminal, not in a log
+                     **cli_values(args))
     save_labels(labels, out, reference=volume, overwrite=args.overwrite)
     counts = np.bincount(labels.ravel(), minlength=args.n_clusters + 1)[1:]
     mm3 = volume.geometry.voxel_volume

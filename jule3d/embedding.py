@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["Embedding", "embed", "raw_patch_features", "embedding_scores"]
+__all__ = ["Embedding", "embed", "embedding_scores"]
 
 
 @dataclass
@@ -26,13 +26,6 @@ class Embedding:
     coords: np.ndarray
     method: str
     seconds: float
-
-
-def raw_patch_features(patches: np.ndarray) -> np.ndarray:
-    """Flattened, L2-normalised raw patches: JULE's period-0 features, the baseline for comparison."""
-    flat = np.asarray(patches, dtype=np.float32).reshape(len(patches), -1)
-    norms = np.linalg.norm(flat, axis=1, keepdims=True)
-    return flat / np.maximum(norms, 1e-12)
 
 
 def embed(

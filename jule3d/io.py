@@ -63,6 +63,7 @@ from jule3d.volume import Geometry, Volume
 __all__ = [
     "read_image",
     "load_volume",
+    "prepare_volume",
     "load_mask",
     "save_volume",
     "save_labels",
@@ -248,6 +249,61 @@ def load_volume(
     )
     volume = volume.with_mask(_resolve_mask(volume, mask, foreground))
     return normalize_intensity(volume) if normalize else volume
+
+
+def prepare_volume(
+    volume: Volume | PathLike | Sequence[PathLike] | np.ndarray,
+    mask: PathLike | np.ndarray | None = None,
+) -> Volume:
+    """The input of the method, whatever its type: a masked, normalised :class:`Volume`.
+
+    Paths are read with :func:`load_volume` (several paths = channels). An array ``(Z, Y, X)`` or
+    ``(C, Z, Y, X)`` is wrapped with unit spacing. A volume that is not yet
+    :attr:`~jule3d.volume.Volume.normalized` gets ``mask`` (else its own mask, else the automatic one,
+    :func:`jule3d.mask.foreground_mask`) and is normalised (:func:`jule3d.normalize.normalize_intensity`), as
+    :func:`load_volume` does; a normalised one is kept, with ``mask`` as its foreground when given.
+
+    Parameters
+    ----------
+    volume : Volume, path, sequence of paths or numpy.ndarray
+    mask : path or numpy.ndarray, optional
+        Foreground mask on the volume's grid.
+
+    Returns
+    -------
+    Volume
+
+    Raises
+    ------
+    TypeError
+        For another type of input.
+    ValueError, FileNotFoundError
+        Bad files, a constant image, or a mask that does not fit or is empty.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> rng = np.random.default_rng(0)
+    >>> array = np.zeros((12, 12, 12), np.float32)
+    >>> array[2:10, 2:10, 2:10] = 100 + rng.normal(size=(8, 8, 8))
+    >>> volume = prepare_volume(array)
+    >>> volume.normalized, int(volume.mask.sum())
+    (True, 512)
+    >>> prepare_volume(volume) is volume
+    True
+    """
+    if isinstance(volume, (str, os.PathLike)) or (
+            isinstance(volume, Sequence) and all(isinstance(v, (str, os.PathLike)) for v in volume)):
+        return load_volume(volume, mask=mask)
+    if isinstance(volume, np.ndarray):
+        volume = Volume.from_array(volume.astype(np.float32, copy=False))
+    if not isinstance(volume, Volume):
+        raise TypeError(f"volume must be a Volume, a path, a list of paths or an array, got {type(volume).__name__}")
+    if volume.normalized:
+        return volume if mask is None else volume.with_mask(_resolve_mask(volume, mask, None))
+    volume = volume.with_mask(_resolve_mask(volume, mask, None) if mask is not None else
+                              volume.mask if volume.mask is not None else foreground_mask(volume))
+    return normalize_intensity(volume)
 
 
 def _as_path_list(path_or_paths: PathLike | Sequence[PathLike]) -> list[Path]:

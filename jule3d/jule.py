@@ -49,9 +49,8 @@ from __future__ import annotations
 import hashlib
 import math
 import os
-import tempfile
 import time
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
@@ -60,264 +59,16 @@ import torch
 from tqdm.auto import tqdm
 
 from jule3d import agdl
+from jule3d.checkpoint import CHECKPOINT_FORMAT, CHECKPOINT_NAME, load_checkpoint, write_atomic
+from jule3d.config import JuleConfig
+from jule3d.loss import sample_triplets, weighted_triplet_loss
 from jule3d.metrics import nmi
-from jule3d.models import PRESETS as NET_PRESETS
-from jule3d.models import JuleNet3D, NetConfig, net_config
+from jule3d.models import JuleNet3D
 
-__all__ = [
-    "CHECKPOINT_NAME",
-    "JULE_PRESETS",
-    "RAW_FEATURES",
-    "JuleConfig",
-    "JuleResult",
-    "jule_config",
-    "load_model",
-    "period0_features",
-    "sample_triplets",
-    "save_model",
-    "train_jule",
-    "weighted_triplet_loss",
-]
+__all__ = ["JuleResult", "period0_features", "train_jule"]
 
-CHECKPOINT_NAME = "jule_checkpoint.pt"
-"""File name of the checkpoint inside ``checkpoint_dir``."""
-
-RAW_FEATURES: tuple[str, ...] = ("l2", "standardize", "untrained", "spectrum")
-"""Valid :attr:`JuleConfig.raw_features` (period-0 features); ``"l2"`` is JULE's."""
-
-_CHECKPOINT_FORMAT = "jule3d-jule-checkpoint-v1"
-_MODEL_FORMAT = "jule3d-model-v1"
 # fields that do not change the result, left out of the checkpoint fingerprint
 _NON_RESULT_FIELDS = ("device", "feature_batch_size")
-
-
-def _check_int(name: str, value: Any, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-        raise ValueError(f"JuleConfig.{name} must be an integer >= {minimum}, got {value!r}")
-
-
-def _check_range(
-    name: str, value: Any, low: float, high: float, low_open: bool = False, high_open: bool = False
-) -> None:
-    ok = isinstance(value, (int, float, np.floating, np.integer)) and not isinstance(value, bool)
-    ok = ok and math.isfinite(value) and (value > low if low_open else value >= low)
-    ok = ok and (value < high if high_open else value <= high)
-    if not ok:
-        bounds = f"{'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
-        raise ValueError(f"JuleConfig.{name} must lie in {bounds}, got {value!r}")
-
-
-@dataclass(frozen=True)
-class JuleConfig:
-    """Every hyperparameter of :func:`train_jule`; defaults are the spec's (``method.md``).
-
-    Parameters
-    ----------
-    n_clusters : int
-        Target number of clusters ``n*`` (3 tissue classes in Moriya 2018).
-    k_s : int
-        Neighbours per sample in the affinity graph ``W`` (JULE ``K_s``).
-    k_c : int
-        Clusters in the AGDL merge criterion's local term (JULE ``K_c``).
-    lam : float
-        Weight ``λ`` of that local term.
-    eta : float
-        Unfolding rate: each period merges ``ceil(eta · n_c)`` times (0.9; 0.2 for many small classes).
-    epochs_per_period : int
-        CNN epochs after each period's merges (0 leaves the CNN untrained, as JULE's ``updateCNN=0``).
-    final_epochs : int
-        CNN epochs of the final update on the final labels [ours: the paper gives no number].
-    batch_size : int
-        Patches per minibatch.
-    lr, momentum, dampening, weight_decay : float
-        SGD settings (JULE reference: 0.01, 0.9, 0.9, 5e-5).
-    lr_gamma, lr_power : float
-        Schedule ``lr · (1 + lr_gamma · it) ** -lr_power``.
-    margin, gamma : float
-        Triplet margin and weight of the positive distance (0.2 and 2).
-    n_negatives : int
-        Negatives per anchor-positive pair (at most; fewer when the batch holds fewer).
-    net : str
-        Network preset, a key of :data:`jule3d.models.PRESETS`.
-    net_overrides : dict
-        :class:`~jule3d.models.NetConfig` fields to change; ``in_channels`` and ``patch_size`` are taken
-        from the patches.
-    max_periods : int
-        Safety cap: the period with this index merges straight to :attr:`merge_target`.
-    stop_clusters : int
-        [ours] Stop merging at ``max(n_clusters, stop_clusters)`` clusters (0: at ``n_clusters``, as
-        JULE). The final update then trains on those labels, and Phase 2's k-means groups the features
-        into ``n_clusters`` classes. Late AGDL merges between a few large clusters are the least
-        reliable ones: once the CNN has pulled every cluster into a tight ball, the kNN graph has
-        almost no edges between clusters and the merge order becomes arbitrary (one giant cluster).
-    approximate_knn : bool
-        Passed to :func:`jule3d.agdl.knn_affinity`.
-    channels_last : bool
-        Train and embed with ``torch.channels_last_3d`` tensors (on: +57 % training throughput for the
-        paper net and +71 % for the fast one on the 2-core CPU measured with
-        ``benchmarks/bench_training.py``).
-    feature_batch_size : int
-        Patches per forward pass when computing features.
-    raw_features : {"l2", "standardize", "untrained", "spectrum"}
-        Features of period 0, from which the first ``W`` and the initial clusters come. ``"l2"`` [jule]:
-        the L2-normalised raw patches. The others are [ours]: ``"standardize"`` removes each patch's
-        mean and scales it to unit variance before the L2 normalisation (so brightness and contrast
-        differences, e.g. a bias field, do not decide the neighbours); ``"untrained"`` uses the
-        features of the freshly initialised CNN (random convolutions, BatchNorm, ReLU and pooling);
-        ``"spectrum"`` uses the L2-normalised amplitude spectrum ``|FFT|`` of each standardised patch, a
-        shift-invariant texture descriptor (raw voxels of two patches of one random texture are
-        nearly uncorrelated unless the patches overlap, their spectra are alike).
-    seed : int
-        Seed of the weight initialisation and of the minibatch / negative sampling.
-    device : str
-        ``"auto"`` (CUDA when available, else CPU), ``"cpu"``, ``"cuda"``, ``"cuda:1"``, ...
-
-    Raises
-    ------
-    ValueError
-        Naming the first field that is out of range.
-    """
-
-    n_clusters: int = 3
-    k_s: int = 20
-    k_c: int = 5
-    lam: float = 1.0
-    eta: float = 0.9
-    epochs_per_period: int = 20
-    final_epochs: int = 20
-    batch_size: int = 100
-    lr: float = 0.01
-    momentum: float = 0.9
-    dampening: float = 0.9
-    weight_decay: float = 5e-5
-    lr_gamma: float = 1e-4
-    lr_power: float = 0.75
-    margin: float = 0.2
-    gamma: float = 2.0
-    n_negatives: int = 20
-    net: str = "paper"
-    net_overrides: dict[str, Any] = field(default_factory=dict)
-    max_periods: int = 100
-    stop_clusters: int = 0
-    approximate_knn: bool = False
-    channels_last: bool = True
-    feature_batch_size: int = 256
-    raw_features: str = "l2"
-    seed: int = 0
-    device: str = "auto"
-
-    def __post_init__(self) -> None:
-        for name in ("n_clusters", "k_s", "k_c", "batch_size", "n_negatives", "max_periods", "feature_batch_size"):
-            _check_int(name, getattr(self, name), minimum=1)
-        for name in ("epochs_per_period", "final_epochs", "seed", "stop_clusters"):
-            _check_int(name, getattr(self, name), minimum=0)
-        _check_range("eta", self.eta, 0.0, 1.0, low_open=True)
-        _check_range("momentum", self.momentum, 0.0, 1.0, high_open=True)
-        _check_range("dampening", self.dampening, 0.0, 1.0)
-        _check_range("lr", self.lr, 0.0, math.inf, low_open=True)
-        _check_range("gamma", self.gamma, 0.0, math.inf, low_open=True)
-        for name in ("lam", "weight_decay", "lr_gamma", "lr_power", "margin"):
-            _check_range(name, getattr(self, name), 0.0, math.inf)
-        if self.raw_features not in RAW_FEATURES:
-            raise ValueError(f"JuleConfig.raw_features must be one of {RAW_FEATURES}, got {self.raw_features!r}")
-        if self.net not in NET_PRESETS:
-            raise ValueError(f"JuleConfig.net must be one of {sorted(NET_PRESETS)}, got {self.net!r}")
-        if not isinstance(self.net_overrides, Mapping):
-            raise ValueError(f"JuleConfig.net_overrides must be a dict, got {type(self.net_overrides).__name__}")
-        object.__setattr__(self, "net_overrides", dict(self.net_overrides))
-        net_config(self.net, **self.net_overrides)  # validates the override names and values
-        if self.device != "auto":
-            try:
-                torch.device(self.device)
-            except (RuntimeError, TypeError) as exc:
-                raise ValueError(f"JuleConfig.device {self.device!r} is not a torch device: {exc}") from exc
-
-    @property
-    def merge_target(self) -> int:
-        """Number of clusters at which merging stops: ``max(n_clusters, stop_clusters)``."""
-        return max(self.n_clusters, self.stop_clusters)
-
-    def network_config(self, in_channels: int, patch_size: int) -> NetConfig:
-        """The :class:`~jule3d.models.NetConfig` for patches of ``in_channels × patch_size³``.
-
-        Raises
-        ------
-        ValueError
-            If ``net_overrides`` sets ``in_channels`` or ``patch_size`` to other values.
-        """
-        for name, value in (("in_channels", in_channels), ("patch_size", patch_size)):
-            if name in self.net_overrides and self.net_overrides[name] != value:
-                raise ValueError(
-                    f"JuleConfig.net_overrides[{name!r}]={self.net_overrides[name]} does not match the "
-                    f"patches ({name}={value})"
-                )
-        overrides = {**self.net_overrides, "in_channels": in_channels, "patch_size": patch_size}
-        return net_config(self.net, **overrides)
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain-type dictionary that :meth:`from_dict` reads back (JSON- and checkpoint-safe)."""
-        out = asdict(self)
-        out["net_overrides"] = {
-            k: list(v) if isinstance(v, tuple) else v for k, v in self.net_overrides.items()
-        }
-        return out
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> "JuleConfig":
-        """Build a config from :meth:`to_dict` output (unknown keys raise ``ValueError``)."""
-        _check_config_fields(data, "data")
-        return cls(**data)
-
-
-JULE_PRESETS: dict[str, JuleConfig] = {
-    "paper": JuleConfig(net="paper"),
-    "fast": JuleConfig(
-        net="fast", epochs_per_period=3, final_epochs=10, eta=0.5, raw_features="spectrum", stop_clusters=6
-    ),
-}
-"""Named training configurations; ``net`` names the :data:`jule3d.models.PRESETS` entry of the same name.
-
-``"paper"`` is the spec's JULE (``method.md``). ``"fast"`` [ours] is tuned on the 96³ texture phantom
-(``benchmarks/bench_phantom_jule.py``; 2000 patches of 17³ drawn with ``min_foreground=0.5``, voxel NMI
-of the Phase 2 labels): 3 epochs per period, 10 final epochs, ``eta=0.5``, period-0 features from the
-amplitude spectrum, merging stopped at 6 clusters: 0.842 (0.877 with seed 1), about 50 s on 2 CPU cores.
-The spectrum and the stop were both needed: with JULE's raw L2 features the first graph is worse (patch
-NMI 0.19 instead of 0.28 in period 0) and one cluster soon holds most patches (voxel NMI 0.59); merging
-on to 3 clusters let one cluster swallow two classes in the last period (0.60). ``eta=0.9`` gave 0.815
-in 35 s. The untuned preset (``eta=0.9``, L2 features, merging to 3) reached 0.56. Training patches
-must include the specimen border: with ``min_foreground=0.9`` the tuned preset scored 0.43 (0.62 on
-voxels more than half a patch inside the specimen), since border patches, half air, were never seen in
-training.
-"""
-
-
-def jule_config(preset: str = "fast", **overrides: Any) -> JuleConfig:
-    """A preset training configuration with some fields replaced.
-
-    Parameters
-    ----------
-    preset : str
-        A key of :data:`JULE_PRESETS` (``"paper"`` or ``"fast"``).
-    **overrides
-        :class:`JuleConfig` fields to change. ``None`` keeps the preset's value, so callers (the notebooks,
-        the tuning panel) can pass every field and leave unset ones to the preset.
-
-    Raises
-    ------
-    ValueError
-        If ``preset`` is unknown or an override is not a field (the message lists the valid ones).
-    """
-    if preset not in JULE_PRESETS:
-        raise ValueError(f"unknown preset {preset!r}; valid presets: {sorted(JULE_PRESETS)}")
-    _check_config_fields(overrides, "overrides")
-    return replace(JULE_PRESETS[preset], **{k: v for k, v in overrides.items() if v is not None})
-
-
-def _check_config_fields(values: Mapping[str, Any], what: str) -> None:
-    valid = [f.name for f in fields(JuleConfig)]
-    unknown = sorted(set(values) - set(valid))
-    if unknown:
-        raise ValueError(f"unknown JuleConfig field(s) in {what}: {unknown}; valid fields: {valid}")
 
 
 @dataclass
@@ -347,80 +98,6 @@ class JuleResult:
     features: np.ndarray
 
 
-# --------------------------------------------------------------------------------------------------
-# the weighted triplet loss
-
-
-def sample_triplets(
-    labels: torch.Tensor, n_negatives: int, generator: torch.Generator | None = None
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Triplets of one minibatch, as batch positions.
-
-    Every same-cluster pair ``(a, p)`` with ``a < p`` is an anchor-positive pair; it gets
-    ``min(n_negatives, number of batch samples in other clusters)`` distinct negatives drawn uniformly
-    (the top-``k`` of random keys over the allowed positions).
-
-    Parameters
-    ----------
-    labels : torch.Tensor
-        ``(B,)`` integer cluster labels of the batch (CPU).
-    n_negatives : int
-        Most negatives per anchor-positive pair.
-    generator : torch.Generator, optional
-        CPU generator of the random keys.
-
-    Returns
-    -------
-    anchors, positives, negatives : torch.Tensor
-        ``(T,)`` int64 indices into the batch; empty when the batch has no same-cluster pair or no
-        other-cluster sample.
-    """
-    labels = torch.as_tensor(labels).reshape(-1).cpu()
-    same = labels[:, None] == labels[None, :]
-    anchors, positives = torch.triu(same, diagonal=1).nonzero(as_tuple=True)
-    n_keep = min(int(n_negatives), labels.numel())
-    if anchors.numel() == 0 or n_keep == 0:
-        empty = torch.empty(0, dtype=torch.int64)
-        return empty, empty, empty
-    keys = torch.rand(anchors.numel(), labels.numel(), generator=generator)
-    keys = torch.where(same[anchors], torch.full_like(keys, -1.0), keys)
-    top, negatives = keys.topk(n_keep, dim=1)
-    valid = top >= 0
-    anchors = anchors[:, None].expand(-1, n_keep)[valid]
-    positives = positives[:, None].expand(-1, n_keep)[valid]
-    return anchors, positives, negatives[valid]
-
-
-def weighted_triplet_loss(
-    features: torch.Tensor,
-    anchors: torch.Tensor,
-    positives: torch.Tensor,
-    negatives: torch.Tensor,
-    gamma: float = 2.0,
-    margin: float = 0.2,
-) -> torch.Tensor:
-    """``mean max(0, gamma·‖f_a − f_p‖² − ‖f_a − f_n‖² + margin)`` over the given triplets.
-
-    Squared distances come from one ``(B, B)`` pairwise matrix, indexed by the triplets.
-
-    Parameters
-    ----------
-    features : torch.Tensor
-        ``(B, D)`` features of the batch.
-    anchors, positives, negatives : torch.Tensor
-        ``(T,)`` batch indices (from :func:`sample_triplets`), ``T >= 1``.
-    gamma, margin : float
-        Weight of the positive distance and margin.
-
-    Returns
-    -------
-    torch.Tensor
-        Scalar loss.
-    """
-    if anchors.numel() == 0:
-        raise ValueError("anchors is empty: a triplet loss needs at least one triplet")
-    d2 = (features[:, None, :] - features[None, :, :]).pow(2).sum(-1)
-    return (gamma * d2[anchors, positives] - d2[anchors, negatives] + margin).clamp_min(0).mean()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -643,57 +320,6 @@ class _Trainer:
 # checkpoints
 
 
-def _write_atomic(obj: Any, path: Path) -> None:
-    """``torch.save`` to a temporary file in the target folder, then rename it over ``path``."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _read(path: Path, expected_format: str, required: tuple[str, ...]) -> dict[str, Any]:
-    """``torch.load(weights_only=True)`` with errors turned into ``ValueError`` naming the file."""
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises many types for damaged files
-        raise ValueError(f"{path} is corrupt or not a jule3d file: {type(exc).__name__}: {exc}") from exc
-    if not isinstance(obj, dict) or obj.get("format") != expected_format:
-        raise ValueError(f"{path} is not a {expected_format} file")
-    missing = [k for k in required if k not in obj]
-    if missing:
-        raise ValueError(f"{path} is corrupt: missing entries {missing}")
-    return obj
-
-
-def _describe_mismatch(saved: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
-    problems = []
-    saved_cfg, cur_cfg = saved.get("config", {}), current["config"]
-    for key in sorted(set(saved_cfg) | set(cur_cfg)):
-        if saved_cfg.get(key) != cur_cfg.get(key):
-            problems.append(f"config.{key}: checkpoint {saved_cfg.get(key)!r}, now {cur_cfg.get(key)!r}")
-    if list(saved.get("patch_shape", [])) != current["patch_shape"]:
-        problems.append(f"patch shape: checkpoint {saved.get('patch_shape')}, now {current['patch_shape']}")
-    elif saved.get("patch_hash") != current["patch_hash"]:
-        problems.append("patch contents differ (same shape, different values)")
-    return problems
-
-
-def _load_checkpoint(path: Path, fingerprint: Mapping[str, Any]) -> dict[str, Any]:
-    ckpt = _read(
-        path,
-        _CHECKPOINT_FORMAT,
-        ("trainer", "labels", "history", "period", "stage", "fingerprint"),
-    )
-    problems = _describe_mismatch(ckpt["fingerprint"], fingerprint)
-    if problems:
-        raise ValueError(
-            f"checkpoint {path} was written for another configuration or patch set: " + "; ".join(problems)
-        )
-    return ckpt
 
 
 # --------------------------------------------------------------------------------------------------
@@ -800,9 +426,9 @@ class _Run:
     def save(self, state: _RunState) -> None:
         if self.checkpoint is None:
             return
-        _write_atomic(
+        write_atomic(
             {
-                "format": _CHECKPOINT_FORMAT,
+                "format": CHECKPOINT_FORMAT,
                 "trainer": self.trainer.state(),
                 "labels": torch.from_numpy(state.labels),
                 "history": state.history,
@@ -814,7 +440,7 @@ class _Run:
         )
 
     def restore(self) -> _RunState:
-        ckpt = _load_checkpoint(self.checkpoint, self.fingerprint)
+        ckpt = load_checkpoint(self.checkpoint, self.fingerprint)
         try:
             self.trainer.load_state(ckpt["trainer"])
         except (KeyError, RuntimeError, ValueError, TypeError) as exc:
@@ -909,77 +535,3 @@ def train_jule(
         features = run.trainer.features()
     run.trainer.model.eval()
     return JuleResult(run.trainer.model, state.labels, state.history, config, features)
-
-
-# --------------------------------------------------------------------------------------------------
-# model files
-
-
-def save_model(
-    result_or_model: JuleResult | JuleNet3D, path: str | os.PathLike, overwrite: bool = False
-) -> Path:
-    """Write a trained network (its :class:`~jule3d.models.NetConfig` and weights) to ``path``.
-
-    Parameters
-    ----------
-    result_or_model : JuleResult or JuleNet3D
-    path : path
-        Target file (conventionally ``.pt``); written to a temporary file and renamed.
-    overwrite : bool
-        Replace an existing file.
-
-    Returns
-    -------
-    pathlib.Path
-
-    Raises
-    ------
-    FileExistsError
-        If ``path`` exists and ``overwrite`` is false.
-    ValueError
-        If the first argument is neither a result nor a model.
-    """
-    model = result_or_model.model if isinstance(result_or_model, JuleResult) else result_or_model
-    if not isinstance(model, JuleNet3D):
-        raise ValueError(f"result_or_model must be a JuleResult or JuleNet3D, got {type(result_or_model).__name__}")
-    path = Path(path)
-    if path.exists() and not overwrite:
-        raise FileExistsError(f"{path} already exists (pass overwrite=True to replace it)")
-    if not path.parent.is_dir():
-        raise FileNotFoundError(f"folder {path.parent} of path does not exist")
-    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    _write_atomic({"format": _MODEL_FORMAT, "net_config": model.config.to_dict(), "state_dict": state}, path)
-    return path
-
-
-def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> JuleNet3D:
-    """Read a network written by :func:`save_model` (``torch.load(weights_only=True)``).
-
-    Parameters
-    ----------
-    path : path
-    device : str or torch.device
-        Where to put the model.
-
-    Returns
-    -------
-    JuleNet3D
-        In eval mode.
-
-    Raises
-    ------
-    FileNotFoundError
-        If ``path`` does not exist.
-    ValueError
-        If the file is corrupt or not a jule3d model.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"model file {path} does not exist")
-    obj = _read(path, _MODEL_FORMAT, ("net_config", "state_dict"))
-    try:
-        model = JuleNet3D(NetConfig.from_dict(obj["net_config"]))
-        model.load_state_dict(obj["state_dict"])
-    except (RuntimeError, ValueError, TypeError) as exc:
-        raise ValueError(f"{path} is corrupt: {exc}") from exc
-    return model.to(device).eval()

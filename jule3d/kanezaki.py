@@ -68,7 +68,7 @@ arXiv:2007.09990. Code: https://github.com/kanezaki/pytorch-unsupervised-segment
 from __future__ import annotations
 
 from contextlib import contextmanager
-from numbers import Integral, Real
+from numbers import Real
 from typing import Iterator
 
 import numpy as np
@@ -77,6 +77,7 @@ import torch.nn.functional as F
 from sklearn.cluster import KMeans
 from torch import nn
 
+from .validation import check_int
 from .volume import Volume
 
 __all__ = ["kanezaki_segment"]
@@ -169,10 +170,10 @@ def kanezaki_segment(
     from .baselines import _prepare, order_labels_by_intensity
 
     mask, _ = _prepare(volume, n_classes, mask)
-    _check_int("n_channels", n_channels, n_classes + 1)
-    _check_int("n_conv", n_conv, 1)
-    _check_int("max_iter", max_iter, 0)
-    _check_int("crop_size", crop_size, 3)
+    check_int("n_channels", n_channels, n_classes + 1)
+    check_int("n_conv", n_conv, 1)
+    check_int("max_iter", max_iter, 0)
+    check_int("crop_size", crop_size, 3)
     if isinstance(mu, bool) or not isinstance(mu, Real) or not np.isfinite(mu) or mu < 0:
         raise ValueError(f"mu must be a finite number >= 0, got {mu!r}")
     if isinstance(lr, bool) or not isinstance(lr, Real) or not np.isfinite(lr) or lr <= 0:
@@ -192,12 +193,6 @@ def kanezaki_segment(
     labels = np.zeros(volume.shape, dtype=np.int64)
     labels[mask] = codes
     return order_labels_by_intensity(labels, volume.data[0], mask)
-
-
-def _check_int(name: str, value: object, minimum: int) -> None:
-    """Raise ValueError naming ``name`` unless ``value`` is an integer >= ``minimum``."""
-    if isinstance(value, bool) or not isinstance(value, Integral) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
 
 
 @contextmanager

@@ -28,6 +28,8 @@ import numpy as np
 from scipy.optimize import linear_sum_assignment
 from sklearn.metrics import mutual_info_score
 
+from jule3d.validation import check_mask
+
 __all__ = ["nmi", "ari", "confusion", "matched_dice", "match_labels", "evaluate"]
 
 _AVERAGE_METHODS = ("arithmetic", "geometric", "min", "max")
@@ -47,12 +49,7 @@ def _evaluation_values(
         raise ValueError("gt is empty: no voxel to evaluate")
     if mask is None:
         return gt.ravel(), pred.ravel()
-    mask = np.asarray(mask)
-    if mask.shape != gt.shape:
-        raise ValueError(f"mask shape {mask.shape} does not match gt shape {gt.shape}")
-    mask = mask.astype(bool, copy=False)
-    if not mask.any():
-        raise ValueError("mask is empty: no evaluation voxel")
+    mask = check_mask(mask, gt.shape, "mask", what="gt")
     return gt[mask], pred[mask]
 
 

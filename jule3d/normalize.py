@@ -33,7 +33,7 @@ def normalize_intensity(volume: Volume, lower: float = 0.5, upper: float = 99.5)
     -------
     Volume
         A new volume with ``float32`` data: inside the mask, ``(clip(x) - mean) / std``; outside
-        the mask, exactly ``0``. Geometry, mask, channel names and sources are kept.
+        the mask, exactly ``0``; ``normalized`` is true. Geometry, mask, channel names and sources are kept.
 
     Raises
     ------
@@ -49,7 +49,7 @@ def normalize_intensity(volume: Volume, lower: float = 0.5, upper: float = 99.5)
     out = np.zeros(volume.data.shape, dtype=np.float32)
     for c, name in enumerate(volume.channel_names):
         out[c][mask] = _normalized_values(np.asarray(volume.data[c])[mask], lower, upper, name)
-    return replace(volume, data=out)
+    return replace(volume, data=out, normalized=True)
 
 
 def _normalized_values(values: np.ndarray, lower: float, upper: float, name: str) -> np.ndarray:

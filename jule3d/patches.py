@@ -40,6 +40,7 @@ import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 from scipy import ndimage
 
+from .validation import check_mask
 from .volume import Volume
 
 __all__ = [
@@ -220,10 +221,7 @@ def _check_background(background: str) -> str:
 
 def _foreground(volume: Volume) -> np.ndarray:
     """The volume's mask (all voxels when it has none); raises if it is empty."""
-    mask = volume.foreground()
-    if not mask.any():
-        raise ValueError("volume.mask is empty: no foreground voxel to sample patches from")
-    return mask
+    return check_mask(volume.foreground(), volume.shape, "volume.mask")
 
 
 def _check_labels(labels: np.ndarray | None, shape: tuple[int, int, int]) -> np.ndarray | None:
@@ -577,7 +575,7 @@ def resample_isotropic(volume: Volume, spacing: float | None = None, order: int 
     data = np.stack([resample(np.asarray(ch, dtype=np.float32), order, np.float32) for ch in volume.data])
     mask = None if volume.mask is None else resample(volume.mask.astype(np.uint8), 0, np.uint8) > 0
     geometry = replace(volume.geometry, shape=shape, spacing=(float(spacing),) * 3)
-    return Volume(data, geometry, mask=mask, channel_names=volume.channel_names, sources=volume.sources)
+    return replace(volume, data=data, geometry=geometry, mask=mask)
 
 
 def patch_size_for(volume: Volume, physical_size_mm: float) -> int:

@@ -158,7 +158,7 @@ class RunDir:
         period of every network (with its ``network`` index), so the run's training seconds are their sum.
         Returns the files written.
         """
-        from .jule import save_model
+        from .checkpoint import save_model
 
         for i, result in enumerate(results):
             save_model(result, self.file(self.model_file(i)), overwrite=True)
@@ -175,21 +175,92 @@ class RunDir:
 
     def load_models(self) -> list:
         """The run's trained networks, in order (written by :meth:`save_training`)."""
-        from .jule import load_model
+        from .checkpoint import load_model
 
         paths = [self.require(self.MODEL, "notebook 02_jule_training")]
         while (self.path / self.model_file(len(paths))).exists():
             paths.append(self.path / self.model_file(len(paths)))
         return [load_model(p) for p in paths]
 
-    def save_metrics(self, record: dict) -> Path:
-        """Write notebook 04's metrics record (``metrics.json``): scores per method, class volumes, seconds."""
+    def load_clusters(self) -> np.ndarray:
+        """The first network's final JULE cluster of every training patch (written by :meth:`save_training`)."""
+        with np.load(self.require(self.CLUSTERS, "notebook 02_jule_training")) as data:
+            return data["labels"]
+
+    def training_seconds(self) -> float:
+        """Seconds of Phase 1: the sum over every period of every network (``history.json``)."""
+        history = json.loads(self.require(self.HISTORY, "notebook 02_jule_training").read_text(encoding="utf-8"))
+        return float(sum(record["seconds"] for record in history["history"]))
+
+    def save_patches(self, patches) -> Path:
+        """Write the first network's training patches (``patches.npz``), replacing earlier ones of this run."""
+        return patches.save(self.file(self.PATCHES), overwrite=True)
+
+    def load_patches(self, required: bool = True):
+        """The patches :meth:`save_patches` wrote; ``None`` when there are none and ``required`` is false."""
+        from .patches import PatchSet
+
+        if not required and not (self.path / self.PATCHES).exists():
+            return None
+        return PatchSet.load(self.require(self.PATCHES, "notebook 01_patch_sampling"))
+
+    def save_embedding(self, **arrays: np.ndarray) -> Path:
+        """Write notebook 03's 2D embeddings and the indices of the embedded patches (``embedding.npz``)."""
+        path = self.file(self.EMBEDDING)
+        np.savez_compressed(path, **arrays)
+        return path
+
+    def save_labels(self, labels: np.ndarray, volume: Volume) -> Path:
+        """Write the label map (``labels.nii.gz``) with the geometry of ``volume``."""
+        from .io import save_labels
+
+        return save_labels(labels, self.file(self.LABELS), reference=volume, overwrite=True)
+
+    def save_metrics(
+        self,
+        labels: np.ndarray,
+        volume: Volume,
+        seconds: float,
+        peak_mb: float,
+        settings: dict,
+        results: Sequence = (),
+    ) -> Path:
+        """Write notebook 04's record (``metrics.json``).
+
+        Parameters
+        ----------
+        labels : numpy.ndarray
+            The segmentation.
+        volume : Volume
+            Its volume (for class volumes in mm³).
+        seconds, peak_mb : float
+            Cost of Phase 2.
+        settings : dict
+            The Phase 2 settings (``n_clusters``, ``stride``, ...).
+        results : sequence of MethodResult
+            Scores of every method against a ground truth (:func:`jule3d.evaluation.compare_methods`), with
+            ``jule3d`` among them; empty without a ground truth.
+        """
+        from .evaluation import class_volumes
+
+        methods = {r.method: {**r.row(), "dice_per_class": r.metrics["dice_per_class"]} for r in results}
+        record = {**settings, "seconds": seconds, "peak_mb": peak_mb,
+                  "class_volumes_mm3": {k: v["mm3"] for k, v in class_volumes(labels, volume).items()},
+                  "methods": methods}
+        if "jule3d" in methods:
+            record["jule3d"] = {k: methods["jule3d"][k] for k in ("nmi", "nmi_geometric", "ari", "dice_mean")}
         return _write_json(self.file(self.METRICS), record)
 
     def load_metrics(self) -> dict | None:
         """The metrics record of the run, ``None`` before notebook 04 wrote one."""
         path = self.path / self.METRICS
         return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+
+    @staticmethod
+    def jule3d_scores(record: dict | None) -> dict:
+        """JULE-3D's scores against the ground truth (``nmi``, ``ari``, ...) in a :meth:`load_metrics` record;
+        empty without a ground truth or a record."""
+        return dict((record or {}).get("jule3d", {}))
 
     def save_timings(self, rows: list[dict]) -> Path:
         """Write the pipeline's seconds per notebook (``timings.json``)."""

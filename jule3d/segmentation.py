@@ -25,7 +25,6 @@ from __future__ import annotations
 import os
 import tempfile
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
@@ -33,13 +32,15 @@ import torch
 from scipy import ndimage
 
 from .models import JuleNet3D
+from .parameters import PARAMETERS
+from .validation import check_choice, check_int, check_weight
 from .volume import Volume
 
 __all__ = [
     "PHASE2_METHODS", "GridFeatures", "grid_features", "cluster_features", "smooth_labels", "local_intensity",
     "joint_features", "grid_contacts", "merge_clusters", "merge_segment", "CONSENSUS_WEIGHTS", "Consensus",
     "network_subsets", "consensus_segment", "REFINE_FLOOR", "refine_labels", "project_labels", "label_volume", "label_grids",
-    "PRESET_PHASE2", "phase2_defaults", "phase2_weights", "network_seeds", "train_networks", "segment",
+    "phase2_weights",
 ]
 
 #: Grid features above this many bytes are kept in a temporary memory-mapped file instead of RAM.
@@ -88,19 +89,15 @@ def _check_model_volume(model: JuleNet3D, volume: Volume, stride: int) -> None:
         raise ValueError(
             f"the volume {volume.shape} is smaller than the model's patch size {cfg.patch_size} along some axis"
         )
-    _check_stride(stride, model.stride)
+    check_stride(stride, model.stride)
 
 
-def _check_stride(stride: int, native: int) -> None:
+def check_stride(stride: int, native: int) -> None:
+    """``stride`` must be a positive integer that divides, or is a multiple of, the network's own stride."""
     if not isinstance(stride, (int, np.integer)) or isinstance(stride, bool) or stride < 1:
         raise ValueError(f"stride must be a positive integer, got {stride!r}")
     if stride % native and native % stride:
         raise ValueError(f"stride={stride} must divide or be a multiple of the network's own stride {native}")
-
-
-def _check_n_clusters(n_clusters: int) -> None:
-    if not isinstance(n_clusters, (int, np.integer)) or isinstance(n_clusters, bool) or n_clusters < 2:
-        raise ValueError(f"n_clusters must be an integer >= 2, got {n_clusters!r}")
 
 
 def _grid_shape(shape: Sequence[int], patch_size: int, stride: int) -> tuple[int, int, int]:
@@ -252,7 +249,7 @@ def cluster_features(
     from threadpoolctl import threadpool_limits
 
     n = len(features)
-    _check_n_clusters(n_clusters)
+    check_int("n_clusters", n_clusters, 2)
     if n_clusters > n:
         raise ValueError(f"n_clusters={n_clusters} exceeds the {n} grid positions with a feature; lower the stride")
     rng = np.random.default_rng(seed)
@@ -276,18 +273,6 @@ def cluster_features(
 
 _NEIGHBOURS = np.array([(dz, dy, dx) for dz in (-1, 0, 1) for dy in (-1, 0, 1) for dx in (-1, 0, 1)
                         if (dz, dy, dx) != (0, 0, 0)])
-
-
-def _check_window(window: int) -> None:
-    """The side of an intensity box: a positive integer (not a bool)."""
-    if not isinstance(window, (int, np.integer)) or isinstance(window, bool) or window < 1:
-        raise ValueError(f"intensity_window must be a positive integer, got {window!r}")
-
-
-def _check_weight(name: str, value: float) -> None:
-    """A Phase 2 option weight: a finite number >= 0 (not a bool)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float, np.number)) or not np.isfinite(value) or value < 0:
-        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
 
 
 def smooth_labels(
@@ -345,7 +330,7 @@ def smooth_labels(
     -----
     Memory: two float32 arrays of the grid's full shape times ``k``.
     """
-    _check_weight("smoothing", beta)
+    check_weight("smoothing", beta)
     distances = np.asarray(distances, dtype=np.float32)
     sel = grid.selected
     if distances.ndim != 2 or distances.shape[0] != int(sel.sum()):
@@ -458,7 +443,7 @@ def _local_mean(volume: Volume, grid: GridFeatures, window: int, standardise: bo
     own sd (``standardise``) or by the sd of the channel's foreground voxels."""
     from .baselines import masked_box_mean
 
-    _check_window(window)
+    check_int("intensity_window", window, 1)
     foreground = volume.foreground()
     columns = []
     for channel, values in zip(volume.data, masked_box_mean(volume.data, foreground, int(window),
@@ -468,7 +453,7 @@ def _local_mean(volume: Volume, grid: GridFeatures, window: int, standardise: bo
     return np.stack(columns, axis=1).astype(np.float32)
 
 
-PHASE2_METHODS: tuple[str, ...] = ("consensus", "merge", "kmeans")
+PHASE2_METHODS: tuple[str, ...] = PARAMETERS["phase2"].choices
 """Phase 2 clusterings: ``"consensus"`` [ours, the default of ``fast``], ``"merge"`` [ours, one of its
 candidates] and ``"kmeans"`` (Moriya 2018)."""
 
@@ -491,8 +476,7 @@ def phase2_weights(phase2: str) -> tuple[float, float]:
     >>> phase2_weights("consensus"), phase2_weights("kmeans")
     ((1.0, 0.25), (0.0, 0.0))
     """
-    if phase2 not in PHASE2_METHODS:
-        raise ValueError(f"phase2 must be one of {PHASE2_METHODS}, got {phase2!r}")
+    check_choice("phase2", phase2, PHASE2_METHODS)
     return (0.0, 0.0) if phase2 == "kmeans" else (1.0, MERGE_SMOOTHING)
 
 
@@ -537,7 +521,7 @@ def joint_features(
     ValueError
         If the grids do not share their positions, or ``intensity_weight`` / ``window`` are invalid.
     """
-    _check_weight("intensity_weight", intensity_weight)
+    check_weight("intensity_weight", intensity_weight)
     _check_shared_positions(grids)
     local = _local_mean(volume, grids[0], window, standardise=False) if intensity_weight > 0 else None
     return _stack_blocks(grids, [_centring(g) for g in grids], local, intensity_weight)
@@ -711,8 +695,8 @@ def merge_segment(
     from sklearn.cluster import KMeans
     from threadpoolctl import threadpool_limits
 
-    _check_n_clusters(n_clusters)
-    _check_weight("smoothing", smoothing)
+    check_int("n_clusters", n_clusters, 2)
+    check_weight("smoothing", smoothing)
     n = len(features)
     if n_clusters > n:
         raise ValueError(f"n_clusters={n_clusters} exceeds the {n} grid positions with a feature; lower the stride")
@@ -851,7 +835,7 @@ def consensus_segment(
     """
     from .metrics import nmi
 
-    _check_weight("intensity_weight", intensity_weight)
+    check_weight("intensity_weight", intensity_weight)
     if not weights or any(isinstance(w, bool) or not np.isfinite(w) or w < 0 for w in weights):
         raise ValueError(f"weights must be a non-empty sequence of non-negative numbers, got {weights!r}")
     factors = [0.0] if intensity_weight == 0 else [float(w) * intensity_weight for w in weights]
@@ -916,7 +900,7 @@ def refine_labels(
     """
     from .baselines import masked_box_mean, order_labels_by_intensity
 
-    _check_window(window)
+    check_int("intensity_window", window, 1)
     if not 0 < floor < 1:
         raise ValueError(f"floor must be in (0, 1), got {floor!r}")
     foreground = volume.foreground()
@@ -1022,8 +1006,8 @@ def _phase2_options(phase2: str, intensity_weight: float | None, smoothing: floa
     default_weight, default_smoothing = phase2_weights(phase2)
     intensity_weight = default_weight if intensity_weight is None else intensity_weight
     smoothing = default_smoothing if smoothing is None else smoothing
-    _check_weight("intensity_weight", intensity_weight)
-    _check_weight("smoothing", smoothing)
+    check_weight("intensity_weight", intensity_weight)
+    check_weight("smoothing", smoothing)
     return intensity_weight, smoothing
 
 
@@ -1068,244 +1052,3 @@ def label_grids(
     else:
         clusters = cluster_features(features, n_clusters, seed=seed)
     return project_labels(grid, clusters, volume)
-
-
-#: Networks that :func:`segment` trains by default, and its Phase 2, per preset [ours for ``fast``].
-PRESET_PHASE2: dict[str, tuple[int, str]] = {"fast": (2, "consensus"), "paper": (1, "kmeans")}
-
-
-def phase2_defaults(preset: str, n_networks: int | None = None, phase2: str | None = None) -> tuple[int, str]:
-    """The number of networks and the Phase 2 method to use: the given ones, or the preset's.
-
-    Parameters
-    ----------
-    preset : str
-        A JULE preset (``"fast"`` or ``"paper"``).
-    n_networks : int, optional
-        Networks to train; ``None``: the preset's (:data:`PRESET_PHASE2`).
-    phase2 : {"consensus", "merge", "kmeans"}, optional
-        Phase 2 clustering; ``None``: the preset's.
-
-    Returns
-    -------
-    tuple of (int, str)
-        ``(n_networks, phase2)``.
-
-    Raises
-    ------
-    ValueError
-        An unknown preset or Phase 2 method, or ``n_networks`` that is not a positive integer.
-
-    Examples
-    --------
-    >>> phase2_defaults("fast"), phase2_defaults("paper"), phase2_defaults("fast", 1, "kmeans")
-    ((2, 'consensus'), (1, 'kmeans'), (1, 'kmeans'))
-    """
-    from .jule import JULE_PRESETS
-
-    if preset not in JULE_PRESETS:
-        raise ValueError(f"unknown preset {preset!r}; valid presets: {sorted(JULE_PRESETS)}")
-    default_networks, default_phase2 = PRESET_PHASE2.get(preset, (1, "kmeans"))
-    phase2 = default_phase2 if phase2 is None else phase2
-    if phase2 not in PHASE2_METHODS:
-        raise ValueError(f"phase2 must be one of {PHASE2_METHODS}, got {phase2!r}")
-    n_networks = default_networks if n_networks is None else n_networks
-    if isinstance(n_networks, bool) or not isinstance(n_networks, (int, np.integer)) or n_networks < 1:
-        raise ValueError(f"n_networks must be a positive integer, got {n_networks!r}")
-    return int(n_networks), phase2
-
-
-def network_seeds(seed: int, n_networks: int) -> list[int]:
-    """Seeds of the networks of one run: network ``i`` of ``n`` gets ``seed * n + i`` (patches, weights, batches).
-
-    So the networks of different run seeds never coincide, and one network with seed ``s`` is the
-    single-network run of seed ``s``.
-
-    Examples
-    --------
-    >>> network_seeds(0, 2), network_seeds(3, 2), network_seeds(3, 1)
-    ([0, 1], [6, 7], [3])
-    """
-    return [seed * n_networks + i for i in range(n_networks)]
-
-
-def train_networks(
-    volume: Volume,
-    n_clusters: int,
-    preset: str = "fast",
-    seed: int = 0,
-    n_networks: int | None = None,
-    n_patches: int = 2000,
-    min_foreground: float = 0.5,
-    patch_size: int | None = None,
-    patches: Any = None,
-    ground_truth: np.ndarray | None = None,
-    checkpoint_dir: str | os.PathLike | None = None,
-    resume: bool = False,
-    progress: bool = True,
-    **jule_overrides: Any,
-) -> list[Any]:
-    """Phase 1 of :func:`segment`: ``n_networks`` JULE runs on the volume, each with its own seed.
-
-    Network ``i`` samples its own patches and trains with seed ``network_seeds(seed, n)[i]``.
-
-    Parameters
-    ----------
-    volume : Volume
-        The (normalised, masked) volume.
-    n_clusters : int
-        JULE's target cluster count ``k``.
-    preset : str
-        JULE preset; it sets the default ``n_networks`` (:func:`phase2_defaults`).
-    seed : int
-        Seed of the run.
-    n_networks : int, optional
-        Networks to train; ``None``: the preset's.
-    n_patches, min_foreground : int, float
-        Patch sampling of each network (:func:`jule3d.patches.sample_patches`).
-    patch_size : int, optional
-        Patch side; ``None``: that of ``patches`` when given, else the preset network's.
-    patches : PatchSet, optional
-        Patches of network 0, already sampled with its seed (notebook 01 saves them); sampled here otherwise.
-    ground_truth : numpy.ndarray, optional
-        Labels ``(Z, Y, X)``: each network tracks the NMI of its clusters at its patch centres.
-    checkpoint_dir : path, optional
-        Checkpoints of network ``i`` go to ``checkpoint_dir/network_i`` (see :func:`jule3d.jule.train_jule`).
-    resume : bool
-        Continue each network from its last checkpoint.
-    progress : bool
-        Show progress bars.
-    **jule_overrides
-        Fields of :class:`jule3d.jule.JuleConfig`; ``None`` keeps the preset's value.
-
-    Returns
-    -------
-    list of JuleResult
-        One per network, in seed order.
-    """
-    from .jule import jule_config, train_jule
-    from .models import net_config
-    from .patches import sample_patches
-
-    n_networks, _ = phase2_defaults(preset, n_networks)
-    results = []
-    for i, net_seed in enumerate(network_seeds(seed, n_networks)):
-        config = jule_config(preset, n_clusters=n_clusters, seed=net_seed, **jule_overrides)
-        if patch_size is None:
-            patch_size = patches.patch_size if patches is not None else net_config(
-                config.net, **config.net_overrides).patch_size
-        if i > 0 or patches is None:
-            patches = sample_patches(volume, n_patches, patch_size=patch_size, min_foreground=min_foreground,
-                                     seed=net_seed)
-            if ground_truth is not None:
-                patches.labels = np.asarray(ground_truth)[tuple(patches.centers.T)]
-        folder = None if checkpoint_dir is None else Path(checkpoint_dir) / f"network_{i}"
-        results.append(train_jule(patches, config, ground_truth=patches.labels, checkpoint_dir=folder,
-                                  resume=resume, progress=progress))
-    return results
-
-
-def segment(
-    volume: Volume | str | os.PathLike | Sequence[str | os.PathLike] | np.ndarray,
-    n_clusters: int = 3,
-    preset: str = "fast",
-    seed: int = 0,
-    mask: np.ndarray | str | os.PathLike | None = None,
-    model: JuleNet3D | str | os.PathLike | Sequence[JuleNet3D | str | os.PathLike] | None = None,
-    n_patches: int = 2000,
-    min_foreground: float = 0.5,
-    stride: int = 2,
-    phase2: str | None = None,
-    n_networks: int | None = None,
-    intensity_weight: float | None = None,
-    smoothing: float | None = None,
-    progress: bool = True,
-    **jule_overrides: Any,
-) -> np.ndarray:
-    """The whole method in one call: patches → JULE training → grid features → clustering → voxel labels.
-
-    Parameters
-    ----------
-    volume : Volume, path, list of paths or ndarray
-        The image. Paths are read with :func:`jule3d.load_volume` (several paths = channels), arrays are
-        ``(Z, Y, X)`` or ``(C, Z, Y, X)`` with unit spacing; both are normalised and masked automatically.
-        A :class:`Volume` is used as is (normalise it first).
-    n_clusters : int
-        Number of tissue classes ``k`` (also JULE's target cluster count).
-    preset : {"fast", "paper"}
-        Network and schedule preset; it also sets the defaults of ``n_networks`` and ``phase2``
-        (:data:`PRESET_PHASE2`): ``paper`` is the published method (one network, k-means), ``fast`` [ours]
-        trains two networks and uses the ``"consensus"`` Phase 2.
-    seed : int
-        Seed of everything random. Network ``i`` of ``n`` is trained with seed ``seed * n + i`` (patches,
-        weights and minibatches), so one network with seed ``s`` is the single-network run of seed ``s``.
-    mask : ndarray or path, optional
-        Foreground mask; default: the volume's own, or the automatic one.
-    model : JuleNet3D, path or a sequence of them, optional
-        Trained network(s): skips training (Phase 1).
-    n_patches : int
-        Training patches (Phase 1), per network.
-    min_foreground : float
-        Minimum foreground fraction of a training patch. Keep it low enough that patches at the specimen
-        border are learnt: Phase 2 labels them too (texture phantom, ``fast``: NMI 0.84 at 0.5, 0.43 at 0.9).
-    stride : int
-        Grid stride of Phase 2.
-    phase2 : {"consensus", "merge", "kmeans"}, optional
-        Phase 2 clustering (:func:`label_volume`); default: the preset's.
-    n_networks : int, optional
-        [ours] Networks trained with different seeds; Phase 2 clusters their features together and each
-        alone (``"consensus"``). Default: the preset's (2 for ``fast``: a JULE run sometimes merges two
-        tissues during training, and the consensus keeps the network, or the pair, that carries them; it
-        doubles Phase 1).
-    intensity_weight : float, optional
-        [ours] Weight of the local mean intensity (:func:`label_volume`); default: the Phase 2 method's.
-    smoothing : float, optional
-        [ours] Weight of the Potts regularisation of the labels (:func:`smooth_labels`); default: the
-        Phase 2 method's.
-    progress : bool
-        Show progress bars.
-    **jule_overrides
-        Fields of :class:`jule3d.jule.JuleConfig` (``K_s``, ``eta``, ``epochs_per_period``, ...).
-
-    Returns
-    -------
-    numpy.ndarray
-        ``(Z, Y, X)`` labels, 0 = background, 1..k = classes.
-    """
-    from .io import load_volume
-    from .jule import jule_config, load_model
-    from .models import net_config
-    from .normalize import normalize_intensity
-
-    _check_n_clusters(n_clusters)
-    for name, value in (("intensity_weight", intensity_weight), ("smoothing", smoothing)):
-        if value is not None:
-            _check_weight(name, value)
-    n_networks, phase2 = phase2_defaults(preset, n_networks, phase2)
-    if isinstance(volume, Volume):
-        vol = volume if mask is None else volume.with_mask(_mask_of(mask, volume))
-    elif isinstance(volume, np.ndarray):
-        from .mask import foreground_mask
-
-        vol = Volume.from_array(volume.astype(np.float32, copy=False))
-        vol = vol.with_mask(_mask_of(mask, vol) if mask is not None else foreground_mask(vol))
-        vol = normalize_intensity(vol)
-    else:
-        vol = load_volume(volume, mask=mask)
-    if model is not None:
-        given = [model] if isinstance(model, (JuleNet3D, str, os.PathLike)) else list(model)
-        models = [load_model(m) if isinstance(m, (str, os.PathLike)) else m for m in given]
-    else:
-        config = jule_config(preset, n_clusters=n_clusters, seed=seed, **jule_overrides)
-        _check_stride(stride, net_config(config.net, **config.net_overrides).stride)  # fail before the training
-        models = [r.model for r in train_networks(vol, n_clusters, preset, seed, n_networks, n_patches,
-                                                  min_foreground, progress=progress, **jule_overrides)]
-    return label_volume(models, vol, n_clusters, stride=stride, seed=seed, phase2=phase2,
-                        intensity_weight=intensity_weight, smoothing=smoothing, progress=progress)
-
-
-def _mask_of(mask: np.ndarray | str | os.PathLike, volume: Volume) -> np.ndarray:
-    """A mask given as an array, or read from a file on the volume's grid."""
-    from .io import load_mask
-
-    return mask if isinstance(mask, np.ndarray) else load_mask(mask, volume)

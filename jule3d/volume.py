@@ -19,6 +19,8 @@ from typing import Sequence
 
 import numpy as np
 
+from jule3d.validation import check_mask
+
 __all__ = ["Geometry", "Volume"]
 
 
@@ -111,6 +113,10 @@ class Volume:
         One name per channel (defaults to ``ch0``, ``ch1``, ...).
     sources : tuple of str, optional
         Files the channels were read from (empty for in-memory volumes).
+    normalized : bool
+        Whether the intensities are ready for the method (set by
+        :func:`jule3d.normalize.normalize_intensity`); :func:`jule3d.io.prepare_volume` normalises a volume
+        that is not.
     """
 
     data: np.ndarray
@@ -118,6 +124,7 @@ class Volume:
     mask: np.ndarray | None = None
     channel_names: tuple[str, ...] = ()
     sources: tuple[str, ...] = field(default_factory=tuple)
+    normalized: bool = False
 
     def __post_init__(self) -> None:
         if self.data.ndim != 4:
@@ -134,16 +141,7 @@ class Volume:
                 f"{len(self.channel_names)} channel names for {self.data.shape[0]} channels"
             )
         if self.mask is not None:
-            self.mask = self._checked_mask(self.mask)
-
-    def _checked_mask(self, mask: np.ndarray) -> np.ndarray:
-        mask = np.asarray(mask)
-        if mask.shape != self.shape:
-            raise ValueError(f"mask shape {mask.shape} does not match the volume shape {self.shape}")
-        mask = mask.astype(bool, copy=False)
-        if not mask.any():
-            raise ValueError("mask is empty: no foreground voxel; check the mask file or threshold")
-        return mask
+            self.mask = check_mask(self.mask, self.shape)
 
     @classmethod
     def from_array(
@@ -189,7 +187,7 @@ class Volume:
 
     def with_mask(self, mask: np.ndarray | None) -> "Volume":
         """A copy sharing the voxels, with ``mask`` as foreground (checked for shape and emptiness)."""
-        return replace(self, mask=None if mask is None else self._checked_mask(mask))
+        return replace(self, mask=None if mask is None else check_mask(mask, self.shape))
 
     def foreground(self) -> np.ndarray:
         """The mask, or an all-true array when none is set."""
@@ -203,7 +201,7 @@ class Volume:
         mask = None if self.mask is None else self.mask[sl]
         if mask is not None and not mask.any():
             raise ValueError(f"crop {start_zyx}..{stop_zyx} contains no foreground voxel")
-        return Volume(data, geom, mask=mask, channel_names=self.channel_names, sources=self.sources)
+        return replace(self, data=data, geometry=geom, mask=mask)
 
     def __repr__(self) -> str:
         fg = "none" if self.mask is None else f"{self.mask.mean():.1%}"

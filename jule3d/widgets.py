@@ -12,6 +12,7 @@ from typing import Any, Callable, Mapping
 
 import numpy as np
 
+from .parameters import PARAMETERS, TUNABLE, Parameter
 from .volume import Volume
 
 __all__ = [
@@ -106,32 +107,12 @@ def patch_sampling_explorer(
 
 
 
-#: The parameters the tuning panel sets (names as in the notebooks and ``jule3d run``); ``None`` means the
-#: preset's value, so saving untouched settings never overrides a preset.
-TUNABLE: dict[str, Any] = {
-    "preset": "fast",
-    "patch_size": None,
-    "n_patches": 2000,
-    "k_s": None,
-    "k_c": None,
-    "eta": None,
-    "n_clusters": 3,
-    "intensity_weight": None,
-    "smoothing": None,
-}
-
-
 def preset_values(preset: str) -> dict[str, Any]:
-    """The values a preset gives the tunable parameters (what the panel's sliders start from)."""
-    from .jule import jule_config
-    from .models import net_config
+    """The values a preset gives the tunable parameters whose default is ``None`` (where the sliders start)."""
+    from .estimator import JuleSegmenter
 
-    from .segmentation import phase2_defaults, phase2_weights
-
-    config = jule_config(preset)
-    intensity_weight, smoothing = phase2_weights(phase2_defaults(preset)[1])
-    return {"patch_size": net_config(config.net).patch_size, "k_s": config.k_s, "k_c": config.k_c, "eta": config.eta,
-            "intensity_weight": intensity_weight, "smoothing": smoothing}
+    resolved = JuleSegmenter(preset=preset).resolved()
+    return {name: resolved[name] for name, default in TUNABLE.items() if default is None}
 
 
 def quick_preview(
@@ -165,9 +146,7 @@ def quick_preview(
     (Volume, numpy.ndarray)
         The slab and its labels.
     """
-    from .jule import jule_config, train_jule
-    from .patches import sample_patches
-    from .segmentation import label_volume, phase2_defaults
+    from .estimator import JuleSegmenter
 
     unknown = sorted(set(params) - set(TUNABLE))
     if unknown:
@@ -175,16 +154,13 @@ def quick_preview(
     p = {**TUNABLE, **params}
     p.update({k: v for k, v in preset_values(p["preset"]).items() if p[k] is None})
     n = min(int(p["n_patches"]), n_preview)
-    patches = sample_patches(volume, n, patch_size=int(p["patch_size"]), min_foreground=0.5, seed=seed)
-    config = jule_config(p["preset"], n_clusters=int(p["n_clusters"]), k_s=min(int(p["k_s"]), n - 1),
-                         k_c=int(p["k_c"]), eta=float(p["eta"]), epochs_per_period=1, final_epochs=2, seed=seed)
-    model = train_jule(patches, config, progress=False).model
+    segmenter = JuleSegmenter(**{**p, "n_patches": n, "k_s": min(int(p["k_s"]), n - 1)}, seed=seed,
+                              epochs_per_period=1, final_epochs=2, n_networks=1)
     thickness = slab or int(p["patch_size"]) + 8
     middle = volume.shape[0] // 2
     start = int(np.clip(middle - thickness // 2, 0, max(volume.shape[0] - thickness, 0)))
     part = volume.crop((start, 0, 0), (start + thickness, *volume.shape[1:]))
-    return part, label_volume(model, part, int(p["n_clusters"]), seed=seed, phase2=phase2_defaults(p["preset"])[1],
-                              intensity_weight=float(p["intensity_weight"]), smoothing=float(p["smoothing"]))
+    return part, segmenter.fit(volume).predict(part)
 
 
 def write_params(params: Mapping[str, Any], path: str | os.PathLike, overwrite: bool = False) -> Path:
@@ -201,6 +177,18 @@ def write_params(params: Mapping[str, Any], path: str | os.PathLike, overwrite: 
     return path
 
 
+def _control(parameter: Parameter, value: Any) -> Any:
+    """The widget of one tunable parameter: a dropdown of its choices, or a slider over its range."""
+    import ipywidgets as w
+
+    label = parameter.name.replace("_", " ")
+    if parameter.choices:
+        return w.Dropdown(options=list(parameter.choices), value=value, description=label)
+    low, high, step = parameter.widget
+    slider = w.IntSlider if parameter.type is int else w.FloatSlider
+    return slider(value=value, min=low, max=high, step=step, description=label)
+
+
 @_interactive
 def tuning_panel(volume: Volume, params_path: str | os.PathLike = "params.yaml", seed: int = 0) -> Any:
     """Sliders for the main parameters, a *Preview* button (:func:`quick_preview`) and *Save* (:func:`write_params`).
@@ -212,18 +200,7 @@ def tuning_panel(volume: Volume, params_path: str | os.PathLike = "params.yaml",
     from .plotting import plot_label_slices
 
     start = {**TUNABLE, **preset_values(TUNABLE["preset"])}
-    controls = {
-        "preset": w.Dropdown(options=["fast", "paper"], value=start["preset"], description="preset"),
-        "patch_size": w.IntSlider(value=start["patch_size"], min=5, max=41, step=2, description="patch size"),
-        "n_patches": w.IntSlider(value=start["n_patches"], min=100, max=20_000, step=100, description="patches"),
-        "k_s": w.IntSlider(value=start["k_s"], min=2, max=50, description="K_s"),
-        "k_c": w.IntSlider(value=start["k_c"], min=2, max=20, description="K_c"),
-        "eta": w.FloatSlider(value=start["eta"], min=0.05, max=1.0, step=0.05, description="eta"),
-        "n_clusters": w.IntSlider(value=start["n_clusters"], min=2, max=10, description="classes k"),
-        "intensity_weight": w.FloatSlider(value=start["intensity_weight"], min=0.0, max=5.0, step=0.5,
-                                          description="intensity w"),
-        "smoothing": w.FloatSlider(value=start["smoothing"], min=0.0, max=5.0, step=0.25, description="smoothing"),
-    }
+    controls = {name: _control(PARAMETERS[name], start[name]) for name in TUNABLE}
 
     def on_preset(change: Any) -> None:  # the sliders show what the chosen preset would use
         for name, value in preset_values(change["new"]).items():

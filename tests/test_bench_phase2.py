@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from jule3d.estimator import JuleSegmenter
 from jule3d.models import JuleNet3D, net_config
 
 _DIR = Path(__file__).resolve().parents[1] / "benchmarks"
@@ -30,13 +31,13 @@ def bench():
 def test_features_are_cached_once_and_scored_per_variant(bench, tmp_path: Path, monkeypatch, capsys) -> None:
     trained = []
 
-    def fake_training(volume, n_clusters, seed=0, progress=False):
+    def fake_training(case, seed):
         trained.append(seed)
         nets = [JuleNet3D(net_config("fast", patch_size=13, n_filters=4, feature_dim=8), seed=seed * 2 + i)
                 for i in range(2)]
-        return [type("Result", (), {"model": net})() for net in nets]
+        return JuleSegmenter(n_clusters=case.n_clusters, seed=seed).with_models(nets)
 
-    monkeypatch.setattr(bench.seg, "train_networks", fake_training)
+    monkeypatch.setattr(bench, "train_default", fake_training)
     argv = ["--cases", "phantom-texture", "--seeds", "0", "--variants", "merge", "kmeans",
             "--cache", str(tmp_path / "cache"), "--out", str(tmp_path / "rows.json")]
     bench.main(argv)

@@ -12,7 +12,7 @@ import pytest
 
 from jule3d.cli import main
 from jule3d.io import read_image, save_labels, save_volume
-from jule3d.jule import save_model
+from jule3d.checkpoint import save_model
 from jule3d.models import JuleNet3D, net_config
 from jule3d.phantom import write_phantom
 from jule3d.volume import Geometry, Volume
@@ -194,11 +194,20 @@ def test_phase2_option_reaches_the_published_kmeans(files, tmp_path: Path, capsy
     assert info.value.code == 2 and "--phase2" in capsys.readouterr().err
 
 
-def test_phase2_choices_are_the_packages_methods() -> None:
-    from jule3d.cli import PHASE2_CHOICES
+def test_segment_options_are_the_parameter_surface() -> None:
+    from jule3d.cli import build_parser
+    from jule3d.parameters import PARAMETERS
     from jule3d.segmentation import PHASE2_METHODS
 
-    assert PHASE2_CHOICES == PHASE2_METHODS
+    segment = build_parser()._subparsers._group_actions[0].choices["segment"]
+    options = {a.dest: a for a in segment._actions if a.option_strings}
+    expected = {name for name, p in PARAMETERS.items() if p.cli}
+    assert expected <= set(options)
+    assert set(options) - expected == {"help", "out", "mask", "model", "overwrite"}
+    for name in expected:
+        assert options[name].default == PARAMETERS[name].default, name
+        assert options[name].option_strings == [PARAMETERS[name].option]
+    assert tuple(options["phase2"].choices) == PHASE2_METHODS
 
 
 def test_bad_stride(files, tmp_path: Path, capsys) -> None:

@@ -7,7 +7,7 @@ import sys
 import numpy as np
 import pytest
 
-from jule3d.embedding import Embedding, embed, embedding_scores, raw_patch_features
+from jule3d.embedding import Embedding, embed, embedding_scores
 
 
 @pytest.fixture(scope="module")
@@ -82,12 +82,3 @@ def test_embedding_scores_single_label_and_sampling(embedded: Embedding, blobs) 
     assert sampled == embedding_scores(embedded.coords, blobs[1], max_points=60, seed=0)
 
 
-def test_raw_patch_features_unit_norm() -> None:
-    patches = np.random.default_rng(0).normal(size=(7, 2, 3, 3, 3)).astype(np.float64)
-    patches[4] = 0.0  # an all-zero patch stays zero instead of NaN
-    feats = raw_patch_features(patches)
-    assert feats.shape == (7, 54) and feats.dtype == np.float32
-    norms = np.linalg.norm(feats, axis=1)
-    np.testing.assert_allclose(np.delete(norms, 4), 1.0, atol=1e-6)
-    assert norms[4] == 0 and np.all(np.isfinite(feats))
-    np.testing.assert_allclose(feats[0] * np.linalg.norm(patches[0]), patches[0].ravel(), rtol=1e-5)

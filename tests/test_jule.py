@@ -11,17 +11,10 @@ import torch
 from scipy.ndimage import gaussian_filter
 
 import jule3d.jule as jule
-from jule3d.jule import (
-    CHECKPOINT_NAME,
-    JULE_PRESETS,
-    JuleConfig,
-    jule_config,
-    load_model,
-    sample_triplets,
-    save_model,
-    train_jule,
-    weighted_triplet_loss,
-)
+from jule3d.checkpoint import CHECKPOINT_NAME, load_model, save_model
+from jule3d.config import jule_config, JULE_PRESETS, JuleConfig
+from jule3d.jule import train_jule
+from jule3d.loss import sample_triplets, weighted_triplet_loss
 from jule3d.metrics import nmi
 from jule3d.models import JuleNet3D
 from jule3d.patches import PatchSet
@@ -428,7 +421,7 @@ def test_stop_clusters_stops_merging_early(data) -> None:
 
 
 def test_jule_config_none_keeps_the_preset_value() -> None:
-    from jule3d.jule import JULE_PRESETS, jule_config
+    from jule3d.config import jule_config, JULE_PRESETS
 
     config = jule_config("fast", eta=None, k_s=7, epochs_per_period=None)
     assert config.eta == JULE_PRESETS["fast"].eta and config.k_s == 7

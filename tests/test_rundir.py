@@ -161,17 +161,24 @@ def test_run_folder_of_another_version_is_refused(tmp_path: Path) -> None:
 def test_metrics_round_trip(tmp_path: Path) -> None:
     run = RunDir(tmp_path / "run")
     assert run.load_metrics() is None
-    run.save_metrics({"methods": {"jule3d": {"nmi": 0.5}}, "class_volumes_mm3": {"1": 2.0}})
-    assert run.load_metrics()["methods"]["jule3d"]["nmi"] == 0.5
+    phantom = make_phantom(shape=(24, 24, 24), seed=0)
+    scores = {"nmi": 0.5, "nmi_geometric": 0.5, "ari": 0.4, "dice_mean": 0.6}
+    result = type("MethodResult", (), {"method": "jule3d", "metrics": {"dice_per_class": {1: 0.6}},
+                                       "row": lambda self: {"method": "jule3d", **scores}})()
+    run.save_metrics(phantom.labels, phantom.volume, 1.5, 10.0, {"n_clusters": 3}, [result])
+    record = run.load_metrics()
+    assert record["methods"]["jule3d"]["nmi"] == 0.5 and record["n_clusters"] == 3 and record["seconds"] == 1.5
+    assert RunDir.jule3d_scores(record) == scores and RunDir.jule3d_scores(None) == {}
+    assert set(record["class_volumes_mm3"]) == {"1", "2", "3"}
     assert not list(run.path.glob("*.tmp"))
 
 
 def test_training_of_several_networks_round_trips(tmp_path: Path) -> None:
-    from jule3d.segmentation import train_networks
+    from jule3d.estimator import JuleSegmenter
 
     phantom = make_phantom(shape=(32, 32, 32), seed=0)
-    results = train_networks(phantom.volume, 3, seed=1, n_networks=3, n_patches=40, progress=False,
-                             epochs_per_period=1, final_epochs=1, k_s=5)
+    results = JuleSegmenter(seed=1, n_networks=3, n_patches=40, epochs_per_period=1, final_epochs=1,
+                            k_s=5).fit(phantom.volume).results_
     run = RunDir(tmp_path / "run")
     written = run.save_training(results)
     assert [p.name for p in written] == ["model.pt", "model_1.pt", "model_2.pt", "clusters.npz", "history.json"]

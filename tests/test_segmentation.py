@@ -13,9 +13,10 @@ from scipy.spatial.distance import cdist
 import jule3d.jule
 import jule3d.segmentation
 from jule3d.io import read_image, save_labels, save_volume
-from jule3d.jule import save_model
+from jule3d.checkpoint import save_model
 from jule3d.metrics import nmi
 from jule3d.models import JuleNet3D, net_config
+from jule3d.normalize import normalize_intensity
 from jule3d.phantom import make_phantom
 from jule3d.segmentation import (
     CONSENSUS_WEIGHTS,
@@ -32,9 +33,9 @@ from jule3d.segmentation import (
     network_subsets,
     project_labels,
     refine_labels,
-    segment,
     smooth_labels,
 )
+from jule3d.estimator import JuleSegmenter, network_seeds, segment
 from jule3d.volume import Geometry, Volume
 
 TINY_TRAINING = dict(n_patches=150, epochs_per_period=1, final_epochs=1, k_s=5,
@@ -411,7 +412,8 @@ def test_segment_with_model_skips_training(phantom, tiny_net: JuleNet3D, tmp_pat
         raise AssertionError("train_jule must not run when a model is given")
 
     monkeypatch.setattr(jule3d.jule, "train_jule", no_training)
-    expected = label_volume(tiny_net, phantom.volume, 3, stride=4, seed=0)
+    # segment() normalises a volume that is not yet, whatever the input's type
+    expected = label_volume(tiny_net, normalize_intensity(phantom.volume), 3, stride=4, seed=0)
     np.testing.assert_array_equal(segment(phantom.volume, 3, model=tiny_net, stride=4, progress=False), expected)
     path = save_model(tiny_net, tmp_path / "tiny.pt")
     np.testing.assert_array_equal(segment(phantom.volume, 3, model=path, stride=4, progress=False), expected)
@@ -697,14 +699,15 @@ def test_segment_trains_the_presets_networks_with_distinct_seeds(phantom, monkey
     def fake_training(patches, config, progress=True, **options):
         seen.append((config.seed, config.net))
         net = config.network_config(in_channels=patches.patches.shape[1], patch_size=patches.patch_size)
-        return type("Result", (), {"model": JuleNet3D(net, seed=config.seed)})()
+        return type("Result", (), {"model": JuleNet3D(net, seed=config.seed), "history": []})()
 
-    def fake_label_volume(models, volume, n_clusters, **options):
-        calls.append({"n_models": len(models), **options})
+    def fake_label_grids(grids, volume, n_clusters, **options):
+        calls.append({"n_models": len(grids), **options})
         return np.zeros(volume.shape, np.uint8)
 
     monkeypatch.setattr(jule3d.jule, "train_jule", fake_training)
-    monkeypatch.setattr(jule3d.segmentation, "label_volume", fake_label_volume)
+    monkeypatch.setattr(jule3d.segmentation, "grid_features", lambda model, volume, **options: model)
+    monkeypatch.setattr(jule3d.segmentation, "label_grids", fake_label_grids)
     segment(phantom.volume, 3, seed=3, n_patches=20, progress=False)
     assert seen == [(6, "fast"), (7, "fast")] and calls[-1]["n_models"] == 2 and calls[-1]["phase2"] == "consensus"
     seen.clear()
@@ -718,18 +721,16 @@ def test_segment_trains_the_presets_networks_with_distinct_seeds(phantom, monkey
             segment(phantom.volume, 3, progress=False, **bad)
 
 
-def test_train_networks_uses_given_patches_for_network_0_and_its_own_for_the_rest(phantom, tmp_path) -> None:
+def test_fit_uses_given_patches_for_network_0_and_its_own_for_the_rest(phantom, tmp_path) -> None:
     from jule3d.patches import sample_patches
-    from jule3d.segmentation import network_seeds, train_networks
 
-    first = sample_patches(phantom.volume, 60, patch_size=17, seed=network_seeds(2, 2)[0])
+    volume = normalize_intensity(phantom.volume)
+    first = sample_patches(volume, 60, patch_size=17, seed=network_seeds(2, 2)[0])
     first.labels = phantom.labels[tuple(first.centers.T)]
-    results = train_networks(phantom.volume, 3, seed=2, patches=first, ground_truth=phantom.labels,
-                             checkpoint_dir=tmp_path, progress=False, epochs_per_period=1, final_epochs=1, k_s=5,
-                             n_patches=60)
+    segmenter = JuleSegmenter(seed=2, epochs_per_period=1, final_epochs=1, k_s=5, n_patches=60)
+    results = segmenter.fit(volume, patches=first, ground_truth=phantom.labels, checkpoint_dir=tmp_path).results_
     assert [r.config.seed for r in results] == network_seeds(2, 2) == [4, 5]
     assert all(r.history[-1].get("nmi") is not None for r in results), "both track the NMI at their centres"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["network_0", "network_1"]
-    again = train_networks(phantom.volume, 3, seed=2, progress=False, epochs_per_period=1, final_epochs=1, k_s=5,
-                           n_patches=60)
+    again = JuleSegmenter(seed=2, epochs_per_period=1, final_epochs=1, k_s=5, n_patches=60).fit(volume).results_
     np.testing.assert_array_equal(again[0].labels, results[0].labels)  # the given patches are network 0's own

@@ -61,18 +61,18 @@ def test_quick_preview_labels_a_slab(volume, monkeypatch: pytest.MonkeyPatch) ->
     import jule3d.segmentation
 
     seen = {}
-    real = jule3d.segmentation.label_volume
+    real = jule3d.segmentation.label_grids
 
     def spy(*args, **kwargs):
         seen.update(kwargs)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(jule3d.segmentation, "label_volume", spy)
+    monkeypatch.setattr(jule3d.segmentation, "label_grids", spy)
     part, labels = quick_preview(volume, {"n_clusters": 3, "k_s": 5, "n_patches": 120, "smoothing": 1.0},
                                  n_preview=120)
     assert labels.shape == part.shape and part.shape[1:] == volume.shape[1:]
     assert part.shape[0] == 17 + 8
-    # Phase 2 settings reach label_volume; untouched ones take the preset's Phase 2 defaults
+    # Phase 2 settings reach label_grids; untouched ones take the preset's Phase 2 defaults
     assert seen["smoothing"] == 1.0 and seen["intensity_weight"] == 1.0 and seen["phase2"] == "consensus"
     assert set(np.unique(labels[part.mask])) <= {1, 2, 3}
     assert (labels[~part.mask] == 0).all()

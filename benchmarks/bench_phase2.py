@@ -35,6 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_quality import BRATS_CASES, PHANTOM_CASES, SUITE_SEEDS, suite_loaders, Case  # noqa: E402
 from jule3d import segmentation as seg  # noqa: E402
 from jule3d.estimator import JuleSegmenter, segment  # noqa: E402
+from jule3d.grid import Grid  # noqa: E402
 from jule3d.metrics import nmi  # noqa: E402
 
 Variant = Callable[[Sequence[seg.GridFeatures], Case, int], np.ndarray]
@@ -81,8 +82,8 @@ def cached_grids(case: Case, seed: int, cache: Path) -> list[seg.GridFeatures]:
     if path.is_file():
         with np.load(path) as data:
             n = int(data["n_networks"])
-            return [seg.GridFeatures(data[f"features_{i}"], tuple(data["grid_shape"]), data["selected"],
-                                     int(data["offset"]), int(data["stride"])) for i in range(n)]
+            grid = Grid(case.volume.shape, 2 * int(data["offset"]) + 1, int(data["stride"]))
+            return [seg.GridFeatures(data[f"features_{i}"], grid, data["selected"]) for i in range(n)]
     grids = train_default(case, seed).transform(case.volume)
     cache.mkdir(parents=True, exist_ok=True)
     partial = path.with_suffix(".part.npz")

@@ -40,6 +40,7 @@ import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 from scipy import ndimage
 
+from .grid import Grid
 from .validation import check_mask
 from .volume import Volume
 
@@ -482,8 +483,8 @@ def grid_patches(
 ) -> PatchSet:
     """All patches on a regular grid of step ``stride`` that pass the foreground test.
 
-    Centres are ``w//2, w//2 + stride, ...`` along each axis (the whole patch inside the volume), kept
-    where the centre is foreground and at least ``min_foreground`` of the patch is. Order: C order of
+    The positions are those of :class:`jule3d.grid.Grid` (the whole patch inside the volume), kept where the
+    centre is foreground and at least ``min_foreground`` of the patch is. Order: C order of
     the grid (z slowest).
 
     Parameters
@@ -511,6 +512,7 @@ def grid_patches(
     min_foreground = _check_min_foreground(min_foreground)
     background = _check_background(background)
     labels = _check_labels(labels, volume.shape)
+    grid = Grid(volume.shape, w, stride)
     eligible = _eligible(_foreground(volume), w, min_foreground)[::stride, ::stride, ::stride]
     if not eligible.any():
         raise ValueError(
@@ -518,7 +520,7 @@ def grid_patches(
             f"min_foreground={min_foreground:g} of its {w}^3 voxels in it; lower min_foreground, "
             "patch_size or stride"
         )
-    centers = np.argwhere(eligible) * stride + w // 2
+    centers = grid.centers(np.argwhere(eligible))
     return _patchset(volume, centers, w, background, labels)
 
 

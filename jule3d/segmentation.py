@@ -3,17 +3,15 @@
 The trained network is applied *fully convolutionally* (its final linear layer read as a convolution), chunk
 by chunk with the overlap one patch needs, so memory stays bounded whatever the volume size and each grid
 position costs a fraction of cropping its patch and running the network on it (Moriya et al. 2018, §2.3;
-``method.md`` step 8).
+``docs/method.md``).
 
-Projection rule (documented here, tested in ``tests/test_segmentation.py``):
+Projection rule (tested in ``tests/test_segmentation.py``); the positions and blocks are those of
+:class:`jule3d.grid.Grid`:
 
-* A grid position's patch has its centre at ``corner + (w - 1) / 2`` where ``corner = index * stride``.
 * Only positions whose centre lies in the foreground mask are clustered.
-* Every grid centre ``c`` labels its ``stride³`` block ``[c - stride // 2, c - stride // 2 + stride)``;
-  on a full grid that is the nearest centre in mm. Blocks at the volume border (within ``w // 2`` voxels,
-  where no whole patch fits) extend the outermost blocks. A grid position whose centre is outside the mask
-  first takes the cluster of the nearest clustered position (in mm, so anisotropic spacing counts), so
-  foreground voxels in its block are labelled too.
+* Every grid centre labels its ``stride³`` block (:meth:`jule3d.grid.Grid.to_voxels`); a grid position whose
+  centre is outside the mask first takes the cluster of the nearest clustered position (in mm), so foreground
+  voxels in its block are labelled too.
 * [ours] With ``smoothing > 0`` the k-means labels of the grid positions are first regularised by a Potts
   model (:func:`smooth_labels`), before they are projected.
 * Voxels outside the mask are 0 (background). Cluster ids ``1..k`` are ordered by the mean intensity of the
@@ -31,6 +29,7 @@ import numpy as np
 import torch
 from scipy import ndimage
 
+from .grid import Grid
 from .models import JuleNet3D
 from .parameters import PARAMETERS
 from .validation import check_choice, check_int, check_weight
@@ -56,26 +55,35 @@ class GridFeatures:
     features : numpy.ndarray
         ``(M, D)`` float32 unit-norm features of the positions whose centre is in the foreground
         (a memory map for very large volumes).
-    grid_shape : tuple of int
-        Number of grid positions along ``(Z, Y, X)``.
+    grid : Grid
+        The positions (:class:`jule3d.grid.Grid`).
     selected : numpy.ndarray
-        Bool ``grid_shape`` array: which grid positions have a feature (row order of ``features``).
-    offset : int
-        Voxel index of the first centre along every axis, ``(patch_size - 1) // 2``.
-    stride : int
-        Voxels between neighbouring centres.
+        Bool ``grid.grid_shape`` array: which grid positions have a feature (row order of ``features``).
     """
 
     features: np.ndarray
-    grid_shape: tuple[int, int, int]
+    grid: Grid
     selected: np.ndarray
-    offset: int
-    stride: int
+
+    @property
+    def grid_shape(self) -> tuple[int, int, int]:
+        """Number of grid positions along ``(Z, Y, X)``."""
+        return self.grid.grid_shape
+
+    @property
+    def offset(self) -> int:
+        """Voxel index of the first centre along every axis."""
+        return self.grid.offset
+
+    @property
+    def stride(self) -> int:
+        """Voxels between neighbouring centres."""
+        return self.grid.stride
 
     @property
     def centers(self) -> np.ndarray:
         """``(M, 3)`` voxel coordinates ``(z, y, x)`` of the featured positions."""
-        return np.argwhere(self.selected) * self.stride + self.offset
+        return self.grid.centers(np.argwhere(self.selected))
 
 
 def _check_model_volume(model: JuleNet3D, volume: Volume, stride: int) -> None:
@@ -98,10 +106,6 @@ def check_stride(stride: int, native: int) -> None:
         raise ValueError(f"stride must be a positive integer, got {stride!r}")
     if stride % native and native % stride:
         raise ValueError(f"stride={stride} must divide or be a multiple of the network's own stride {native}")
-
-
-def _grid_shape(shape: Sequence[int], patch_size: int, stride: int) -> tuple[int, int, int]:
-    return tuple((int(s) - patch_size) // stride + 1 for s in shape)  # type: ignore[return-value]
 
 
 def _feature_store(n: int, dim: int) -> np.ndarray:
@@ -155,13 +159,10 @@ def grid_features(
     _check_model_volume(model, volume, stride)
     if method not in ("dense", "patchwise"):
         raise ValueError(f"method must be 'dense' or 'patchwise', got {method!r}")
-    if chunk < 1:
-        raise ValueError(f"chunk must be >= 1, got {chunk}")
     w = model.config.patch_size
-    offset = (w - 1) // 2
-    grid = _grid_shape(volume.shape, w, stride)
-    centres = np.stack(np.meshgrid(*[np.arange(g) * stride + offset for g in grid], indexing="ij"), axis=-1)
-    selected = volume.foreground()[tuple(np.moveaxis(centres, -1, 0))]
+    layout = Grid(volume.shape, w, stride)
+    grid = layout.grid_shape
+    selected = layout.select(volume.foreground())
     if not selected.any():
         raise ValueError("no grid position has its centre in the foreground mask; lower the stride or check the mask")
     device = torch.device(device) if device is not None else next(model.parameters()).device
@@ -174,24 +175,22 @@ def grid_features(
         pos = np.argwhere(selected)
         for start in tqdm(range(0, len(pos), batch_size * 8), disable=not progress, desc="patch-wise features"):
             batch_pos = pos[start:start + batch_size * 8]
-            patches = extract_patches(volume, batch_pos * stride + offset, w)
+            patches = extract_patches(volume, layout.centers(batch_pos), w)
             store[start:start + len(batch_pos)] = model.embed(patches, batch_size=batch_size, device=device)
-        return GridFeatures(store, grid, selected, offset, stride)
+        return GridFeatures(store, layout, selected)
 
     # Dense: the network's native grid has step model.stride; finer strides interleave shifted passes,
     # coarser ones subsample.
     native = model.stride
     shifts = range(0, native, stride) if stride < native else [0]
     step = max(stride // native, 1)  # subsampling of the native grid
-    starts = [range(0, g, chunk) for g in grid]
-    blocks = [(a, b, c) for a in starts[0] for b in starts[1] for c in starts[2]]
+    blocks = list(layout.chunks(chunk))
     data = volume.data
     was_training = model.training
     model.eval()
     try:
         with torch.inference_mode():
-            for g0 in tqdm(blocks, disable=not progress, desc="dense features"):
-                g1 = [min(g0[i] + chunk, grid[i]) for i in range(3)]
+            for g0, g1 in tqdm(blocks, disable=not progress, desc="dense features"):
                 sel = selected[g0[0]:g1[0], g0[1]:g1[1], g0[2]:g1[2]]
                 if not sel.any():
                     continue
@@ -206,9 +205,8 @@ def grid_features(
                                    for i, ix in enumerate(idx)]
                             if any(len(ix) == 0 for ix in idx):
                                 continue
-                            lo = [int(ix[0]) * stride for ix in idx]
-                            hi = [int(ix[-1]) * stride + w for ix in idx]
-                            block = np.asarray(data[:, lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]], dtype=np.float32)
+                            box = layout.halo([ix[0] for ix in idx], [ix[-1] for ix in idx])
+                            block = np.asarray(data[(slice(None),) + box], dtype=np.float32)
                             feats = model.dense(torch.from_numpy(block)[None].to(device))[0]
                             feats = feats[:, ::step, ::step, ::step].permute(1, 2, 3, 0).float().cpu().numpy()
                             local = [ix - g0[i] for i, ix in enumerate(idx)]
@@ -216,7 +214,7 @@ def grid_features(
                 store[row_of[g0[0]:g1[0], g0[1]:g1[1], g0[2]:g1[2]][sel]] = out[sel]
     finally:
         model.train(was_training)
-    return GridFeatures(store, grid, selected, offset, stride)
+    return GridFeatures(store, layout, selected)
 
 
 def cluster_features(
@@ -307,9 +305,7 @@ def smooth_labels(
         ``(M, k)`` squared distances to the centroids, e.g. from
         ``cluster_features(..., return_distances=True)``.
     beta : float
-        Weight of the smoothness term, ``>= 0``. Measured gains in voxel NMI (``fast`` preset, seed 0-2):
-        On the texture phantom (``fast``, seeds 0-2) ``beta = 2`` raised the voxel NMI by 0.01-0.02 for every
-        seed; on BraTS-ROI (with ``intensity_weight=2``) ``beta = 1`` raised the case mean from 0.458 to 0.487.
+        Weight of the smoothness term, ``>= 0`` (its measured effect: ``benchmarks/README.md``).
     spacing : sequence of 3 float
         Voxel spacing ``(z, y, x)`` in mm; only the ratios matter (the grid stride is the same on every axis).
     max_iter : int
@@ -395,19 +391,8 @@ def project_labels(grid: GridFeatures, clusters: np.ndarray, volume: Volume) -> 
     from .baselines import order_labels_by_intensity
 
     coarse = np.zeros(grid.grid_shape, dtype=np.int32)
-    coarse[grid.selected] = np.asarray(clusters) + 1
-    if not grid.selected.all():  # positions without a feature take their nearest featured neighbour
-        spacing = np.asarray(volume.geometry.spacing_zyx) * grid.stride
-        nearest = ndimage.distance_transform_edt(coarse == 0, sampling=spacing, return_distances=False,
-                                                 return_indices=True)
-        coarse = coarse[tuple(nearest)]
-    s, o = grid.stride, grid.offset
-    fine = np.repeat(np.repeat(np.repeat(coarse, s, 0), s, 1), s, 2)
-    # centre c labels the block [c - s//2, c - s//2 + s); pad with edge values to cover the border
-    start = o - s // 2
-    pad = [(max(start, 0), max(volume.shape[i] - (start + fine.shape[i]), 0)) for i in range(3)]
-    crop = [slice(max(-start, 0), max(-start, 0) + volume.shape[i]) for i in range(3)]
-    fine = np.pad(fine, pad, mode="edge")[tuple(crop)]
+    coarse[grid.selected] = np.asarray(clusters) + 1  # 0: no feature, filled from the nearest featured one
+    fine = grid.grid.to_voxels(coarse, volume.geometry.spacing_zyx, missing=0)
     mask = volume.foreground()
     return order_labels_by_intensity(fine, np.asarray(volume.data[0]), mask)
 
@@ -417,8 +402,8 @@ def local_intensity(volume: Volume, grid: GridFeatures, window: int = 3) -> np.n
     centre, standardised.
 
     Only voxels inside ``volume``'s foreground mask (and inside the volume) enter the mean, so a position at
-    the border of the specimen or brain describes its tissue, not a mix of tissue and background. (A plain box
-    mean pulled the border positions of BraTS-ROI towards the background value and cost 0.03 NMI.)
+    the border of the specimen or brain describes its tissue, not a mix of tissue and background (a plain box
+    mean pulls the border positions towards the background value).
 
     Parameters
     ----------
@@ -593,9 +578,9 @@ def merge_clusters(
     one tissue that interleave; 0 for clusters that never meet). A band of border patches between two
     tissues, whose features mix both and which k-means makes a class of its own, touches both sides everywhere
     and joins the side it resembles; clusters that never touch can still merge when they look alike (air
-    cavities in different places). Measured on the Iguana micro-CT: dividing by the contact instead
-    (``touch / ward``) chained bone to soft tissue through the partial-volume band and never joined separate
-    cavities (bone and soft tissue in one class); the discount keeps them apart.
+    cavities in different places). Dividing by the contact instead (``touch / ward``) chains tissues through
+    a partial-volume band and never joins separate cavities (seen on the Iguana micro-CT); the discount keeps
+    them apart.
 
     Parameters
     ----------

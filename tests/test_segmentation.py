@@ -36,6 +36,7 @@ from jule3d.segmentation import (
     smooth_labels,
 )
 from jule3d.estimator import JuleSegmenter, network_seeds, segment
+from jule3d.grid import Grid
 from jule3d.volume import Geometry, Volume
 
 TINY_TRAINING = dict(n_patches=150, epochs_per_period=1, final_epochs=1, k_s=5,
@@ -200,7 +201,7 @@ def test_cluster_features_bounds_and_determinism() -> None:
 
 def _full_grid(shape: tuple[int, int, int], selected: np.ndarray | None = None) -> GridFeatures:
     selected = np.ones(shape, dtype=bool) if selected is None else selected
-    return GridFeatures(np.zeros((int(selected.sum()), 1), np.float32), shape, selected, 0, 1)
+    return GridFeatures(np.zeros((int(selected.sum()), 1), np.float32), Grid(shape, 1, 1), selected)
 
 
 def _potts_energy(grid: GridFeatures, d2: np.ndarray, labels: np.ndarray, beta: float, spacing) -> float:
@@ -299,8 +300,9 @@ def test_project_labels_full_grid(offset: int, stride: int) -> None:
     # intensity = cluster index: the ids 1..k follow the cluster order
     vol = Volume.from_array(expected_raw.astype(np.float32) + rng.normal(0, 0.01, shape).astype(np.float32),
                             spacing=(1.0, 2.0, 0.5), mask=mask)
-    grid = GridFeatures(np.zeros((coarse.size, 2), np.float32), grid_shape, np.ones(grid_shape, bool),
-                        offset, stride)
+    grid = GridFeatures(np.zeros((coarse.size, 2), np.float32), Grid(shape, 2 * offset + 1, stride),
+                        np.ones(grid_shape, bool))
+    assert grid.grid_shape == grid_shape
     labels = project_labels(grid, coarse.ravel(), vol)
     assert labels.shape == shape and labels.dtype == np.uint8
     np.testing.assert_array_equal(labels[~mask], 0)
@@ -331,8 +333,9 @@ def test_project_labels_odd_stride_is_nearest_centre_in_mm() -> None:
     nearest = cdist(voxels * sz, centres * sz).argmin(axis=1)
     expected_raw = coarse.ravel()[nearest].reshape(shape)
     vol = Volume.from_array(expected_raw.astype(np.float32), spacing=spacing_xyz)
-    grid = GridFeatures(np.zeros((coarse.size, 1), np.float32), grid_shape, np.ones(grid_shape, bool),
-                        offset, stride)
+    grid = GridFeatures(np.zeros((coarse.size, 1), np.float32), Grid(shape, 2 * offset + 1, stride),
+                        np.ones(grid_shape, bool))
+    assert grid.grid_shape == grid_shape
     labels = project_labels(grid, coarse.ravel(), vol)
     present = np.unique(coarse)
     np.testing.assert_array_equal(labels, np.searchsorted(present, expected_raw) + 1)
@@ -355,7 +358,8 @@ def test_project_labels_missing_positions_take_nearest_featured_in_mm() -> None:
     coarse = clusters[d.argmin(axis=1)].reshape(grid_shape)
     expected_raw = _block_expected(shape, offset, stride, grid_shape, coarse)
     vol = Volume.from_array(expected_raw.astype(np.float32), spacing=spacing_xyz)
-    grid = GridFeatures(np.zeros((3, 2), np.float32), grid_shape, selected, offset, stride)
+    grid = GridFeatures(np.zeros((3, 2), np.float32), Grid(shape, 2 * offset + 1, stride), selected)
+    assert grid.grid_shape == grid_shape
     labels = project_labels(grid, clusters, vol)
     # (2, 2, 3) is 1 mm (one x step) from cluster 1 but 6 mm (two z steps of 3 mm) from cluster 0, although
     # cluster 0 is nearer in grid steps along z than cluster 2 is along y: the spacing decides
@@ -545,7 +549,7 @@ def _grid_of(labels: np.ndarray, features: np.ndarray | None = None) -> GridFeat
     """A stride-1 grid whose every position is featured, in row order of ``labels.ravel()``."""
     selected = np.ones(labels.shape, bool)
     feats = np.zeros((labels.size, 1), np.float32) if features is None else features
-    return GridFeatures(feats, labels.shape, selected, 0, 1)
+    return GridFeatures(feats, Grid(labels.shape, 1, 1), selected)
 
 
 def test_grid_contacts_counts_face_neighbour_pairs() -> None:
@@ -619,9 +623,9 @@ def _blocks_case(seed: int = 0) -> tuple[Volume, GridFeatures, GridFeatures, np.
     truth = np.repeat(np.arange(3), 8)[:, None, None] * np.ones((1, 16, 16), np.int64)  # (24, 16, 16)
     volume = Volume.from_array(rng.normal(size=truth.shape).astype(np.float32))
     centres = np.eye(3, 8, dtype=np.float32)[truth.ravel()]
-    good = GridFeatures(centres + 0.35 * rng.normal(size=centres.shape).astype(np.float32), truth.shape,
-                        np.ones(truth.shape, bool), 0, 1)
-    noise = GridFeatures(rng.normal(size=centres.shape).astype(np.float32), truth.shape, good.selected, 0, 1)
+    good = GridFeatures(centres + 0.35 * rng.normal(size=centres.shape).astype(np.float32), Grid(truth.shape, 1, 1),
+                        np.ones(truth.shape, bool))
+    noise = GridFeatures(rng.normal(size=centres.shape).astype(np.float32), good.grid, good.selected)
     return volume, good, noise, truth.ravel()
 
 

@@ -23,7 +23,6 @@ from .rundir import RunDir
 
 __all__ = ["Job", "JobResult", "expand_jobs", "run_batch", "write_index"]
 
-STATUS_FILE = "status.json"
 INDEX_FILE = "index.html"
 VOLUME_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd", ".npy", ".tif", ".tiff", ".zarr")
 
@@ -122,7 +121,7 @@ def _run_job(job: Job, run_dir: str, common: Mapping[str, Any], cell_timeout: in
             result.error += "\n" + traceback.format_exc(limit=3)
     result.seconds = time.perf_counter() - start
     Path(run_dir).mkdir(parents=True, exist_ok=True)
-    (Path(run_dir) / STATUS_FILE).write_text(json.dumps(asdict(result), indent=2, default=str), encoding="utf-8")
+    (Path(run_dir) / RunDir.STATUS).write_text(json.dumps(asdict(result), indent=2, default=str), encoding="utf-8")
     return asdict(result)
 
 
@@ -187,7 +186,7 @@ def run_batch(
     results: dict[str, JobResult] = {}
     pending = []
     for job in jobs:
-        status = out / job.name / STATUS_FILE
+        status = out / job.name / RunDir.STATUS
         if status.is_file():
             previous = JobResult(**json.loads(status.read_text(encoding="utf-8")))
             if previous.status == "ok" and previous.parameters == {**common, **job.parameters}:
@@ -230,7 +229,7 @@ def write_index(out_dir: Path, results: Sequence[JobResult]) -> Path:
         cells += [f"<td>{jule[m]:.3f}</td>" if isinstance(jule.get(m), (int, float)) else "<td></td>"
                   for m in _METRIC_COLUMNS]
         cells.append(f"<td>{r.seconds:.1f}</td>")
-        report = Path(r.run_dir) / "report.html"
+        report = Path(r.run_dir) / RunDir.REPORT
         link = f"<a href='{html.escape(os.path.relpath(report, out_dir))}'>report</a>" if report.is_file() else ""
         cells.append(f"<td>{link}</td><td><pre>{html.escape(r.error)}</pre></td>")
         rows.append("<tr>" + "".join(cells) + "</tr>")

@@ -37,9 +37,6 @@ __all__ = [
 NOTEBOOKS_ENV = "JULE3D_NOTEBOOKS"
 #: Parameters the pipeline itself sets in every notebook that declares them.
 PIPELINE_OWNED = ("run_dir", "volume_path")
-PARAMS_FILE = "params.yaml"
-REPORT_FILE = "report.html"
-EXECUTED_DIR = "notebooks"
 #: File names of the pipeline notebooks: ``NN_name.ipynb``, run in the order of ``NN``.
 NOTEBOOK_PATTERN = "[0-9][0-9]_*.ipynb"
 
@@ -223,11 +220,11 @@ def _succeeded(notebook: Path) -> bool:
 def _prepare_run_dir(run_dir: Path, parameters: Mapping[str, Any], overwrite: bool, resume: bool) -> None:
     from .rundir import RunDir
 
-    params_file = run_dir / PARAMS_FILE
+    params_file = run_dir / RunDir.PARAMS
     if run_dir.exists() and any(run_dir.iterdir()):
         if not params_file.is_file() and (resume or overwrite):
             raise FileExistsError(
-                f"{run_dir} holds files but is not a jule3d run folder (no {PARAMS_FILE}); refusing to "
+                f"{run_dir} holds files but is not a jule3d run folder (no {RunDir.PARAMS}); refusing to "
                 + ("resume" if resume else "delete") + " it: choose another --out folder"
             )
         if resume:
@@ -247,7 +244,7 @@ def _prepare_run_dir(run_dir: Path, parameters: Mapping[str, Any], overwrite: bo
                 "or --resume to continue it"
             )
     try:
-        (run_dir / EXECUTED_DIR).mkdir(parents=True, exist_ok=True)
+        (run_dir / RunDir.EXECUTED).mkdir(parents=True, exist_ok=True)
         params_file.write_text(yaml.safe_dump(dict(parameters), sort_keys=True), encoding="utf-8")
     except OSError as exc:
         raise PermissionError(f"cannot write the run folder {run_dir}: {exc.strerror or exc}") from None
@@ -345,7 +342,7 @@ def run_pipeline(
     with tempfile.TemporaryDirectory(prefix="jule3d-kernels-") as socket_dir:
         kernel_manager = _kernel_manager_class(socket_dir)
         for nb in notebooks:
-            out = run_dir / EXECUTED_DIR / nb.name
+            out = run_dir / RunDir.EXECUTED / nb.name
             if resume and _succeeded(out):
                 result.notebooks.append(NotebookRun(nb.name, out, 0.0, 0.0, skipped=True))
                 continue
@@ -376,7 +373,7 @@ def run_pipeline(
     if report:
         start = time.perf_counter()
         headline = headline_from(run.load_metrics(), {n.name: n.seconds for n in result.notebooks})
-        result.report = build_report([nb.path for nb in result.notebooks], run_dir / REPORT_FILE, params,
+        result.report = build_report([nb.path for nb in result.notebooks], run_dir / RunDir.REPORT, params,
                                      headline=headline)
         result.report_seconds = time.perf_counter() - start
     if figures:

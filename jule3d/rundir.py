@@ -109,6 +109,11 @@ class RunDir:
     PHANTOM_LABELS = "phantom_labels.nii.gz"
     TIMINGS = "timings.json"
     FIGURES = "figures"
+    PARAMS = "params.yaml"
+    REPORT = "report.html"
+    EXECUTED = "notebooks"
+    STATUS = "status.json"
+    TUNED_PARAMS = "tuned_params.yaml"
 
     def __init__(self, path: str | os.PathLike) -> None:
         self.path = resolve_run_dir(path)

@@ -68,8 +68,7 @@ class JuleConfig:
     approximate_knn : bool
         Passed to :func:`jule3d.agdl.knn_affinity`.
     channels_last : bool
-        Train and embed with ``torch.channels_last_3d`` tensors (on: +57 % training throughput for the
-        paper net and +71 % for the fast one on the 2-core CPU measured with
+        Train and embed with ``torch.channels_last_3d`` tensors (faster on CPUs; measured by
         ``benchmarks/bench_training.py``).
     feature_batch_size : int
         Patches per forward pass when computing features.

@@ -1,7 +1,7 @@
 """JULE: joint training of the 3D CNN and AGDL agglomerative clustering on patches (Phase 1).
 
 The recurrent process follows the JULE reference code (``jwyang/JULE.torch``, ``train.lua``) and
-``method.md``:
+``docs/method.md``:
 
 1. Period 0: features ``F`` = L2-normalised raw patches (or, [ours], another descriptor chosen by
    :attr:`JuleConfig.raw_features`); ``W = knn_affinity(F, k_s)``; the initial
@@ -29,13 +29,11 @@ momentum, which torch's SGD does not), weight decay 5e-5 on every parameter, lea
 ``lr · (1 + lr_gamma · it) ** -lr_power`` with ``it`` the global batch counter (``train.lua``'s
 "inv" policy).
 
-Known failure on texture data (measured on the 96³ texture phantom, ``benchmarks/bench_phantom_jule.py``):
-once clusters grow past ``k_s`` members, the CNN trained on them maps each cluster to a tight ball, so
-the rebuilt kNN graph has almost no edges between clusters (the share of ``W``'s weight across clusters
-fell 0.93 → 0.57 → 0.30 → 0.20 → 0.13 → 0.05 over periods of 402 → 12 clusters). AGDL's affinities then
-rest on a handful of edges and small clusters are absorbed by the largest one, which grows to more than
-half of the patches; sometimes it swallows everything (patch NMI drops from about 0.55 to below 0.05
-in one period). Slower unfolding (small ``eta``) and ``gamma = 1`` give the CNN more chances to
+Known failure on texture data (``docs/method.md`` has the measurements, from
+``benchmarks/bench_phantom_jule.py``): once clusters grow past ``k_s`` members, the CNN trained on them maps
+each cluster to a tight ball, so the rebuilt kNN graph has almost no edges between clusters. AGDL's affinities
+then rest on a handful of edges and small clusters are absorbed by the largest one; sometimes it swallows
+everything in one period. Slower unfolding (small ``eta``) and ``gamma = 1`` give the CNN more chances to
 memorise the clusters and make this more frequent.
 
 Checkpoints (``checkpoint_dir``) are written after every period and after the final update; they hold

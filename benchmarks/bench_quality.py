@@ -63,10 +63,11 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from jule3d.batch import safe_name
+from jule3d.estimator import segment
 from jule3d.evaluation import MethodResult, compare_methods
 from jule3d.normalize import normalize_intensity
 from jule3d.phantom import make_phantom
-from jule3d.estimator import segment
 from jule3d.volume import Volume
 
 BRATS_CASES = ("brats_2013_pat0003_1", "brats_2013_pat0004_1", "brats_2013_pat0005_1", "brats_2013_pat0006_1")
@@ -426,14 +427,10 @@ def run_suite(cases: Sequence[str], methods: Sequence[str], seeds: Sequence[int]
                 if case.name == IGUANA:
                     row.update(structure_shares(case.ground_truth, results[0].labels))
                     if figures is not None and seed == seeds[0]:
-                        save_slices(case, results[0].labels, figures / f"iguana_{_slug(name)}.png", name)
+                        save_slices(case, results[0].labels, figures / f"iguana_{safe_name(name)}.png", name)
                 print(markdown_table([row]).splitlines()[-1], flush=True)
                 rows.append(row)
     return rows
-
-
-def _slug(text: str) -> str:
-    return "".join(c if c.isalnum() else "_" for c in text).strip("_")
 
 
 def save_slices(case: Case, labels: np.ndarray, path: Path, title: str) -> None:

@@ -21,7 +21,7 @@ from typing import Any, Mapping, Sequence
 
 from .rundir import RunDir
 
-__all__ = ["Job", "JobResult", "expand_jobs", "run_batch", "write_index"]
+__all__ = ["Job", "JobResult", "expand_jobs", "run_batch", "safe_name", "write_index"]
 
 INDEX_FILE = "index.html"
 VOLUME_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd", ".npy", ".tif", ".tiff", ".zarr")
@@ -54,7 +54,14 @@ def _is_volume(path: Path) -> bool:
     return name.endswith(VOLUME_SUFFIXES) or (path.is_dir() and not name.startswith("."))
 
 
-def _slug(text: str) -> str:
+def safe_name(text: str) -> str:
+    """``text`` as a file name: runs of characters other than letters, digits, ``.``, ``_`` and ``-`` become ``_``.
+
+    Examples
+    --------
+    >>> safe_name("K_s=10, eta=0.5 (fast)")
+    'K_s_10_eta_0.5_fast'
+    """
     return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_") or "job"
 
 
@@ -91,10 +98,10 @@ def expand_jobs(
     combos = list(itertools.product(*(grid[n] for n in names))) or [()]
     jobs = []
     for path in paths or [None]:
-        base = "phantom" if path is None else _slug(path.name.split(".")[0])
+        base = "phantom" if path is None else safe_name(path.name.split(".")[0])
         for combo in combos:
             params = dict(zip(names, combo))
-            suffix = "".join(f"__{n}-{_slug(str(v))}" for n, v in params.items())
+            suffix = "".join(f"__{n}-{safe_name(str(v))}" for n, v in params.items())
             jobs.append(Job(base + suffix, [] if path is None else [str(path.resolve())], params))
     seen: set[str] = set()
     for job in jobs:

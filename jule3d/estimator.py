@@ -267,7 +267,6 @@ class JuleSegmenter(BaseEstimator):
             ``self``, fitted.
         """
         from .jule import train_jule
-
         from .models import net_config
         from .segmentation import check_stride
 

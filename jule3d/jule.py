@@ -57,7 +57,12 @@ import torch
 from tqdm.auto import tqdm
 
 from jule3d import agdl
-from jule3d.checkpoint import CHECKPOINT_FORMAT, CHECKPOINT_NAME, load_checkpoint, write_atomic
+from jule3d.checkpoint import (
+    CHECKPOINT_FORMAT,
+    CHECKPOINT_NAME,
+    load_checkpoint,
+    write_atomic,
+)
 from jule3d.config import JuleConfig
 from jule3d.loss import sample_triplets, weighted_triplet_loss
 from jule3d.metrics import nmi

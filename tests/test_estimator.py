@@ -14,6 +14,7 @@ import torch
 from sklearn.base import clone
 
 import jule3d
+import jule3d.jule
 from jule3d.estimator import JULE_FIELDS, JuleSegmenter, segment
 from jule3d.io import prepare_volume
 from jule3d.config import JuleConfig
@@ -155,3 +156,22 @@ def test_prepare_volume_does_not_depend_on_the_input_type(tmp_path: Path) -> Non
     assert prepare_volume(from_path) is from_path
     with pytest.raises(TypeError, match="volume must be"):
         prepare_volume(42)
+
+
+def test_stage_functions_share_the_surface_defaults() -> None:
+    # the stages can be called alone; where they take a setting of the surface, its default is the same, except
+    # where None ("the preset's") cannot apply to a stage on its own
+    from jule3d.patches import grid_patches, sample_patches
+    from jule3d.segmentation import grid_features, label_grids, label_volume
+    from jule3d.widgets import patch_sampling_explorer
+
+    own = {sample_patches: {"patch_size"}, grid_patches: {"patch_size", "stride"}, label_volume: {"phase2"},
+           label_grids: {"phase2"}, grid_features: {"batch_size", "device"}, segment: {"progress"},
+           patch_sampling_explorer: {"patch_size", "n_patches", "stride"}}  # the explorer's display defaults
+    checked = 0
+    for function, exempt in own.items():
+        for name, parameter in inspect.signature(function).parameters.items():
+            if name in PARAMETERS and name not in exempt and parameter.default is not inspect.Parameter.empty:
+                assert parameter.default == PARAMETERS[name].default, f"{function.__name__}({name}=...)"
+                checked += 1
+    assert checked >= 10

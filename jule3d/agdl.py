@@ -229,6 +229,17 @@ def knn_affinity(features: np.ndarray, k_s: int, approximate: bool = False) -> s
         If ``features`` is not a finite 2-D array or ``k_s`` is not in ``[1, n - 1]``.
     ImportError
         If ``approximate=True`` and pynndescent is not installed.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from jule3d.agdl import knn_affinity
+    >>> features = np.array([[0.0], [0.1], [0.3], [5.0], [5.2], [5.3]])
+    >>> W = knn_affinity(features, k_s=2)
+    >>> W.shape, W.nnz
+    ((6, 6), 12)
+    >>> np.round(W.toarray()[0], 2).tolist()
+    [0.0, 0.81, 0.15, 0.0, 0.0, 0.0]
     """
     x = _as_features(features)
     n = x.shape[0]
@@ -269,6 +280,17 @@ def initial_clusters(W: Any) -> np.ndarray:
     -------
     ndarray of int64, shape (n,)
         Cluster labels ``0..c-1``, numbered in order of first appearance.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from jule3d.agdl import initial_clusters, knn_affinity
+    >>> features = np.array([[0.0], [0.1], [0.3], [5.0], [5.2], [5.3]])
+    >>> initial_clusters(knn_affinity(features, k_s=2)).tolist()
+    [0, 0, 0, 1, 1, 1]
+    >>> W = np.array([[0, 1, 0, 0], [1, 0, 0, 0], [0, 0, 0, 1], [0, 0, 1, 0]])
+    >>> initial_clusters(W).tolist()
+    [0, 0, 1, 1]
     """
     Wc = _as_affinity(W)
     n = Wc.shape[0]
@@ -337,6 +359,17 @@ def cluster_affinity(W: Any, labels: Any) -> np.ndarray:
     -------
     ndarray of float64, shape (c, c)
         Symmetric, zero diagonal.
+
+    Examples
+    --------
+    Two pairs of samples joined by one link of weight 0.5 in each direction:
+    ``A = 0.25 / 2² + 0.25 / 2²``.
+
+    >>> import numpy as np
+    >>> from jule3d.agdl import cluster_affinity
+    >>> W = np.array([[0, 1, 0.5, 0], [1, 0, 0, 0], [0.5, 0, 0, 1], [0, 0, 1, 0]])
+    >>> cluster_affinity(W, [0, 0, 1, 1]).tolist()
+    [[0.0, 0.125], [0.125, 0.0]]
     """
     Wc = _as_affinity(W)
     lab, c = _check_labels(labels, Wc.shape[0])
@@ -384,6 +417,12 @@ def unfolding_merges(n_clusters: int, eta: float, target: int) -> int:
     int
         ``min(ceil(eta * n_c), n_c - target)``, 0 when ``n_c <= target``. ``eta`` is taken at its
         shortest decimal form, so ``eta=0.7, n_c=100`` gives 70, not 71.
+
+    Examples
+    --------
+    >>> from jule3d.agdl import unfolding_merges
+    >>> unfolding_merges(100, 0.7, 10), unfolding_merges(12, 0.9, 10), unfolding_merges(5, 0.5, 10)
+    (70, 2, 0)
     """
     n_clusters = check_int("n_clusters", n_clusters, 1)
     target = check_int("target", target, 1)
@@ -685,6 +724,18 @@ def agglomerate(
     -----
     The merge sequence is the one of :func:`agglomerate_reference` (identical up to floating-point
     rounding of exact near-ties); see the module docstring for the update rule and tie-breaking.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from jule3d.agdl import agglomerate, knn_affinity
+    >>> features = np.array([[0.0], [0.1], [0.3], [5.0], [5.2], [5.3]])
+    >>> W = knn_affinity(features, k_s=2)
+    >>> labels, merges = agglomerate(W, np.arange(6), target=2, return_merges=True)
+    >>> labels.tolist(), merges
+    ([0, 0, 0, 1, 1, 1], [(4, 5), (0, 1), (0, 2), (3, 4)])
+    >>> agglomerate(W, np.arange(6), target=2, n_merges=1).tolist()
+    [0, 1, 2, 3, 4, 4]
     """
     Wc = _as_affinity(W)
     lab, c = _check_labels(labels, Wc.shape[0])
@@ -766,6 +817,15 @@ def agglomerate_reference(
     per-pair sums over a dense copy of ``W``, and fully sorts every cluster's affinities at each
     merge: ``O(n^2)`` memory and roughly ``O(c^3 log c)`` time. Meant for tests and benchmarks on a
     few thousand samples at most; use :func:`agglomerate` for real work.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from jule3d.agdl import agglomerate, agglomerate_reference, knn_affinity
+    >>> W = knn_affinity(np.array([[0.0], [0.1], [0.3], [5.0], [5.2], [5.3]]), k_s=2)
+    >>> _, merges = agglomerate_reference(W, np.arange(6), target=2, return_merges=True)
+    >>> merges == agglomerate(W, np.arange(6), target=2, return_merges=True)[1]
+    True
     """
     Wc = _as_affinity(W)
     lab, c = _check_labels(labels, Wc.shape[0])

@@ -21,6 +21,14 @@ class Embedding:
         ``"tsne"`` or ``"umap"``.
     seconds : float
         Wall time of the embedding.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from jule3d.embedding import Embedding
+    >>> layout = Embedding(np.zeros((3, 2), np.float32), method="tsne", seconds=0.5)
+    >>> layout.coords.shape, layout.method
+    ((3, 2), 'tsne')
     """
 
     coords: np.ndarray
@@ -45,15 +53,16 @@ def embed(
         ``(N, D)`` features.
     method : {"tsne", "umap"}
         openTSNE (PCA initialisation; Barnes-Hut gradients below 10,000 points, FFT-interpolated ones
-        above, openTSNE's own rule: FFT costs seconds even for 100 points) or umap-learn (optional dependency).
+        above, openTSNE's own rule: FFT has a fixed cost that dominates on few points) or umap-learn
+        (optional dependency).
     seed : int
         Random seed.
     perplexity : float
         t-SNE perplexity (lowered automatically for tiny ``N``).
     n_iter : int
-        Iterations after openTSNE's 250 early-exaggeration ones. 250 instead of openTSNE's 500: on 20,000
+        Iterations after openTSNE's 250 early-exaggeration ones. 250 instead of openTSNE's 500: on
         trained-network features of the phantom the layout's silhouette of the true classes was the same
-        (0.243 vs 0.244) in 17.5 s instead of 42 s on 2 cores (``benchmarks/bench_tsne.py``).
+        in much less time (see ``benchmarks/bench_tsne.py`` and the README's Measured section).
     n_jobs : int
         Threads of openTSNE (-1 = all cores; on a machine busy with other work 1 can be faster).
     pca_dims : int
@@ -62,6 +71,18 @@ def embed(
     Returns
     -------
     Embedding
+
+    Examples
+    --------
+    A few iterations on 30 points (the coordinates depend on the platform, their shape does not):
+
+    >>> import numpy as np
+    >>> from jule3d.embedding import embed
+    >>> rng = np.random.default_rng(0)
+    >>> features = np.concatenate([rng.normal(0, 1, (15, 4)), rng.normal(6, 1, (15, 4))])
+    >>> layout = embed(features, n_iter=10, n_jobs=1)
+    >>> layout.coords.shape, layout.coords.dtype, layout.method
+    ((30, 2), dtype('float32'), 'tsne')
     """
     import time
 
@@ -98,6 +119,16 @@ def embedding_scores(coords: np.ndarray, labels: np.ndarray, seed: int = 0, max_
     """Silhouette score of ``labels`` in the 2D layout (on a seeded sample of at most ``max_points``).
 
     Returns NaN when fewer than two labels are present.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from jule3d.embedding import embedding_scores
+    >>> coords = np.array([[0.0, 0.0], [0.0, 1.0], [10.0, 0.0], [10.0, 1.0]])
+    >>> round(embedding_scores(coords, np.array([0, 0, 1, 1])), 3)
+    0.9
+    >>> embedding_scores(coords, np.zeros(4))
+    nan
     """
     from sklearn.metrics import silhouette_score
 

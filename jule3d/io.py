@@ -121,6 +121,23 @@ def read_image(
         If the format is unsupported, the file is unreadable or corrupt, the image is not 3D
         (2D, 4D or several components per voxel), or it holds NaN/Inf voxels; the message
         names the file.
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> from pathlib import Path
+    >>> import numpy as np
+    >>> from jule3d.io import read_image, save_volume
+    >>> from jule3d.volume import Geometry
+    >>> array = np.arange(4 * 5 * 6, dtype=np.float32).reshape(4, 5, 6)
+    >>> with tempfile.TemporaryDirectory() as folder:
+    ...     path = save_volume(array, Path(folder) / "scan.nii.gz",
+    ...                        reference=Geometry(shape=(4, 5, 6), spacing=(0.5, 0.5, 2.0)))
+    ...     data, geometry = read_image(path)
+    ...     print(data.shape, data.dtype, geometry.spacing, bool(np.array_equal(data, array)))
+    ...     print(read_image(path, spacing=(1, 1, 1))[1].spacing)
+    (4, 5, 6) float32 (0.5, 0.5, 2.0) True
+    (1.0, 1.0, 1.0)
     """
     path = Path(path)
     if not path.exists():
@@ -159,6 +176,24 @@ def read_on_grid(path: PathLike, reference: Volume | Geometry, what: str = "imag
     ValueError
         If the image's shape, spacing, origin or direction differ from ``reference`` (the message
         names the fields).
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> from pathlib import Path
+    >>> import numpy as np
+    >>> from jule3d.io import read_on_grid, save_labels
+    >>> from jule3d.volume import Geometry, Volume
+    >>> volume = Volume.from_array(np.zeros((4, 4, 4), np.float32), spacing=(0.5, 0.5, 2.0))
+    >>> with tempfile.TemporaryDirectory() as folder:
+    ...     path = save_labels(np.full((4, 4, 4), 2), Path(folder) / "labels.nii.gz", reference=volume)
+    ...     print(read_on_grid(path, volume, what="labels").max())
+    ...     try:
+    ...         read_on_grid(path, Geometry(shape=(4, 4, 4)), what="labels")
+    ...     except ValueError as error:
+    ...         print(str(error).split("grid: ")[1])
+    2
+    spacing (0.5, 0.5, 2.0) != (1.0, 1.0, 1.0)
     """
     array, geometry = read_image(path)
     expected = _geometry_of(reference, "reference")
@@ -189,6 +224,21 @@ def load_mask(path: PathLike, reference: Volume | Geometry) -> np.ndarray:
     ValueError
         If the mask's shape, spacing, origin or direction differ from ``reference`` (the
         message names the fields), or the mask is empty.
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> from pathlib import Path
+    >>> import numpy as np
+    >>> from jule3d.io import load_mask, save_volume
+    >>> from jule3d.volume import Volume
+    >>> volume = Volume.from_array(np.zeros((4, 4, 4), np.float32))
+    >>> with tempfile.TemporaryDirectory() as folder:
+    ...     path = save_volume(np.tile([0, 3], 32).reshape(4, 4, 4).astype(np.uint8),
+    ...                        Path(folder) / "mask.nrrd", reference=volume)
+    ...     mask = load_mask(path, volume)
+    >>> mask.dtype, int(mask.sum())
+    (dtype('bool'), 32)
     """
     mask = read_on_grid(path, reference, what="mask") != 0
     if not mask.any():
@@ -237,6 +287,24 @@ def load_volume(
         Bad files (see :func:`read_image`), a constant image, channels on different grids (the
         message names the file and the differing fields), a mask that does not fit or is empty,
         or an invalid ``foreground`` / ``channel_names``.
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> from pathlib import Path
+    >>> import numpy as np
+    >>> from jule3d.io import load_volume, save_volume
+    >>> rng = np.random.default_rng(0)
+    >>> array = np.zeros((12, 12, 12), np.float32)
+    >>> array[2:10, 2:10, 2:10] = 100 + rng.normal(size=(8, 8, 8))
+    >>> with tempfile.TemporaryDirectory() as folder:
+    ...     path = save_volume(array, Path(folder) / "scan.nii.gz")
+    ...     volume = load_volume(path)
+    ...     raw = load_volume([path, path], channel_names=["a", "b"], normalize=False, foreground=None)
+    >>> volume.data.shape, volume.normalized, int(volume.mask.sum()), volume.channel_names
+    ((1, 12, 12, 12), True, 512, ('scan',))
+    >>> raw.data.shape, raw.channel_names, raw.mask is None
+    ((2, 12, 12, 12), ('a', 'b'), True)
     """
     paths = _as_path_list(path_or_paths)
     arrays, geometry = _read_channels(paths, spacing)
@@ -651,6 +719,24 @@ def save_volume(
         If the target exists and ``overwrite`` is false.
     OSError
         If the writer fails (nothing is left behind).
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> from pathlib import Path
+    >>> import numpy as np
+    >>> from jule3d.io import save_volume
+    >>> with tempfile.TemporaryDirectory() as folder:
+    ...     path = save_volume(np.zeros((4, 4, 4), np.float32), Path(folder) / "zeros.npy")
+    ...     print(path.name, sorted(p.name for p in Path(folder).iterdir()))
+    ...     try:
+    ...         save_volume(np.ones((4, 4, 4), np.float32), path)
+    ...     except FileExistsError:
+    ...         print("exists")
+    ...     print(save_volume(np.ones((4, 4, 4), np.float32), path, overwrite=True).name)
+    zeros.npy ['zeros.npy', 'zeros.npy.json']
+    exists
+    zeros.npy
     """
     array, geometry = _array_and_geometry(array_or_volume, reference)
     path = Path(path)
@@ -687,6 +773,22 @@ def save_labels(
     ValueError
         Negative, non-integral or too large (> 65535) labels, or the errors of
         :func:`save_volume`.
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> from pathlib import Path
+    >>> import numpy as np
+    >>> from jule3d.io import read_image, save_labels
+    >>> from jule3d.volume import Volume
+    >>> volume = Volume.from_array(np.zeros((4, 4, 4), np.float32), spacing=(0.5, 0.5, 2.0))
+    >>> labels = np.zeros((4, 4, 4), dtype=np.int64)
+    >>> labels[1:3] = 2
+    >>> with tempfile.TemporaryDirectory() as folder:
+    ...     path = save_labels(labels, Path(folder) / "labels.nii.gz", reference=volume)
+    ...     written, geometry = read_image(path)
+    >>> written.dtype, sorted(np.unique(written).tolist()), geometry.spacing
+    (dtype('uint8'), [0, 2], (0.5, 0.5, 2.0))
     """
     return save_volume(_label_array(labels), path, reference=reference, overwrite=overwrite)
 

@@ -36,21 +36,18 @@ What differs from the 2D original [ours]
   weighted by voxel count) on their mean response vectors; when it holds fewer (the network
   collapsed), the mask voxels are re-labelled by k-means on their response vectors (fitted on a
   seeded sample of at most 50,000 voxels).
-* **Budget.** ``max_iter`` defaults to 100 instead of the authors' 1000, with ``crop_size = 32``:
-  about a minute on two CPU cores for a 96³ volume (JULE-3D's ``fast`` preset budget).
+* **Budget.** ``max_iter`` defaults to 100 instead of the authors' 1000, with ``crop_size = 32``,
+  which keeps a 96³ volume on a CPU within the budget of JULE-3D's ``fast`` preset.
 
 Defaults and their sources: ``n_channels = 100`` (paper and authors' code: q = 100), ``n_conv = 2``
 (authors' code, ``nConv``), ``lr = 0.1`` with momentum 0.9 (authors' code), ``mu = 5`` (the paper's
 continuity weight for unsupervised segmentation as we read it; the authors' ``demo.py`` defaults
 to ``stepsize_con = 1``), ``max_iter = 100`` and ``crop_size = 32`` [ours, the CPU budget above].
 
-Measured (a session script on ``benchmarks/bench_quality.py``'s cases and metrics; defaults, seeds 0-2,
-one thread; NMI per seed): texture phantom 96³, k = 3: 0.074, 0.107, 0.010 (k-means 0.000; JULE-3D
-``fast`` 0.78 in the README); intensity phantom: 0.852, 0.742, 0.781 (k-means 0.842); BraTS-ROI
-pat0003: 0.227, 0.479, 0.350 (k-means 0.646); pat0004: 0.471, 0.445, 0.347 (k-means 0.560). Every
-run met the stopping rule within 40-83 iterations. ``mu = 1`` (the authors' code) ran all 100 iterations and gave 0.127, 0.774,
-0.508, 0.464 (means over the seeds, same order); ``n_conv = 3`` gave 0.099, 0.725, 0.329, 0.292. On two
-cores one texture-phantom run took 69 s, 0.14 times JULE-3D ``fast`` in the same process.
+Measured quality (NMI per case and seed, next to k-means and JULE-3D): see
+``benchmarks/bench_quality.py`` and the README's Measured section. With the defaults, training usually
+ends by the stopping rule before ``max_iter``; with ``mu = 1`` (the authors' code) it tends to run every
+iteration.
 
 Labels follow the baselines' convention: ``uint8`` ``(Z, Y, X)``, ``0`` outside the mask, ``1..k``
 ordered by the mean intensity of the first channel (:func:`jule3d.baselines.order_labels_by_intensity`).
@@ -165,6 +162,24 @@ def kanezaki_segment(
     ----------
     W. Kim, A. Kanezaki and M. Tanaka, "Unsupervised Learning of Image Segmentation Based on
     Differentiable Feature Clustering", IEEE Trans. Image Process. 29, 8055-8068 (2020).
+
+    Examples
+    --------
+    A tiny budget on a 16³ phantom (the defaults train for up to 100 iterations):
+
+    >>> import numpy as np
+    >>> from jule3d.kanezaki import kanezaki_segment
+    >>> from jule3d.normalize import normalize_intensity
+    >>> from jule3d.phantom import make_phantom
+    >>> phantom = make_phantom(shape=(16, 16, 16), variant="intensity")
+    >>> volume = normalize_intensity(phantom.volume)
+    >>> labels = kanezaki_segment(volume, 3, max_iter=5, n_channels=8)
+    >>> labels.shape, labels.dtype, sorted(np.unique(labels).tolist())
+    ((16, 16, 16), dtype('uint8'), [0, 1, 2, 3])
+    >>> bool(np.all(labels[~volume.mask] == 0))
+    True
+    >>> bool(np.array_equal(labels, kanezaki_segment(volume, 3, max_iter=5, n_channels=8)))
+    True
     """
     # imported here, not at the top: jule3d.baselines registers this method, so it may import this module
     from .baselines import _prepare, order_labels_by_intensity

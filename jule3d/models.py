@@ -4,7 +4,7 @@ One network class, :class:`JuleNet3D`, configured by a :class:`NetConfig`. Two n
 live in :data:`PRESETS`:
 
 ``"paper"``
-    The likelier reading of Moriya et al. 2018 (see ``method.md``): ``Conv3d(C→50, 5³) → BN → ReLU →
+    The likelier reading of Moriya et al. 2018 (see ``docs/method.md``): ``Conv3d(C→50, 5³) → BN → ReLU →
     MaxPool3d(2) → Conv3d(50→50, 5³) → BN → ReLU → Conv3d(50→50, 5³) → BN → ReLU → flatten (1350) →
     Linear(1350→160) → L2-normalise``, no padding, so a 27³ patch shrinks 27 → 23 → 11 → 7 → 3.
 ``"fast"``
@@ -74,6 +74,15 @@ class NetConfig:
     ------
     ValueError
         If a field is out of range, or the patch shrinks to nothing before the final layer.
+
+    Examples
+    --------
+    >>> from jule3d.models import NetConfig
+    >>> config = NetConfig(patch_size=9, n_filters=(4, 8), kernel_size=3, n_convs=2, feature_dim=16)
+    >>> config.filters, config.spatial_sizes, config.head_size, config.stride
+    ((4, 8), [9, 7, 3, 1], 1, 2)
+    >>> NetConfig.from_dict(config.to_dict()) == config
+    True
     """
 
     in_channels: int = 1
@@ -205,6 +214,15 @@ def net_config(preset: str = "fast", **overrides: Any) -> NetConfig:
     ------
     ValueError
         If ``preset`` is unknown or an override is not a field (the message lists the valid ones).
+
+    Examples
+    --------
+    >>> from jule3d.models import net_config
+    >>> config = net_config("fast", in_channels=2)
+    >>> config.in_channels, config.patch_size, config.filters, config.feature_dim
+    (2, 17, (16, 32, 32), 64)
+    >>> net_config("paper").spatial_sizes
+    [27, 23, 11, 7, 3]
     """
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; valid presets: {sorted(PRESETS)}")
@@ -236,6 +254,35 @@ class JuleNet3D(nn.Module):
         The convolution / BatchNorm / ReLU / pooling layers.
     head : torch.nn.Linear
         The final layer, ``filters[-1] * k³ → feature_dim``; :meth:`dense` applies it as a ``k³`` conv.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from jule3d.models import JuleNet3D, net_config
+    >>> net = JuleNet3D(net_config("fast"), seed=0).eval()
+    >>> net.receptive_field, net.stride, net.feature_dim, net.n_parameters
+    (17, 2, 64, 97504)
+    >>> patches = torch.randn(2, 1, 17, 17, 17, generator=torch.Generator().manual_seed(0))
+    >>> features = net(patches)
+    >>> features.shape, bool(torch.allclose(features.norm(dim=1), torch.ones(2)))
+    (torch.Size([2, 64]), True)
+
+    :meth:`dense` gives the features of every patch on a ``stride`` grid of a larger block:
+
+    >>> block = torch.randn(1, 1, 21, 21, 21, generator=torch.Generator().manual_seed(0))
+    >>> with torch.no_grad():
+    ...     dense = net.dense(block)
+    ...     corner = net(block[:, :, 2:19, 0:17, 4:21])  # the patch at grid position (1, 0, 2)
+    >>> dense.shape, bool(torch.allclose(dense[0, :, 1, 0, 2], corner[0], atol=1e-5))
+    (torch.Size([1, 64, 3, 3, 3]), True)
+    >>> print(JuleNet3D(net_config("fast", patch_size=9, n_convs=2, n_filters=(4, 8))).describe())
+    JuleNet3D: 1×9³ patch → 64-d unit feature (stride 2, BatchNorm on)
+      Conv3d     → (4, 7, 7, 7)
+      MaxPool3d  → (4, 3, 3, 3)
+      Conv3d     → (8, 1, 1, 1)
+      Linear     → (64,)
+      parameters: 1,584
+      forward: 0.1 MFLOP per patch
     """
 
     def __init__(self, config: NetConfig | None = None, seed: int = 0) -> None:
@@ -372,6 +419,15 @@ class JuleNet3D(nn.Module):
         -------
         numpy.ndarray
             ``(N, D)`` float32 features of unit norm; the module's train/eval mode is restored.
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> from jule3d.models import JuleNet3D, net_config
+        >>> net = JuleNet3D(net_config("fast"))
+        >>> features = net.embed(np.zeros((3, 1, 17, 17, 17), dtype=np.float32), batch_size=2)
+        >>> features.shape, features.dtype, net.training
+        ((3, 64), dtype('float32'), True)
         """
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")

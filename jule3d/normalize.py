@@ -40,6 +40,22 @@ def normalize_intensity(volume: Volume, lower: float = 0.5, upper: float = 99.5)
     ValueError
         If the percentiles are out of range or ``lower >= upper``, or a channel is constant
         inside the mask (the message names the channel).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from jule3d.normalize import normalize_intensity
+    >>> from jule3d.volume import Volume
+    >>> rng = np.random.default_rng(0)
+    >>> data = rng.normal(100.0, 10.0, size=(8, 8, 8)).astype(np.float32)
+    >>> mask = np.zeros((8, 8, 8), dtype=bool)
+    >>> mask[2:6, 2:6, 2:6] = True
+    >>> out = normalize_intensity(Volume.from_array(data, mask=mask))
+    >>> out.normalized, out.data.dtype, out.data.shape
+    (True, dtype('float32'), (1, 8, 8, 8))
+    >>> inside = out.data[0][mask]
+    >>> bool(abs(inside.mean()) < 1e-6), round(float(inside.std()), 3), bool(np.all(out.data[0][~mask] == 0))
+    (True, 1.0, True)
     """
     if not 0.0 <= lower < upper <= 100.0:
         raise ValueError(

@@ -33,12 +33,12 @@ of 5.5 voxels in cells of 8), leaving about 3 % air in a few tiny remnant spaces
 every voxel of a region its class, air spaces included; ``0`` is the air outside the specimen. Like a
 real scan the image is then blurred (partial volume, Gaussian, std ``blur`` = 0.7 voxels by default)
 and, by default, noisier than the texture variants (``noise`` = 0.25: a tissue/air contrast-to-noise ratio
-of 4). Intensity alone is then a weak cue (k-means on the normalised intensities of the specimen: NMI
-0.175 at 96³, seed 0; 0.29 with the texture variants' noise of 0.05), the local mean intensity a strong
-one (k-means on the mean over a 9³ box inside the specimen: NMI 0.81): air fraction separates the
+of 4). Intensity alone is then a weak cue (k-means on the normalised intensities of the specimen), the
+local mean intensity a strong one (k-means on the mean over a 9³ box inside the specimen; for the scores
+see ``benchmarks/bench_quality.py`` and the README's Measured section): air fraction separates the
 classes, so a method that learns structure must beat the local mean, not only the voxel intensity.
 Alveoli cut open at the specimen surface are air that reaches the outside, so an automatic foreground
-mask misses them (Dice 0.96 with the specimen at 96³); ``volume.mask`` is the specimen itself.
+mask misses them (it falls a little short of the specimen); ``volume.mask`` is the specimen itself.
 
 Intensities are in arbitrary units: air ``0``, tissue mean ``1`` (texture std ``0.2`` in the texture
 variants). On top of the image come a partial-volume blur (std ``blur`` voxels; none by default in the
@@ -148,6 +148,13 @@ class Phantom:
         ``uint8`` array ``(Z, Y, X)``: ``0`` air, ``1..k`` tissue classes.
     class_names : tuple of str
         ``class_names[i]`` names class ``i + 1``: its texture, or its tissue in the ``"lung"`` variant.
+
+    Examples
+    --------
+    >>> from jule3d.phantom import make_phantom
+    >>> phantom = make_phantom(shape=(16, 16, 16))
+    >>> phantom.n_classes, phantom.labels.dtype, phantom.volume.shape
+    (3, dtype('uint8'), (16, 16, 16))
     """
 
     volume: Volume
@@ -261,7 +268,7 @@ def _cell_wall_distance(points: np.ndarray, seeds: np.ndarray, neighbours: int =
     For a point ``x`` with nearest seed ``a`` and another seed ``b``, the bisector plane of ``a`` and ``b``
     lies at ``(|x - b|² - |x - a|²) / (2 |a - b|)``; the minimum over the ``neighbours - 1`` next nearest
     seeds is the distance to the cell boundary (a nearer bisector of a farther seed is vanishingly rare:
-    8 and 14 neighbours gave identical walls but for 1 voxel in 17,000).
+    more neighbours leave the walls all but unchanged).
     """
     tree = cKDTree(seeds)
     out = np.empty(len(points))
@@ -444,6 +451,23 @@ def make_phantom(
     ------
     ValueError
         If an argument is out of range (the message names it).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from jule3d.phantom import make_phantom
+    >>> phantom = make_phantom(shape=(16, 16, 16), n_classes=3, variant="texture", seed=0)
+    >>> phantom.volume.data.shape, phantom.volume.data.dtype, phantom.volume.channel_names
+    ((1, 16, 16, 16), dtype('float32'), ('phantom',))
+    >>> sorted(np.unique(phantom.labels).tolist()), phantom.class_names
+    ([0, 1, 2, 3], ('fine_grain', 'coarse_grain', 'lamellae'))
+    >>> bool(np.array_equal(phantom.volume.mask, phantom.labels > 0))
+    True
+    >>> again = make_phantom(shape=(16, 16, 16), n_classes=3, variant="texture", seed=0)
+    >>> bool(np.array_equal(again.volume.data, phantom.volume.data))
+    True
+    >>> make_phantom(shape=(16, 16, 16), variant="lung").class_names
+    ('normal_alveolar', 'lepidic_carcinoma', 'invasive_carcinoma')
     """
     shape, noise, blur = _check_arguments(shape, n_classes, variant, noise, bias, blur, regions_per_class)
     streams = [np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(5)]
@@ -526,6 +550,19 @@ def write_phantom(
         If the folder of a target file does not exist.
     ValueError
         If both paths are the same file, or a phantom argument is out of range.
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> from pathlib import Path
+    >>> from jule3d.io import read_image
+    >>> from jule3d.phantom import write_phantom
+    >>> with tempfile.TemporaryDirectory() as folder:
+    ...     image, truth = Path(folder) / "phantom.nii.gz", Path(folder) / "labels.nii.gz"
+    ...     phantom = write_phantom(image, truth, shape=(16, 16, 16), variant="lung")
+    ...     labels, geometry = read_image(truth)
+    ...     print(sorted(p.name for p in Path(folder).iterdir()), labels.dtype, geometry.spacing)
+    ['labels.nii.gz', 'phantom.nii.gz'] uint8 (0.5, 0.5, 0.5)
     """
     from .io import save_labels, save_volume
 

@@ -54,6 +54,14 @@ class OfflineNotebookRenderer(MimetypeRenderer):
     displayed once per notebook, before the first figure, as an output tagged with :data:`PLOTLYJS_METADATA`.
     Unlike plotly's own ``notebook`` renderer, nothing is loaded from a CDN (plotly 7 adds MathJax from a CDN
     to every figure).
+
+    Examples
+    --------
+    >>> import plotly.graph_objects as go
+    >>> from jule3d.plotting import OfflineNotebookRenderer
+    >>> bundle = OfflineNotebookRenderer().to_mimebundle(go.Figure().to_dict())
+    >>> sorted(bundle), "Plotly.newPlot" in bundle["text/html"]
+    (['application/vnd.plotly.v1+json', 'text/html'], True)
     """
 
     def __init__(self) -> None:
@@ -82,6 +90,16 @@ def configure_notebook_renderer() -> None:
 
     Under papermill plotly's default renderer stores only the figure JSON, which nbconvert's HTML drops, and
     plotly's ``notebook`` renderer loads MathJax from a CDN for every figure.
+
+    Examples
+    --------
+    >>> import plotly.io as pio
+    >>> from jule3d.plotting import configure_notebook_renderer
+    >>> previous = pio.renderers.default
+    >>> configure_notebook_renderer()
+    >>> pio.renderers.default
+    'jule3d'
+    >>> pio.renderers.default = previous
     """
     import plotly.io as pio
 
@@ -91,7 +109,16 @@ def configure_notebook_renderer() -> None:
 
 
 def label_colors(n_labels: int) -> list[str]:
-    """Colours for labels ``1..n_labels`` (a qualitative palette, repeated when needed)."""
+    """Colours for labels ``1..n_labels`` (a qualitative palette, repeated when needed).
+
+    Examples
+    --------
+    >>> from jule3d.plotting import label_colors
+    >>> label_colors(3)
+    ['#1f77b4', '#ff7f0e', '#2ca02c']
+    >>> len(label_colors(12)), label_colors(12)[10] == label_colors(12)[0]
+    (12, True)
+    """
     return [_PALETTE[i % len(_PALETTE)] for i in range(n_labels)]
 
 
@@ -169,6 +196,21 @@ def plot_orthogonal_slices(
         the slice cuts).
     title : str
         Figure title.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from jule3d.volume import Volume
+    >>> data = np.arange(8 ** 3, dtype=np.float32).reshape(8, 8, 8)
+    >>> mask = np.zeros((8, 8, 8), dtype=bool)
+    >>> mask[2:6, 2:6, 2:6] = True
+    >>> volume = Volume.from_array(data, mask=mask)
+    >>> from jule3d.plotting import plot_orthogonal_slices
+    >>> fig = plot_orthogonal_slices(volume, points=np.array([[4, 4, 4], [1, 4, 4]]), point_halfwidth=1)
+    >>> [trace.type for trace in fig.data[:5]], len(fig.data)
+    (['heatmap', 'heatmap', 'heatmap', 'contour', 'scatter'], 9)
+    >>> fig.data[4].x.tolist(), fig.data[4].y.tolist()  # the point near the axial slice z = 4
+    ([4], [4])
     """
     idx = _center_indices(volume.shape, indices)
     if points is not None and (np.ndim(points) != 2 or np.shape(points)[1] != 3):
@@ -223,6 +265,20 @@ def plot_label_slices(
         Axis (0 = Z, 1 = Y, 2 = X) whose slice a slider moves, with about 20 steps; ``None`` for no slider.
     title : str
         Figure title.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from jule3d.volume import Volume
+    >>> data = np.arange(8 ** 3, dtype=np.float32).reshape(8, 8, 8)
+    >>> mask = np.zeros((8, 8, 8), dtype=bool)
+    >>> mask[2:6, 2:6, 2:6] = True
+    >>> volume = Volume.from_array(data, mask=mask)
+    >>> from jule3d.plotting import plot_label_slices
+    >>> labels = mask.astype(np.uint8) + (data > 255) * mask
+    >>> fig = plot_label_slices(volume, labels)
+    >>> len(fig.data), [trace.name for trace in fig.data[6:]], len(fig.layout.sliders[0].steps)
+    (8, ['class 1', 'class 2'], 8)
     """
     labels = np.asarray(labels)
     if labels.shape != volume.shape:
@@ -299,6 +355,15 @@ def plot_patch_gallery(
         What a label is called in the row titles (``cluster``, ``class``).
     title : str
         Figure title.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from jule3d.plotting import plot_patch_gallery
+    >>> patches = np.random.default_rng(0).normal(size=(10, 1, 5, 5, 5)).astype(np.float32)
+    >>> fig = plot_patch_gallery(patches, labels=np.array([0] * 4 + [1] * 6), n_per_row=4)
+    >>> list(fig.layout.yaxis.ticktext), fig.data[0].z.shape
+    (['cluster 0 (n=4)', 'cluster 1 (n=6)'], (14, 28))
     """
     patches = np.asarray(patches)
     if patches.ndim != 5:
@@ -360,6 +425,22 @@ def plot_histograms(
         Number of bins.
     title : str
         Figure title.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from jule3d.volume import Volume
+    >>> data = np.arange(8 ** 3, dtype=np.float32).reshape(8, 8, 8)
+    >>> mask = np.zeros((8, 8, 8), dtype=bool)
+    >>> mask[2:6, 2:6, 2:6] = True
+    >>> volume = Volume.from_array(data, mask=mask)
+    >>> from jule3d.plotting import plot_histograms
+    >>> [trace.name for trace in plot_histograms(volume, bins=20).data]
+    ['background (448 voxels)', 'foreground (64 voxels)']
+    >>> regions = mask.astype(np.uint8) + (data > 255) * mask
+    >>> fig = plot_histograms(volume, regions=regions, region_names={1: "low"}, skip=[0], bins=20)
+    >>> [trace.name for trace in fig.data], len(fig.data[0].x)
+    (['low (32 voxels)', 'class 2 (32 voxels)'], 20)
     """
     _check_channel(channel, volume.n_channels)
     data = np.asarray(volume.data[channel])
@@ -399,6 +480,15 @@ def plot_history(history: Sequence[Mapping[str, float]], title: str = "JULE trai
         One record per period with keys ``period``, ``n_clusters``, ``loss`` and optionally ``nmi``.
     title : str
         Figure title.
+
+    Examples
+    --------
+    >>> from jule3d.plotting import plot_history
+    >>> history = [{"period": 0, "n_clusters": 500, "loss": 0.3},
+    ...            {"period": 1, "n_clusters": 50, "loss": 0.2, "nmi": 0.5},
+    ...            {"period": 2, "n_clusters": 3, "loss": 0.1, "nmi": 0.7}]
+    >>> [annotation.text for annotation in plot_history(history).layout.annotations]
+    ['clusters', 'triplet loss', 'NMI vs ground truth']
     """
     if not history:
         raise ValueError("history is empty: nothing to plot")
@@ -447,6 +537,17 @@ def plot_label_meshes(
         Display name per label id.
     title : str
         Figure title.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from jule3d.plotting import plot_label_meshes
+    >>> labels = np.zeros((8, 8, 8), dtype=np.uint8)
+    >>> labels[1:4, 1:7, 1:7] = 1
+    >>> labels[4:7, 1:7, 1:7] = 2
+    >>> fig = plot_label_meshes(labels, spacing_zyx=(2.0, 0.5, 0.5), names={1: "top"})
+    >>> [(trace.type, trace.name) for trace in fig.data]
+    [('mesh3d', 'top'), ('mesh3d', 'class 2')]
     """
     from skimage.measure import marching_cubes
 
@@ -502,6 +603,15 @@ def plot_embedding(
         Extra per-point values (name -> ``(N,)`` array) shown on hover.
     title : str
         Figure title.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from jule3d.plotting import plot_embedding
+    >>> coords = np.random.default_rng(0).normal(size=(6, 2))
+    >>> fig = plot_embedding(coords, np.array([0, 0, 1, 1, 2, 2]), hover={"patch": np.arange(6)})
+    >>> [trace.name for trace in fig.data], fig.data[0].hovertemplate
+    (['cluster 0', 'cluster 1', 'cluster 2'], 'patch: %{customdata[0]}<extra></extra>')
     """
     embedding = np.asarray(embedding)
     color = np.asarray(color)

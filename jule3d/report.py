@@ -75,6 +75,13 @@ class Headline:
         Class id -> volume in mm³ of JULE-3D's labels.
     seconds : mapping
         Stage (notebook) -> wall seconds.
+
+    Examples
+    --------
+    >>> from jule3d.report import Headline
+    >>> headline = Headline(methods={"jule3d": {"nmi": 0.9}, "kmeans": {"nmi": 0.5}})
+    >>> list(headline.methods), headline.seconds
+    (['jule3d', 'kmeans'], {})
     """
 
     methods: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
@@ -89,6 +96,18 @@ def iter_figure_outputs(notebook: Any) -> Iterator[dict]:
     ----------
     notebook : nbformat.NotebookNode
         An executed notebook.
+
+    Examples
+    --------
+    >>> import nbformat.v4 as nbf
+    >>> from jule3d.report import PLOTLY_MIME
+    >>> figure = {"data": [{"type": "scatter", "x": [0, 1], "y": [1, 0]}], "layout": {}}
+    >>> notebook = nbf.new_notebook(cells=[
+    ...     nbf.new_markdown_cell("# Results"),
+    ...     nbf.new_code_cell("fig", outputs=[nbf.new_output("display_data", data={PLOTLY_MIME: figure})])])
+    >>> from jule3d.report import iter_figure_outputs
+    >>> [f["data"][0]["type"] for f in iter_figure_outputs(notebook)]
+    ['scatter']
     """
     for cell in notebook.cells:
         for output in cell.get("outputs", []) if cell.cell_type == "code" else []:
@@ -98,7 +117,26 @@ def iter_figure_outputs(notebook: Any) -> Iterator[dict]:
 
 
 def notebook_figures(paths: Sequence[str | os.PathLike]) -> int:
-    """How many plotly figures the executed notebooks at ``paths`` hold (what the report must draw)."""
+    """How many plotly figures the executed notebooks at ``paths`` hold (what the report must draw).
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> from pathlib import Path
+    >>> import nbformat
+    >>> import nbformat.v4 as nbf
+    >>> from jule3d.report import PLOTLY_MIME
+    >>> figure = {"data": [{"type": "scatter", "x": [0, 1], "y": [1, 0]}], "layout": {}}
+    >>> notebook = nbf.new_notebook(cells=[
+    ...     nbf.new_markdown_cell("# Results"),
+    ...     nbf.new_code_cell("fig", outputs=[nbf.new_output("display_data", data={PLOTLY_MIME: figure})])])
+    >>> from jule3d.report import notebook_figures
+    >>> with tempfile.TemporaryDirectory() as folder:
+    ...     path = Path(folder) / "01_results.ipynb"
+    ...     nbformat.write(notebook, str(path))
+    ...     print(notebook_figures([path, path]))
+    2
+    """
     import nbformat
 
     return sum(sum(1 for _ in iter_figure_outputs(nbformat.read(str(p), as_version=4))) for p in paths)
@@ -263,6 +301,29 @@ def build_report(
     ------
     PermissionError, OSError
         When ``out``'s folder cannot be written (nothing is left behind).
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> from pathlib import Path
+    >>> import nbformat
+    >>> import nbformat.v4 as nbf
+    >>> from jule3d.report import PLOTLY_MIME
+    >>> figure = {"data": [{"type": "scatter", "x": [0, 1], "y": [1, 0]}], "layout": {}}
+    >>> notebook = nbf.new_notebook(cells=[
+    ...     nbf.new_markdown_cell("# Results"),
+    ...     nbf.new_code_cell("fig", outputs=[nbf.new_output("display_data", data={PLOTLY_MIME: figure})])])
+    >>> from jule3d.report import Headline, build_report
+    >>> headline = Headline(methods={"jule3d": {"nmi": 0.9, "seconds": 12.0}, "kmeans": {"nmi": 0.5}})
+    >>> with tempfile.TemporaryDirectory() as folder:
+    ...     path = Path(folder) / "01_results.ipynb"
+    ...     nbformat.write(notebook, str(path))
+    ...     out = build_report([path], Path(folder) / "report.html", parameters={"k": 3}, headline=headline)
+    ...     page = out.read_text(encoding="utf-8")
+    >>> out.name, "1 figures from 1 notebooks" in page, 'id="figure-1"' in page, 'src="http' in page
+    ('report.html', True, True, False)
+    >>> '<td class="best">0.900</td>' in page, '<a href="#01-1">Results</a>' in page
+    (True, True)
     """
     import nbformat
     from plotly.offline import get_plotlyjs
@@ -304,7 +365,18 @@ def build_report(
 
 
 def headline_from(metrics: Mapping[str, Any] | None, seconds: Mapping[str, float]) -> Headline:
-    """The :class:`Headline` of a run from its ``metrics.json`` record and per-notebook seconds."""
+    """The :class:`Headline` of a run from its ``metrics.json`` record and per-notebook seconds.
+
+    Examples
+    --------
+    >>> from jule3d.report import headline_from
+    >>> metrics = {"methods": {"jule3d": {"nmi": 0.9}}, "class_volumes_mm3": {"1": 12.5}}
+    >>> headline = headline_from(metrics, {"01_load": 3.0})
+    >>> headline.methods, headline.class_volumes_mm3, headline.seconds
+    ({'jule3d': {'nmi': 0.9}}, {'1': 12.5}, {'01_load': 3.0})
+    >>> headline_from(None, {}).methods
+    {}
+    """
     metrics = metrics or {}
     return Headline(methods=dict(metrics.get("methods", {})),
                     class_volumes_mm3=dict(metrics.get("class_volumes_mm3", {})), seconds=dict(seconds))
@@ -321,6 +393,16 @@ def check_figure_formats(formats: Sequence[str]) -> None:
         An unknown format (the message lists the known ones).
     RuntimeError
         No Chrome or Chromium for kaleido (the message says how to get one).
+
+    Examples
+    --------
+    >>> from jule3d.report import check_figure_formats
+    >>> check_figure_formats([])  # no static figures: nothing to check
+    >>> try:
+    ...     check_figure_formats(["gif"])
+    ... except ValueError as error:
+    ...     print(error)
+    figure formats ['gif'] are not supported; choose from ['png', 'svg', 'pdf']
     """
     unknown = sorted(set(formats) - set(FIGURE_FORMATS))
     if unknown:
@@ -361,6 +443,27 @@ def export_figures(
     -------
     list of pathlib.Path
         The files written.
+
+    Examples
+    --------
+    Without formats nothing is drawn, so no browser is needed (``formats=("png",)`` needs Chrome or
+    Chromium, see :func:`check_figure_formats`):
+
+    >>> import tempfile
+    >>> from pathlib import Path
+    >>> import nbformat
+    >>> import nbformat.v4 as nbf
+    >>> from jule3d.report import PLOTLY_MIME
+    >>> figure = {"data": [{"type": "scatter", "x": [0, 1], "y": [1, 0]}], "layout": {}}
+    >>> notebook = nbf.new_notebook(cells=[
+    ...     nbf.new_markdown_cell("# Results"),
+    ...     nbf.new_code_cell("fig", outputs=[nbf.new_output("display_data", data={PLOTLY_MIME: figure})])])
+    >>> from jule3d.report import export_figures
+    >>> with tempfile.TemporaryDirectory() as folder:
+    ...     path = Path(folder) / "01_results.ipynb"
+    ...     nbformat.write(notebook, str(path))
+    ...     print(export_figures([path], Path(folder) / "figures", formats=()), (Path(folder) / "figures").is_dir())
+    [] True
     """
     import shutil
 

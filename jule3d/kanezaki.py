@@ -50,7 +50,7 @@ ends by the stopping rule before ``max_iter``; with ``mu = 1`` (the authors' cod
 iteration.
 
 Labels follow the baselines' convention: ``uint8`` ``(Z, Y, X)``, ``0`` outside the mask, ``1..k``
-ordered by the mean intensity of the first channel (:func:`jule3d.baselines.order_labels_by_intensity`).
+ordered by the mean intensity of the first channel (:func:`jule3d.labels.order_labels_by_intensity`).
 Deterministic for a given seed on the CPU: the weights are drawn from a forked torch RNG seeded with
 ``seed``, the crops from ``numpy.random.default_rng(seed)``, and deterministic algorithms are enforced
 while it runs (the global torch state is restored afterwards).
@@ -182,7 +182,8 @@ def kanezaki_segment(
     True
     """
     # imported here, not at the top: jule3d.baselines registers this method, so it may import this module
-    from .baselines import _prepare, order_labels_by_intensity
+    from .baselines import _prepare
+    from .labels import order_labels_by_intensity
 
     mask, _ = _prepare(volume, n_classes, mask)
     check_int("n_channels", n_channels, n_classes + 1)

@@ -388,7 +388,7 @@ def project_labels(grid: GridFeatures, clusters: np.ndarray, volume: Volume) -> 
         ``(Z, Y, X)`` ``uint8`` labels (``uint16`` above 255 classes): ``1..k`` in the foreground
         (ordered by intensity), 0 outside.
     """
-    from .baselines import order_labels_by_intensity
+    from .labels import order_labels_by_intensity
 
     coarse = np.zeros(grid.grid_shape, dtype=np.int32)
     coarse[grid.selected] = np.asarray(clusters) + 1  # 0: no feature, filled from the nearest featured one
@@ -426,7 +426,7 @@ def local_intensity(volume: Volume, grid: GridFeatures, window: int = 3) -> np.n
 def _local_mean(volume: Volume, grid: GridFeatures, window: int, standardise: bool) -> np.ndarray:
     """Foreground mean of every channel in a ``window``³ box at each featured centre, centred; divided by its
     own sd (``standardise``) or by the sd of the channel's foreground voxels."""
-    from .baselines import masked_box_mean
+    from .labels import masked_box_mean
 
     check_int("intensity_window", window, 1)
     foreground = volume.foreground()
@@ -883,7 +883,7 @@ def refine_labels(
         Labels of the same dtype, ``1..k`` ordered by mean intensity of the first channel; the input labels
         when refining would empty a class.
     """
-    from .baselines import masked_box_mean, order_labels_by_intensity
+    from .labels import masked_box_mean, order_labels_by_intensity
 
     check_int("intensity_window", window, 1)
     if not 0 < floor < 1:

@@ -15,13 +15,12 @@ from jule3d.baselines import (
     hmrf_segmentation,
     kmeans_intensity,
     local_mean_kmeans,
-    masked_box_mean,
     missing_package,
     multi_otsu,
-    order_labels_by_intensity,
     run_baseline,
     slic_kmeans,
 )
+from jule3d.labels import masked_box_mean, order_labels_by_intensity
 from jule3d.metrics import evaluate, matched_dice, nmi
 from jule3d.volume import Volume
 

@@ -63,7 +63,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from jule3d.batch import safe_name
+from jule3d.app.batch import safe_name
 from jule3d.estimator import segment
 from jule3d.evaluation import MethodResult, compare_methods
 from jule3d.normalize import normalize_intensity
@@ -435,7 +435,7 @@ def run_suite(cases: Sequence[str], methods: Sequence[str], seeds: Sequence[int]
 
 def save_slices(case: Case, labels: np.ndarray, path: Path, title: str) -> None:
     """Orthogonal slices of the case with ``labels`` overlaid, as an image file (needs kaleido's browser)."""
-    from jule3d.plotting import plot_label_slices
+    from jule3d.app.plotting import plot_label_slices
 
     path.parent.mkdir(parents=True, exist_ok=True)
     plot_label_slices(case.volume, labels, slider_axis=None, title=f"{case.name}: {title}").write_image(

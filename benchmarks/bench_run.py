@@ -23,7 +23,7 @@ import nbformat
 import papermill
 import yaml
 
-from jule3d.pipeline import run_pipeline
+from jule3d.app.pipeline import run_pipeline
 
 
 def kernel_start_seconds() -> float:

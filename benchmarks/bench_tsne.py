@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import os
 
-import numpy as np
 
 from jule3d.embedding import embed, embedding_scores
 from jule3d.checkpoint import load_model

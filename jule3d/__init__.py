@@ -68,9 +68,9 @@ _EXPORTS: dict[str, str] = {
     "compare_methods": "evaluation",
     "embed": "embedding",
     # notebooks
-    "RunDir": "rundir",
-    "run_pipeline": "pipeline",
-    "run_batch": "batch",
+    "RunDir": "app.rundir",
+    "run_pipeline": "app.pipeline",
+    "run_batch": "app.batch",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]

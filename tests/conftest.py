@@ -46,7 +46,7 @@ TINY = {
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory: pytest.TempPathFactory):
     """One ``run_pipeline`` of all four notebooks with :data:`TINY` parameters, shared by the tests that read it."""
-    from jule3d.pipeline import run_pipeline
+    from jule3d.app.pipeline import run_pipeline
 
     return run_pipeline(tmp_path_factory.mktemp("tiny") / "run", parameters=TINY, progress=False)
 

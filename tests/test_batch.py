@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from jule3d.batch import expand_jobs, run_batch
-from jule3d.cli import main
+from jule3d.app.batch import expand_jobs, run_batch
+from jule3d.app.cli import main
 from jule3d.phantom import write_phantom
 
 TINY = {

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from jule3d.cli import main
+from jule3d.app.cli import main
 from jule3d.io import read_image, save_labels, save_volume
 from jule3d.checkpoint import save_model
 from jule3d.models import JuleNet3D, net_config
@@ -78,7 +78,7 @@ def test_segment_with_mask(files, tmp_path: Path) -> None:
 
 def test_segment_subprocess(files, tmp_path: Path) -> None:
     out = tmp_path / "labels.nii.gz"
-    proc = subprocess.run([sys.executable, "-m", "jule3d.cli", "segment", str(files["phantom"]), "--out", str(out),
+    proc = subprocess.run([sys.executable, "-m", "jule3d.app.cli", "segment", str(files["phantom"]), "--out", str(out),
                            "--model", str(files["tiny"]), "--stride", "4", "--n-clusters", "2"],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
@@ -195,7 +195,7 @@ def test_phase2_option_reaches_the_published_kmeans(files, tmp_path: Path, capsy
 
 
 def test_segment_options_are_the_parameter_surface() -> None:
-    from jule3d.cli import build_parser
+    from jule3d.app.cli import build_parser
     from jule3d.parameters import PARAMETERS
     from jule3d.segmentation import PHASE2_METHODS
 

@@ -20,7 +20,7 @@ from jule3d.io import prepare_volume
 from jule3d.config import JuleConfig
 from jule3d.parameters import PARAMETERS, TUNABLE, notebook_line
 from jule3d.phantom import make_phantom
-from jule3d.pipeline import notebook_parameters, pipeline_notebooks
+from jule3d.app.pipeline import notebook_parameters, pipeline_notebooks
 
 TINY = dict(n_patches=80, epochs_per_period=1, final_epochs=1, k_s=5,
             jule_options={"net_overrides": {"n_filters": 8, "feature_dim": 16}})
@@ -163,7 +163,7 @@ def test_stage_functions_share_the_surface_defaults() -> None:
     # where None ("the preset's") cannot apply to a stage on its own
     from jule3d.patches import grid_patches, sample_patches
     from jule3d.segmentation import grid_features, label_grids, label_volume
-    from jule3d.widgets import patch_sampling_explorer
+    from jule3d.app.widgets import patch_sampling_explorer
 
     own = {sample_patches: {"patch_size"}, grid_patches: {"patch_size", "stride"}, label_volume: {"phase2"},
            label_grids: {"phase2"}, grid_features: {"batch_size", "device"}, segment: {"progress"},

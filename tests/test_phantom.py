@@ -9,7 +9,7 @@ from skimage.filters import threshold_multiotsu
 from sklearn.cluster import KMeans
 from sklearn.metrics import normalized_mutual_info_score
 
-from jule3d.cli import main
+from jule3d.app.cli import main
 from jule3d.patches import sample_patches
 from jule3d.phantom import DEFAULT_SPACING, LUNG_CLASS_NAMES, TEXTURE_NAMES, make_phantom, write_phantom
 

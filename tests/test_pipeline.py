@@ -9,10 +9,10 @@ from pathlib import Path
 import nbformat
 import pytest
 
-from jule3d.cli import main
-from jule3d.report import iter_figure_outputs, notebook_figures
+from jule3d.app.cli import main
+from jule3d.app.report import iter_figure_outputs, notebook_figures
 from conftest import TINY
-from jule3d.pipeline import (
+from jule3d.app.pipeline import (
     PipelineError,
     check_parameters,
     notebook_parameters,

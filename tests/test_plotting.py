@@ -7,7 +7,7 @@ import plotly.graph_objects as go
 import plotly.io as pio
 import pytest
 
-from jule3d.plotting import (
+from jule3d.app.plotting import (
     OfflineNotebookRenderer,
     configure_notebook_renderer,
     label_colors,

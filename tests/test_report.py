@@ -10,8 +10,8 @@ import nbformat
 import plotly.graph_objects as go
 import pytest
 
-from jule3d.plotting import PLOTLYJS_METADATA, OfflineNotebookRenderer
-from jule3d.report import (
+from jule3d.app.plotting import PLOTLYJS_METADATA, OfflineNotebookRenderer
+from jule3d.app.report import (
     Headline,
     build_report,
     check_figure_formats,

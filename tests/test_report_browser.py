@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from jule3d.report import notebook_figures
+from jule3d.app.report import notebook_figures
 
 pytestmark = pytest.mark.slow
 

@@ -11,7 +11,7 @@ import pytest
 
 from jule3d.io import read_image, save_labels, save_volume
 from jule3d.phantom import make_phantom
-from jule3d.rundir import Inputs, RunDir
+from jule3d.app.rundir import Inputs, RunDir
 from jule3d.volume import Volume
 
 
@@ -124,8 +124,8 @@ def test_require_and_file(tmp_path: Path) -> None:
 
 def test_relative_run_dir_is_the_same_from_the_notebooks_folder(tmp_path: Path, monkeypatch) -> None:
     """`jule3d run --out runs/demo` in a project and notebook 04 opened from its notebooks/ share one folder."""
-    from jule3d.pipeline import pipeline_notebooks
-    from jule3d.rundir import resolve_run_dir
+    from jule3d.app.pipeline import pipeline_notebooks
+    from jule3d.app.rundir import resolve_run_dir
 
     notebooks = tmp_path / "notebooks"
     notebooks.mkdir()
@@ -144,7 +144,7 @@ def test_relative_run_dir_is_the_same_from_the_notebooks_folder(tmp_path: Path, 
 
 def test_run_folder_of_another_version_is_refused(tmp_path: Path) -> None:
     from jule3d import __version__
-    from jule3d.rundir import RunFolderVersionError
+    from jule3d.app.rundir import RunFolderVersionError
 
     run = RunDir(tmp_path / "run")
     run.prepare_inputs(phantom_shape=24, n_classes=2)

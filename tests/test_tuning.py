@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from jule3d.phantom import make_phantom
-from jule3d.pipeline import check_parameters, load_params_file, pipeline_notebooks
-from jule3d.widgets import TUNABLE, preset_values, quick_preview, tuning_panel, write_params
+from jule3d.app.pipeline import check_parameters, load_params_file, pipeline_notebooks
+from jule3d.app.widgets import TUNABLE, preset_values, quick_preview, tuning_panel, write_params
 
 
 @pytest.fixture(scope="module")

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from jule3d import widgets
-from jule3d.widgets import INTERACTIVE_ENV, live_frontend, patch_sampling_explorer
+from jule3d.app import widgets
+from jule3d.app.widgets import INTERACTIVE_ENV, live_frontend, patch_sampling_explorer
 from jule3d.volume import Volume
 
 

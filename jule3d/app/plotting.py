@@ -15,7 +15,7 @@ import plotly.graph_objects as go
 from plotly.io.base_renderers import MimetypeRenderer, PlotlyRenderer
 from plotly.subplots import make_subplots
 
-from .volume import Volume
+from ..volume import Volume
 
 __all__ = [
     "OfflineNotebookRenderer",
@@ -58,7 +58,7 @@ class OfflineNotebookRenderer(MimetypeRenderer):
     Examples
     --------
     >>> import plotly.graph_objects as go
-    >>> from jule3d.plotting import OfflineNotebookRenderer
+    >>> from jule3d.app.plotting import OfflineNotebookRenderer
     >>> bundle = OfflineNotebookRenderer().to_mimebundle(go.Figure().to_dict())
     >>> sorted(bundle), "Plotly.newPlot" in bundle["text/html"]
     (['application/vnd.plotly.v1+json', 'text/html'], True)
@@ -94,7 +94,7 @@ def configure_notebook_renderer() -> None:
     Examples
     --------
     >>> import plotly.io as pio
-    >>> from jule3d.plotting import configure_notebook_renderer
+    >>> from jule3d.app.plotting import configure_notebook_renderer
     >>> previous = pio.renderers.default
     >>> configure_notebook_renderer()
     >>> pio.renderers.default
@@ -113,7 +113,7 @@ def label_colors(n_labels: int) -> list[str]:
 
     Examples
     --------
-    >>> from jule3d.plotting import label_colors
+    >>> from jule3d.app.plotting import label_colors
     >>> label_colors(3)
     ['#1f77b4', '#ff7f0e', '#2ca02c']
     >>> len(label_colors(12)), label_colors(12)[10] == label_colors(12)[0]
@@ -205,7 +205,7 @@ def plot_orthogonal_slices(
     >>> mask = np.zeros((8, 8, 8), dtype=bool)
     >>> mask[2:6, 2:6, 2:6] = True
     >>> volume = Volume.from_array(data, mask=mask)
-    >>> from jule3d.plotting import plot_orthogonal_slices
+    >>> from jule3d.app.plotting import plot_orthogonal_slices
     >>> fig = plot_orthogonal_slices(volume, points=np.array([[4, 4, 4], [1, 4, 4]]), point_halfwidth=1)
     >>> [trace.type for trace in fig.data[:5]], len(fig.data)
     (['heatmap', 'heatmap', 'heatmap', 'contour', 'scatter'], 9)
@@ -274,7 +274,7 @@ def plot_label_slices(
     >>> mask = np.zeros((8, 8, 8), dtype=bool)
     >>> mask[2:6, 2:6, 2:6] = True
     >>> volume = Volume.from_array(data, mask=mask)
-    >>> from jule3d.plotting import plot_label_slices
+    >>> from jule3d.app.plotting import plot_label_slices
     >>> labels = mask.astype(np.uint8) + (data > 255) * mask
     >>> fig = plot_label_slices(volume, labels)
     >>> len(fig.data), [trace.name for trace in fig.data[6:]], len(fig.layout.sliders[0].steps)
@@ -359,7 +359,7 @@ def plot_patch_gallery(
     Examples
     --------
     >>> import numpy as np
-    >>> from jule3d.plotting import plot_patch_gallery
+    >>> from jule3d.app.plotting import plot_patch_gallery
     >>> patches = np.random.default_rng(0).normal(size=(10, 1, 5, 5, 5)).astype(np.float32)
     >>> fig = plot_patch_gallery(patches, labels=np.array([0] * 4 + [1] * 6), n_per_row=4)
     >>> list(fig.layout.yaxis.ticktext), fig.data[0].z.shape
@@ -434,7 +434,7 @@ def plot_histograms(
     >>> mask = np.zeros((8, 8, 8), dtype=bool)
     >>> mask[2:6, 2:6, 2:6] = True
     >>> volume = Volume.from_array(data, mask=mask)
-    >>> from jule3d.plotting import plot_histograms
+    >>> from jule3d.app.plotting import plot_histograms
     >>> [trace.name for trace in plot_histograms(volume, bins=20).data]
     ['background (448 voxels)', 'foreground (64 voxels)']
     >>> regions = mask.astype(np.uint8) + (data > 255) * mask
@@ -483,7 +483,7 @@ def plot_history(history: Sequence[Mapping[str, float]], title: str = "JULE trai
 
     Examples
     --------
-    >>> from jule3d.plotting import plot_history
+    >>> from jule3d.app.plotting import plot_history
     >>> history = [{"period": 0, "n_clusters": 500, "loss": 0.3},
     ...            {"period": 1, "n_clusters": 50, "loss": 0.2, "nmi": 0.5},
     ...            {"period": 2, "n_clusters": 3, "loss": 0.1, "nmi": 0.7}]
@@ -541,7 +541,7 @@ def plot_label_meshes(
     Examples
     --------
     >>> import numpy as np
-    >>> from jule3d.plotting import plot_label_meshes
+    >>> from jule3d.app.plotting import plot_label_meshes
     >>> labels = np.zeros((8, 8, 8), dtype=np.uint8)
     >>> labels[1:4, 1:7, 1:7] = 1
     >>> labels[4:7, 1:7, 1:7] = 2
@@ -607,7 +607,7 @@ def plot_embedding(
     Examples
     --------
     >>> import numpy as np
-    >>> from jule3d.plotting import plot_embedding
+    >>> from jule3d.app.plotting import plot_embedding
     >>> coords = np.random.default_rng(0).normal(size=(6, 2))
     >>> fig = plot_embedding(coords, np.array([0, 0, 1, 1, 2, 2]), hover={"patch": np.arange(6)})
     >>> [trace.name for trace in fig.data], fig.data[0].hovertemplate

@@ -23,7 +23,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="jule3d",
         description="Unsupervised segmentation of 3D medical images with JULE-3D.",
     )
-    from . import __version__
+    from .. import __version__
 
     parser.add_argument("--version", action="version", version=f"jule3d {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -58,7 +58,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 @subcommand
 def _register_segment(sub: argparse._SubParsersAction) -> None:
-    from .parameters import add_cli_options
+    from ..parameters import add_cli_options
 
     p = sub.add_parser(
         "segment", help="segment a volume without labels (JULE-3D) into a label map",
@@ -75,9 +75,9 @@ def _register_segment(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_segment(args: argparse.Namespace) -> int:
-    from .estimator import segment
-    from .io import load_volume, save_labels
-    from .parameters import cli_values
+    from ..estimator import segment
+    from ..io import load_volume, save_labels
+    from ..parameters import cli_values
 
     out = Path(args.out)
     if any(out.resolve() == Path(i).resolve() for i in args.inputs + ([args.mask] if args.mask else [])):
@@ -260,7 +260,7 @@ def _cmd_batch(args: argparse.Namespace) -> int:
 @subcommand
 def _register_phantom(sub: argparse._SubParsersAction) -> None:
     """``jule3d phantom OUT``: write a synthetic phantom (and its ground truth) to files."""
-    from .phantom import TEXTURE_NAMES, VARIANTS
+    from ..phantom import TEXTURE_NAMES, VARIANTS
 
     p = sub.add_parser(
         "phantom",
@@ -282,7 +282,7 @@ def _register_phantom(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace existing output files")
 
     def run(args: argparse.Namespace) -> int:
-        from .phantom import write_phantom
+        from ..phantom import write_phantom
 
         phantom = write_phantom(args.out, args.labels, shape=tuple(args.shape), n_classes=args.n_classes,
                                 variant=args.variant, seed=args.seed, overwrite=args.overwrite)

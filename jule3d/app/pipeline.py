@@ -97,12 +97,12 @@ def notebook_dir() -> Path:
         if not path.is_dir():
             raise FileNotFoundError(f"{NOTEBOOKS_ENV}={env} is not a folder; point it at the jule3d notebooks")
         return path
-    here = Path(__file__).resolve().parent
-    for path in (here / "notebooks", here.parent / "notebooks"):
+    package = Path(__file__).resolve().parents[1]  # jule3d/
+    for path in (package / "notebooks", package.parent / "notebooks"):
         if path.is_dir():
             return path
     raise FileNotFoundError(
-        f"the jule3d notebooks are missing from {here} (a broken install?); reinstall jule3d or set "
+        f"the jule3d notebooks are missing from {package} (a broken install?); reinstall jule3d or set "
         f"{NOTEBOOKS_ENV} to a folder of the pipeline notebooks"
     )
 
@@ -284,7 +284,7 @@ def run_pipeline(
     Parameters
     ----------
     run_dir : path
-        Run folder (see :func:`jule3d.rundir.resolve_run_dir`); refused if it exists and is not empty, unless
+        Run folder (see :func:`jule3d.app.rundir.resolve_run_dir`); refused if it exists and is not empty, unless
         ``overwrite`` or ``resume``.
     volume_paths : sequence of path
         Input volume(s) (several = channels); empty = the bundled texture phantom.
@@ -306,7 +306,7 @@ def run_pipeline(
         Build ``report.html`` at the end.
     figures : sequence of str
         Also save every figure as a static image in these formats (``"png"``, ``"svg"``, ``"pdf"``) under
-        ``run_dir/figures`` (see :func:`jule3d.report.export_figures`; needs Chrome or Chromium).
+        ``run_dir/figures`` (see :func:`jule3d.app.report.export_figures`; needs Chrome or Chromium).
 
     Returns
     -------

@@ -1,6 +1,6 @@
 """Many pipeline runs at once on Dask: a folder of volumes × a parameter grid, one run folder per job.
 
-Each job is one :func:`jule3d.pipeline.run_pipeline` call in its own run folder. Jobs run on a local Dask
+Each job is one :func:`jule3d.app.pipeline.run_pipeline` call in its own run folder. Jobs run on a local Dask
 cluster by default, or on an existing scheduler given by address, so a lab scales to many machines without
 changing anything. A failed job is recorded and the others carry on; a finished job (its ``status.json``
 says ``ok``) is skipped when the batch is run again, so a batch is resumable.

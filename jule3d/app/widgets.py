@@ -12,8 +12,8 @@ from typing import Any, Callable, Mapping
 
 import numpy as np
 
-from .parameters import PARAMETERS, TUNABLE, Parameter
-from .volume import Volume
+from ..parameters import PARAMETERS, TUNABLE, Parameter
+from ..volume import Volume
 
 __all__ = [
     "live_frontend", "patch_sampling_explorer", "TUNABLE", "preset_values", "quick_preview", "write_params",
@@ -72,7 +72,7 @@ def patch_sampling_explorer(
     import ipywidgets as w
     import plotly.graph_objects as go
 
-    from .patches import grid_patches, sample_patches
+    from ..patches import grid_patches, sample_patches
     from .plotting import plot_orthogonal_slices
 
     size = w.IntSlider(value=patch_size, min=5, max=min(63, min(volume.shape)), step=2, description="patch size")
@@ -109,7 +109,7 @@ def patch_sampling_explorer(
 
 def preset_values(preset: str) -> dict[str, Any]:
     """The values a preset gives the tunable parameters whose default is ``None`` (where the sliders start)."""
-    from .estimator import JuleSegmenter
+    from ..estimator import JuleSegmenter
 
     resolved = JuleSegmenter(preset=preset).resolved()
     return {name: resolved[name] for name, default in TUNABLE.items() if default is None}
@@ -146,7 +146,7 @@ def quick_preview(
     (Volume, numpy.ndarray)
         The slab and its labels.
     """
-    from .estimator import JuleSegmenter
+    from ..estimator import JuleSegmenter
 
     unknown = sorted(set(params) - set(TUNABLE))
     if unknown:

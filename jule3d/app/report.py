@@ -7,7 +7,7 @@ off the page; progress-bar lines are left out. A table of contents and the headl
 every baseline, class volumes, seconds) come first.
 
 Figures are taken from the plotly JSON each figure output carries (see
-:class:`jule3d.plotting.OfflineNotebookRenderer`), never guessed from the size or text of an HTML output.
+:class:`jule3d.app.plotting.OfflineNotebookRenderer`), never guessed from the size or text of an HTML output.
 """
 
 from __future__ import annotations
@@ -78,7 +78,7 @@ class Headline:
 
     Examples
     --------
-    >>> from jule3d.report import Headline
+    >>> from jule3d.app.report import Headline
     >>> headline = Headline(methods={"jule3d": {"nmi": 0.9}, "kmeans": {"nmi": 0.5}})
     >>> list(headline.methods), headline.seconds
     (['jule3d', 'kmeans'], {})
@@ -100,12 +100,12 @@ def iter_figure_outputs(notebook: Any) -> Iterator[dict]:
     Examples
     --------
     >>> import nbformat.v4 as nbf
-    >>> from jule3d.report import PLOTLY_MIME
+    >>> from jule3d.app.report import PLOTLY_MIME
     >>> figure = {"data": [{"type": "scatter", "x": [0, 1], "y": [1, 0]}], "layout": {}}
     >>> notebook = nbf.new_notebook(cells=[
     ...     nbf.new_markdown_cell("# Results"),
     ...     nbf.new_code_cell("fig", outputs=[nbf.new_output("display_data", data={PLOTLY_MIME: figure})])])
-    >>> from jule3d.report import iter_figure_outputs
+    >>> from jule3d.app.report import iter_figure_outputs
     >>> [f["data"][0]["type"] for f in iter_figure_outputs(notebook)]
     ['scatter']
     """
@@ -125,12 +125,12 @@ def notebook_figures(paths: Sequence[str | os.PathLike]) -> int:
     >>> from pathlib import Path
     >>> import nbformat
     >>> import nbformat.v4 as nbf
-    >>> from jule3d.report import PLOTLY_MIME
+    >>> from jule3d.app.report import PLOTLY_MIME
     >>> figure = {"data": [{"type": "scatter", "x": [0, 1], "y": [1, 0]}], "layout": {}}
     >>> notebook = nbf.new_notebook(cells=[
     ...     nbf.new_markdown_cell("# Results"),
     ...     nbf.new_code_cell("fig", outputs=[nbf.new_output("display_data", data={PLOTLY_MIME: figure})])])
-    >>> from jule3d.report import notebook_figures
+    >>> from jule3d.app.report import notebook_figures
     >>> with tempfile.TemporaryDirectory() as folder:
     ...     path = Path(folder) / "01_results.ipynb"
     ...     nbformat.write(notebook, str(path))
@@ -308,12 +308,12 @@ def build_report(
     >>> from pathlib import Path
     >>> import nbformat
     >>> import nbformat.v4 as nbf
-    >>> from jule3d.report import PLOTLY_MIME
+    >>> from jule3d.app.report import PLOTLY_MIME
     >>> figure = {"data": [{"type": "scatter", "x": [0, 1], "y": [1, 0]}], "layout": {}}
     >>> notebook = nbf.new_notebook(cells=[
     ...     nbf.new_markdown_cell("# Results"),
     ...     nbf.new_code_cell("fig", outputs=[nbf.new_output("display_data", data={PLOTLY_MIME: figure})])])
-    >>> from jule3d.report import Headline, build_report
+    >>> from jule3d.app.report import Headline, build_report
     >>> headline = Headline(methods={"jule3d": {"nmi": 0.9, "seconds": 12.0}, "kmeans": {"nmi": 0.5}})
     >>> with tempfile.TemporaryDirectory() as folder:
     ...     path = Path(folder) / "01_results.ipynb"
@@ -369,7 +369,7 @@ def headline_from(metrics: Mapping[str, Any] | None, seconds: Mapping[str, float
 
     Examples
     --------
-    >>> from jule3d.report import headline_from
+    >>> from jule3d.app.report import headline_from
     >>> metrics = {"methods": {"jule3d": {"nmi": 0.9}}, "class_volumes_mm3": {"1": 12.5}}
     >>> headline = headline_from(metrics, {"01_load": 3.0})
     >>> headline.methods, headline.class_volumes_mm3, headline.seconds
@@ -396,7 +396,7 @@ def check_figure_formats(formats: Sequence[str]) -> None:
 
     Examples
     --------
-    >>> from jule3d.report import check_figure_formats
+    >>> from jule3d.app.report import check_figure_formats
     >>> check_figure_formats([])  # no static figures: nothing to check
     >>> try:
     ...     check_figure_formats(["gif"])
@@ -453,12 +453,12 @@ def export_figures(
     >>> from pathlib import Path
     >>> import nbformat
     >>> import nbformat.v4 as nbf
-    >>> from jule3d.report import PLOTLY_MIME
+    >>> from jule3d.app.report import PLOTLY_MIME
     >>> figure = {"data": [{"type": "scatter", "x": [0, 1], "y": [1, 0]}], "layout": {}}
     >>> notebook = nbf.new_notebook(cells=[
     ...     nbf.new_markdown_cell("# Results"),
     ...     nbf.new_code_cell("fig", outputs=[nbf.new_output("display_data", data={PLOTLY_MIME: figure})])])
-    >>> from jule3d.report import export_figures
+    >>> from jule3d.app.report import export_figures
     >>> with tempfile.TemporaryDirectory() as folder:
     ...     path = Path(folder) / "01_results.ipynb"
     ...     nbformat.write(notebook, str(path))

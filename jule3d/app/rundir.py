@@ -18,7 +18,7 @@ from typing import Sequence
 
 import numpy as np
 
-from .volume import Volume
+from ..volume import Volume
 
 __all__ = ["Inputs", "RunDir", "RunFolderVersionError", "resolve_run_dir"]
 
@@ -128,7 +128,7 @@ class RunDir:
 
     def write_manifest(self) -> None:
         """Record the jule3d version that writes this run folder (``run.json``)."""
-        from . import __version__
+        from .. import __version__
 
         _write_json(self.file(self.MANIFEST), {"jule3d_version": __version__})
 
@@ -141,7 +141,7 @@ class RunDir:
             When ``run.json`` is missing (versions before 0.2 wrote none) or names another major.minor
             version; the message says how to redo the run.
         """
-        from . import __version__
+        from .. import __version__
 
         path = self.path / self.MANIFEST
         recorded = json.loads(path.read_text(encoding="utf-8")).get("jule3d_version") if path.is_file() else None
@@ -163,7 +163,7 @@ class RunDir:
         period of every network (with its ``network`` index), so the run's training seconds are their sum.
         Returns the files written.
         """
-        from .checkpoint import save_model
+        from ..checkpoint import save_model
 
         for i, result in enumerate(results):
             save_model(result, self.file(self.model_file(i)), overwrite=True)
@@ -180,7 +180,7 @@ class RunDir:
 
     def load_models(self) -> list:
         """The run's trained networks, in order (written by :meth:`save_training`)."""
-        from .checkpoint import load_model
+        from ..checkpoint import load_model
 
         paths = [self.require(self.MODEL, "notebook 02_jule_training")]
         while (self.path / self.model_file(len(paths))).exists():
@@ -203,7 +203,7 @@ class RunDir:
 
     def load_patches(self, required: bool = True):
         """The patches :meth:`save_patches` wrote; ``None`` when there are none and ``required`` is false."""
-        from .patches import PatchSet
+        from ..patches import PatchSet
 
         if not required and not (self.path / self.PATCHES).exists():
             return None
@@ -217,7 +217,7 @@ class RunDir:
 
     def save_labels(self, labels: np.ndarray, volume: Volume) -> Path:
         """Write the label map (``labels.nii.gz``) with the geometry of ``volume``."""
-        from .io import save_labels
+        from ..io import save_labels
 
         return save_labels(labels, self.file(self.LABELS), reference=volume, overwrite=True)
 
@@ -246,7 +246,7 @@ class RunDir:
             Scores of every method against a ground truth (:func:`jule3d.evaluation.compare_methods`), with
             ``jule3d`` among them; empty without a ground truth.
         """
-        from .evaluation import class_volumes
+        from ..evaluation import class_volumes
 
         methods = {r.method: {**r.row(), "dice_per_class": r.metrics["dice_per_class"]} for r in results}
         record = {**settings, "seconds": seconds, "peak_mb": peak_mb,
@@ -311,7 +311,7 @@ class RunDir:
         seed : int
             Seed of the phantom.
         """
-        from .phantom import write_phantom
+        from ..phantom import write_phantom
 
         paths = _as_paths(volume_path)
         is_phantom = not paths
@@ -350,7 +350,7 @@ class RunDir:
 
     @staticmethod
     def _load(record: dict) -> Inputs:
-        from .io import load_volume, read_on_grid
+        from ..io import load_volume, read_on_grid
 
         volume = load_volume(record["volume_paths"], mask=record["mask_path"] or None)
         truth = None

@@ -1,6 +1,6 @@
 """Classical unsupervised segmenters run side by side with JULE-3D.
 
-Every method has the signature of :func:`jule3d.segmentation.segment`::
+Every method has the signature of :func:`jule3d.estimator.segment`::
 
     method(volume, n_classes, mask=None, seed=0, **options) -> labels
 

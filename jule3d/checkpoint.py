@@ -25,7 +25,20 @@ _MODEL_FORMAT = "jule3d-model-v1"
 
 
 def write_atomic(obj: Any, path: Path) -> None:
-    """``torch.save`` to a temporary file in the target folder, then rename it over ``path``."""
+    """``torch.save`` to a temporary file in the target folder, then rename it over ``path``.
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> from pathlib import Path
+    >>> import torch
+    >>> from jule3d.checkpoint import write_atomic
+    >>> with tempfile.TemporaryDirectory() as tmp:
+    ...     path = Path(tmp) / "obj.pt"
+    ...     write_atomic({"x": torch.arange(3)}, path)
+    ...     torch.load(path, weights_only=True)["x"].tolist(), sorted(p.name for p in Path(tmp).iterdir())
+    ([0, 1, 2], ['obj.pt'])
+    """
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
@@ -37,7 +50,24 @@ def write_atomic(obj: Any, path: Path) -> None:
 
 
 def read_checked(path: Path, expected_format: str, required: tuple[str, ...]) -> dict[str, Any]:
-    """``torch.load(weights_only=True)`` with errors turned into ``ValueError`` naming the file."""
+    """``torch.load(weights_only=True)`` with errors turned into ``ValueError`` naming the file.
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> from pathlib import Path
+    >>> from jule3d.checkpoint import read_checked, write_atomic
+    >>> with tempfile.TemporaryDirectory() as tmp:
+    ...     path = Path(tmp) / "obj.pt"
+    ...     write_atomic({"format": "demo-v1", "value": 3}, path)
+    ...     print(read_checked(path, "demo-v1", ("value",))["value"])
+    ...     try:
+    ...         read_checked(path, "demo-v1", ("value", "other"))
+    ...     except ValueError as exc:
+    ...         print(str(exc).endswith("missing entries ['other']"))
+    3
+    True
+    """
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for damaged files
@@ -65,7 +95,29 @@ def _describe_mismatch(saved: Mapping[str, Any], current: Mapping[str, Any]) -> 
 
 def load_checkpoint(path: Path, fingerprint: Mapping[str, Any]) -> dict[str, Any]:
     """A checkpoint of :func:`jule3d.jule.train_jule`, refused when it was written for another configuration
-    or patch set (the message lists the differences)."""
+    or patch set (the message lists the differences).
+
+    Examples
+    --------
+    A hand-made checkpoint; :func:`jule3d.jule.train_jule` writes real ones to ``checkpoint_dir``:
+
+    >>> import tempfile
+    >>> from pathlib import Path
+    >>> from jule3d.checkpoint import CHECKPOINT_FORMAT, CHECKPOINT_NAME, load_checkpoint, write_atomic
+    >>> fingerprint = {"config": {"k_s": 3}, "patch_shape": [40, 1, 9, 9, 9], "patch_hash": "abc"}
+    >>> ckpt = {"format": CHECKPOINT_FORMAT, "trainer": {}, "labels": None, "history": [], "period": 1,
+    ...         "stage": "merged", "fingerprint": fingerprint}
+    >>> with tempfile.TemporaryDirectory() as tmp:
+    ...     path = Path(tmp) / CHECKPOINT_NAME
+    ...     write_atomic(ckpt, path)
+    ...     print(load_checkpoint(path, fingerprint)["period"])
+    ...     try:
+    ...         load_checkpoint(path, {**fingerprint, "config": {"k_s": 5}})
+    ...     except ValueError as exc:
+    ...         print(str(exc).split(": ", 1)[1])
+    1
+    config.k_s: checkpoint 3, now 5
+    """
     ckpt = read_checked(
         path,
         CHECKPOINT_FORMAT,
@@ -102,6 +154,22 @@ def save_model(
         If ``path`` exists and ``overwrite`` is false.
     ValueError
         If the first argument is neither a result nor a model.
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> from pathlib import Path
+    >>> from jule3d.checkpoint import save_model
+    >>> from jule3d.models import JuleNet3D, net_config
+    >>> model = JuleNet3D(net_config("fast", patch_size=13, n_filters=4, feature_dim=8), seed=0)
+    >>> with tempfile.TemporaryDirectory() as tmp:
+    ...     print(save_model(model, Path(tmp) / "net.pt").name)
+    ...     try:
+    ...         save_model(model, Path(tmp) / "net.pt")
+    ...     except FileExistsError:
+    ...         print("exists")
+    net.pt
+    exists
     """
     model = getattr(result_or_model, "model", result_or_model)  # a JuleResult or the network itself
     if not isinstance(model, JuleNet3D):
@@ -136,6 +204,22 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> J
         If ``path`` does not exist.
     ValueError
         If the file is corrupt or not a jule3d model.
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> from pathlib import Path
+    >>> import torch
+    >>> from jule3d.checkpoint import load_model, save_model
+    >>> from jule3d.models import JuleNet3D, net_config
+    >>> model = JuleNet3D(net_config("fast", patch_size=13, n_filters=4, feature_dim=8), seed=0).eval()
+    >>> with tempfile.TemporaryDirectory() as tmp:
+    ...     loaded = load_model(save_model(model, Path(tmp) / "net.pt"))
+    >>> loaded.config == model.config, loaded.training
+    (True, False)
+    >>> x = torch.zeros(2, 1, 13, 13, 13)
+    >>> bool(torch.equal(loaded(x), model(x)))
+    True
     """
     path = Path(path)
     if not path.is_file():

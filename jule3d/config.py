@@ -90,6 +90,18 @@ class JuleConfig:
     ------
     ValueError
         Naming the first field that is out of range.
+
+    Examples
+    --------
+    >>> from jule3d.config import JuleConfig
+    >>> config = JuleConfig(n_clusters=3, stop_clusters=5, net="fast", net_overrides={"n_filters": 4})
+    >>> config.merge_target
+    5
+    >>> net = config.network_config(in_channels=1, patch_size=13)
+    >>> net.patch_size, net.filters
+    (13, (4, 4, 4))
+    >>> JuleConfig.from_dict(config.to_dict()) == config
+    True
     """
 
     n_clusters: int = 3
@@ -215,6 +227,13 @@ def jule_config(preset: str = "fast", **overrides: Any) -> JuleConfig:
     ------
     ValueError
         If ``preset`` is unknown or an override is not a field (the message lists the valid ones).
+
+    Examples
+    --------
+    >>> from jule3d.config import jule_config
+    >>> config = jule_config("fast", epochs_per_period=1, final_epochs=1, k_s=3, eta=None)
+    >>> config.net, config.k_s, config.epochs_per_period, config.eta
+    ('fast', 3, 1, 0.5)
     """
     if preset not in JULE_PRESETS:
         raise ValueError(f"unknown preset {preset!r}; valid presets: {sorted(JULE_PRESETS)}")

@@ -103,6 +103,31 @@ class JuleSegmenter(BaseEstimator):
         The first network's training patches.
     history_ : list of list of dict
         The training record of every network, one dict per period.
+
+    Examples
+    --------
+    Tiny settings (one 4-filter network, 40 patches of 13³, one epoch per period):
+
+    >>> import tempfile
+    >>> from pathlib import Path
+    >>> import numpy as np
+    >>> from jule3d.estimator import JuleSegmenter
+    >>> from jule3d.phantom import make_phantom
+    >>> phantom = make_phantom(shape=(24, 24, 24), seed=0)
+    >>> segmenter = JuleSegmenter(n_networks=1, n_patches=40, patch_size=13, k_s=3, epochs_per_period=1,
+    ...                           final_epochs=1, jule_options={"net_overrides": {"n_filters": 4, "feature_dim": 8}},
+    ...                           progress=False)
+    >>> segmenter.resolved()["phase2"], segmenter.jule_config().k_s
+    ('consensus', 3)
+    >>> labels = segmenter.fit(phantom.volume, ground_truth=phantom.labels).predict(phantom.volume)
+    >>> labels.shape, labels.dtype, sorted(np.unique(labels).tolist())
+    ((24, 24, 24), dtype('uint8'), [0, 1, 2, 3])
+    >>> len(segmenter.models_), segmenter.patches_.patches.shape
+    (1, (40, 1, 13, 13, 13))
+    >>> with tempfile.TemporaryDirectory() as tmp:
+    ...     loaded = JuleSegmenter.load(segmenter.save(Path(tmp) / "segmenter.pt"))
+    >>> loaded.get_params() == segmenter.get_params(), bool(np.array_equal(loaded.predict(phantom.volume), labels))
+    (True, True)
     """
 
     def __init__(
@@ -433,6 +458,20 @@ def segment(
     -------
     numpy.ndarray
         ``(Z, Y, X)`` labels, 0 = background, 1..k = classes.
+
+    Examples
+    --------
+    Phase 2 only, with a given (here untrained) network:
+
+    >>> import numpy as np
+    >>> from jule3d.estimator import segment
+    >>> from jule3d.models import JuleNet3D, net_config
+    >>> from jule3d.phantom import make_phantom
+    >>> phantom = make_phantom(shape=(24, 24, 24), seed=0)
+    >>> model = JuleNet3D(net_config("fast", patch_size=13, n_filters=4, feature_dim=8), seed=0)
+    >>> labels = segment(phantom.volume, 3, model=model, progress=False)
+    >>> labels.shape, labels.dtype, sorted(np.unique(labels).tolist())
+    ((24, 24, 24), dtype('uint8'), [0, 1, 2, 3])
     """
     from .config import JuleConfig
 

@@ -92,6 +92,23 @@ class JuleResult:
     config : JuleConfig
     features : numpy.ndarray
         ``(N, D)`` float32 final features of the patches.
+
+    Examples
+    --------
+    With no CNN epochs (``epochs_per_period=0, final_epochs=0``) only the clustering runs:
+
+    >>> from jule3d.config import jule_config
+    >>> from jule3d.jule import train_jule
+    >>> from jule3d.patches import sample_patches
+    >>> from jule3d.phantom import make_phantom
+    >>> patches = sample_patches(make_phantom(shape=(24, 24, 24), seed=0).volume, 40, patch_size=13)
+    >>> config = jule_config("fast", epochs_per_period=0, final_epochs=0, k_s=3,
+    ...                      net_overrides={"n_filters": 4, "feature_dim": 8})
+    >>> result = train_jule(patches, config, progress=False)
+    >>> result.features.shape, result.features.dtype, result.labels.shape, result.labels.dtype
+    ((40, 8), dtype('float32'), (40,), dtype('int64'))
+    >>> result.config is config, result.model.training, len(set(result.labels.tolist())) == config.merge_target
+    (True, False, True)
     """
 
     model: JuleNet3D
@@ -169,6 +186,17 @@ def period0_features(patches: np.ndarray, kind: str = "l2", chunk: int = 1024) -
     ------
     ValueError
         If ``patches`` is not 5-D or ``kind`` is not one of these three.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from jule3d.jule import period0_features
+    >>> patches = np.random.default_rng(0).normal(size=(40, 1, 9, 9, 9)).astype(np.float32)
+    >>> period0_features(patches, "l2").shape, period0_features(patches, "spectrum").shape
+    ((40, 729), (40, 405))
+    >>> features = period0_features(patches, "standardize")
+    >>> features.dtype, round(float(np.linalg.norm(features, axis=1).min()), 3)
+    (dtype('float32'), 1.0)
     """
     x = np.asarray(patches, dtype=np.float32)
     if x.ndim != 5:
@@ -519,6 +547,27 @@ def train_jule(
     FloatingPointError
         If the loss, a parameter or a feature stops being finite; the last checkpoint (written before
         the failing period) is kept.
+
+    Examples
+    --------
+    A tiny run: 40 patches of 13³, a 4-filter network, one epoch per period and one final epoch:
+
+    >>> import tempfile
+    >>> from jule3d.config import jule_config
+    >>> from jule3d.jule import train_jule
+    >>> from jule3d.patches import sample_patches
+    >>> from jule3d.phantom import make_phantom
+    >>> phantom = make_phantom(shape=(24, 24, 24), seed=0)
+    >>> patches = sample_patches(phantom.volume, 40, patch_size=13, seed=0, labels=phantom.labels)
+    >>> config = jule_config("fast", epochs_per_period=1, final_epochs=1, k_s=3,
+    ...                      net_overrides={"n_filters": 4, "feature_dim": 8})
+    >>> with tempfile.TemporaryDirectory() as tmp:
+    ...     result = train_jule(patches, config, ground_truth=patches.labels, checkpoint_dir=tmp,
+    ...                         progress=False)
+    >>> result.features.shape, len(set(result.labels.tolist())) == config.merge_target
+    ((40, 8), True)
+    >>> result.history[-1]["stage"], sorted(result.history[-1])
+    ('final', ['iteration', 'loss', 'lr', 'n_clusters', 'n_triplets', 'nmi', 'period', 'seconds', 'stage'])
     """
     config = JuleConfig() if config is None else config
     if not isinstance(config, JuleConfig):

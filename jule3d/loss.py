@@ -37,6 +37,19 @@ def sample_triplets(
     anchors, positives, negatives : torch.Tensor
         ``(T,)`` int64 indices into the batch; empty when the batch has no same-cluster pair or no
         other-cluster sample.
+
+    Examples
+    --------
+    Two pairs, ``(0, 1)`` and ``(2, 3)``, each with both samples of the other cluster as negatives:
+
+    >>> import torch
+    >>> from jule3d.loss import sample_triplets
+    >>> labels = torch.tensor([0, 0, 1, 1])
+    >>> anchors, positives, negatives = sample_triplets(labels, 2, torch.Generator().manual_seed(0))
+    >>> anchors.tolist(), positives.tolist(), sorted(negatives.tolist())
+    ([0, 0, 2, 2], [1, 1, 3, 3], [0, 1, 2, 3])
+    >>> sample_triplets(torch.tensor([0, 1, 2]), 2)[0].numel()
+    0
     """
     labels = torch.as_tensor(labels).reshape(-1).cpu()
     same = labels[:, None] == labels[None, :]
@@ -79,6 +92,19 @@ def weighted_triplet_loss(
     -------
     torch.Tensor
         Scalar loss.
+
+    Examples
+    --------
+    Well separated clusters give no loss at the default margin, and ``margin - 2`` at a margin above 2:
+
+    >>> import torch
+    >>> from jule3d.loss import weighted_triplet_loss
+    >>> features = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0], [0.0, 1.0]])
+    >>> anchors, positives, negatives = torch.tensor([0, 2]), torch.tensor([1, 3]), torch.tensor([2, 0])
+    >>> round(float(weighted_triplet_loss(features, anchors, positives, negatives)), 3)
+    0.0
+    >>> round(float(weighted_triplet_loss(features, anchors, positives, negatives, margin=3.0)), 3)
+    1.0
     """
     if anchors.numel() == 0:
         raise ValueError("anchors is empty: a triplet loss needs at least one triplet")

@@ -77,6 +77,22 @@ class PatchSet:
         One integer per patch, e.g. the ground-truth class at the centre voxel or a cluster label.
     spacing : tuple of float, default (1, 1, 1)
         Voxel size in mm, ``(x, y, z)``, of the source volume.
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> from pathlib import Path
+    >>> import numpy as np
+    >>> from jule3d.patches import PatchSet
+    >>> patches = np.zeros((40, 1, 9, 9, 9), dtype=np.float32)
+    >>> centers = np.tile([4, 4, 4], (40, 1))
+    >>> ps = PatchSet(patches, centers, 9, labels=np.arange(40) % 3, spacing=(0.5, 0.5, 0.5))
+    >>> len(ps), ps.n_channels, ps.patches.dtype, ps.centers.dtype
+    (40, 1, dtype('float32'), dtype('int64'))
+    >>> with tempfile.TemporaryDirectory() as tmp:
+    ...     again = PatchSet.load(ps.save(Path(tmp) / "patches.npz"))
+    >>> again.patches.shape, again.spacing, bool(np.array_equal(again.labels, ps.labels))
+    ((40, 1, 9, 9, 9), (0.5, 0.5, 0.5), True)
     """
 
     patches: np.ndarray
@@ -366,6 +382,18 @@ def extract_patches(
     ValueError
         If ``patch_size`` is not a positive odd integer or exceeds the volume, or a centre is too close
         to the border.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from jule3d.patches import extract_patches
+    >>> from jule3d.phantom import make_phantom
+    >>> volume = make_phantom(shape=(24, 24, 24), seed=0).volume
+    >>> patches = extract_patches(volume, np.array([[12, 12, 12], [8, 10, 14]]), 9)
+    >>> patches.shape, patches.dtype
+    ((2, 1, 9, 9, 9), dtype('float32'))
+    >>> bool(np.array_equal(patches[0, 0], volume.data[0, 8:17, 8:17, 8:17]))
+    True
     """
     w = _check_patch_size(patch_size, volume.shape)
     background = _check_background(background)
@@ -446,6 +474,21 @@ def sample_patches(
     ValueError
         On a bad argument (named in the message), an empty mask, a volume smaller than a patch, or fewer
         eligible positions than ``n_patches`` (the message says how many there are).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from jule3d.patches import sample_patches
+    >>> from jule3d.phantom import make_phantom
+    >>> phantom = make_phantom(shape=(24, 24, 24), seed=0)
+    >>> ps = sample_patches(phantom.volume, 40, patch_size=9, seed=0, labels=phantom.labels)
+    >>> ps.patches.shape, ps.centers.shape, ps.spacing
+    ((40, 1, 9, 9, 9), (40, 3), (0.5, 0.5, 0.5))
+    >>> sorted(set(ps.labels.tolist())), bool(phantom.volume.mask[tuple(ps.centers.T)].all())
+    ([1, 2, 3], True)
+    >>> again = sample_patches(phantom.volume, 40, patch_size=9, seed=0)
+    >>> bool(np.array_equal(again.centers, ps.centers))
+    True
     """
     if isinstance(n_patches, bool) or not isinstance(n_patches, Integral) or n_patches <= 0:
         raise ValueError(f"n_patches must be a positive integer, got {n_patches!r}")
@@ -505,6 +548,15 @@ def grid_patches(
     ValueError
         On a bad argument (named in the message), an empty mask, a volume smaller than a patch, or no
         grid position passing the foreground test.
+
+    Examples
+    --------
+    >>> from jule3d.patches import grid_patches
+    >>> from jule3d.phantom import make_phantom
+    >>> volume = make_phantom(shape=(24, 24, 24), seed=0).volume
+    >>> ps = grid_patches(volume, stride=4, patch_size=9)
+    >>> len(ps), ps.patches.shape[1:], ps.centers[:3].tolist()
+    (62, (1, 9, 9, 9), [[4, 4, 8], [4, 4, 12], [4, 4, 16]])
     """
     if isinstance(stride, bool) or not isinstance(stride, Integral) or stride < 1:
         raise ValueError(f"stride must be a positive integer, got {stride!r}")
@@ -556,6 +608,18 @@ def resample_isotropic(volume: Volume, spacing: float | None = None, order: int 
     ------
     ValueError
         If ``spacing`` is not a positive number or ``order`` not in 0..5.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from jule3d.patches import resample_isotropic
+    >>> from jule3d.volume import Volume
+    >>> volume = Volume.from_array(np.zeros((10, 20, 20), dtype=np.float32), spacing=(0.5, 0.5, 1.0))
+    >>> iso = resample_isotropic(volume)
+    >>> iso.shape, iso.spacing
+    ((20, 20, 20), (0.5, 0.5, 0.5))
+    >>> resample_isotropic(iso) is iso
+    True
     """
     if spacing is None:
         spacing = min(volume.spacing)
@@ -600,6 +664,17 @@ def patch_size_for(volume: Volume, physical_size_mm: float) -> int:
     ------
     ValueError
         If ``physical_size_mm`` is not positive or the voxels are not cubic.
+
+    Examples
+    --------
+    On 0.5 mm voxels, 5 mm is 10 voxels, which lies between the odd sides 9 and 11:
+
+    >>> import numpy as np
+    >>> from jule3d.patches import patch_size_for
+    >>> from jule3d.volume import Volume
+    >>> volume = Volume.from_array(np.zeros((20, 20, 20), dtype=np.float32), spacing=(0.5, 0.5, 0.5))
+    >>> patch_size_for(volume, 5.0), patch_size_for(volume, 4.0), patch_size_for(volume, 0.1)
+    (11, 9, 1)
     """
     if isinstance(physical_size_mm, bool) or not isinstance(physical_size_mm, Real) or not (
         np.isfinite(physical_size_mm) and physical_size_mm > 0

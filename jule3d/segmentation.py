@@ -59,6 +59,20 @@ class GridFeatures:
         The positions (:class:`jule3d.grid.Grid`).
     selected : numpy.ndarray
         Bool ``grid.grid_shape`` array: which grid positions have a feature (row order of ``features``).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from jule3d.models import JuleNet3D, net_config
+    >>> from jule3d.phantom import make_phantom
+    >>> from jule3d.segmentation import grid_features
+    >>> phantom = make_phantom(shape=(24, 24, 24), seed=0)
+    >>> model = JuleNet3D(net_config("fast", patch_size=13, n_filters=4, feature_dim=8), seed=0)
+    >>> grid = grid_features(model, phantom.volume, stride=2)
+    >>> grid.features.shape, grid.features.dtype, grid.grid_shape, grid.offset, grid.stride
+    ((216, 8), dtype('float32'), (6, 6, 6), 6, 2)
+    >>> grid.centers.shape, int(grid.selected.sum())
+    ((216, 3), 216)
     """
 
     features: np.ndarray
@@ -101,7 +115,18 @@ def _check_model_volume(model: JuleNet3D, volume: Volume, stride: int) -> None:
 
 
 def check_stride(stride: int, native: int) -> None:
-    """``stride`` must be a positive integer that divides, or is a multiple of, the network's own stride."""
+    """``stride`` must be a positive integer that divides, or is a multiple of, the network's own stride.
+
+    Examples
+    --------
+    >>> from jule3d.segmentation import check_stride
+    >>> check_stride(1, 2), check_stride(4, 2)
+    (None, None)
+    >>> check_stride(3, 2)
+    Traceback (most recent call last):
+        ...
+    ValueError: stride=3 must divide or be a multiple of the network's own stride 2
+    """
     if not isinstance(stride, (int, np.integer)) or isinstance(stride, bool) or stride < 1:
         raise ValueError(f"stride must be a positive integer, got {stride!r}")
     if stride % native and native % stride:
@@ -153,6 +178,21 @@ def grid_features(
     Returns
     -------
     GridFeatures
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from jule3d.models import JuleNet3D, net_config
+    >>> from jule3d.phantom import make_phantom
+    >>> from jule3d.segmentation import grid_features
+    >>> phantom = make_phantom(shape=(24, 24, 24), seed=0)
+    >>> model = JuleNet3D(net_config("fast", patch_size=13, n_filters=4, feature_dim=8), seed=0)
+    >>> grid = grid_features(model, phantom.volume, stride=2)
+    >>> type(grid).__name__, grid.features.shape, grid.grid_shape
+    ('GridFeatures', (216, 8), (6, 6, 6))
+    >>> slow = grid_features(model, phantom.volume, stride=2, method="patchwise")
+    >>> bool(np.allclose(slow.features, grid.features, atol=1e-5))
+    True
     """
     from tqdm.auto import tqdm
 
@@ -242,6 +282,22 @@ def cluster_features(
         ``(M,)`` cluster index ``0..k-1`` per row (the nearest centroid).
     distances : numpy.ndarray
         Only with ``return_distances``: ``(M, k)`` float32 squared Euclidean distances to the centroids.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from jule3d.models import JuleNet3D, net_config
+    >>> from jule3d.phantom import make_phantom
+    >>> from jule3d.segmentation import grid_features
+    >>> phantom = make_phantom(shape=(24, 24, 24), seed=0)
+    >>> model = JuleNet3D(net_config("fast", patch_size=13, n_filters=4, feature_dim=8), seed=0)
+    >>> grid = grid_features(model, phantom.volume, stride=2)
+    >>> from jule3d.segmentation import cluster_features
+    >>> labels, distances = cluster_features(grid.features, 3, seed=0, return_distances=True)
+    >>> labels.shape, labels.dtype, sorted(set(labels.tolist())), distances.shape
+    ((216,), dtype('int32'), [0, 1, 2], (216, 3))
+    >>> bool((distances.argmin(axis=1) == labels).all())
+    True
     """
     from sklearn.cluster import KMeans
     from threadpoolctl import threadpool_limits
@@ -325,6 +381,23 @@ def smooth_labels(
     Notes
     -----
     Memory: two float32 arrays of the grid's full shape times ``k``.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from jule3d.models import JuleNet3D, net_config
+    >>> from jule3d.phantom import make_phantom
+    >>> from jule3d.segmentation import grid_features
+    >>> phantom = make_phantom(shape=(24, 24, 24), seed=0)
+    >>> model = JuleNet3D(net_config("fast", patch_size=13, n_filters=4, feature_dim=8), seed=0)
+    >>> grid = grid_features(model, phantom.volume, stride=2)
+    >>> from jule3d.segmentation import cluster_features, smooth_labels
+    >>> labels, distances = cluster_features(grid.features, 3, seed=0, return_distances=True)
+    >>> bool(np.array_equal(smooth_labels(grid, distances, beta=0.0), labels))
+    True
+    >>> smoothed = smooth_labels(grid, distances, beta=1.0, spacing=phantom.volume.geometry.spacing_zyx)
+    >>> smoothed.shape, smoothed.dtype, sorted(set(smoothed.tolist()))
+    ((216,), dtype('int32'), [0, 1, 2])
     """
     check_weight("smoothing", beta)
     distances = np.asarray(distances, dtype=np.float32)
@@ -387,6 +460,22 @@ def project_labels(grid: GridFeatures, clusters: np.ndarray, volume: Volume) -> 
     numpy.ndarray
         ``(Z, Y, X)`` ``uint8`` labels (``uint16`` above 255 classes): ``1..k`` in the foreground
         (ordered by intensity), 0 outside.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from jule3d.models import JuleNet3D, net_config
+    >>> from jule3d.phantom import make_phantom
+    >>> from jule3d.segmentation import grid_features
+    >>> phantom = make_phantom(shape=(24, 24, 24), seed=0)
+    >>> model = JuleNet3D(net_config("fast", patch_size=13, n_filters=4, feature_dim=8), seed=0)
+    >>> grid = grid_features(model, phantom.volume, stride=2)
+    >>> from jule3d.segmentation import cluster_features, project_labels
+    >>> voxels = project_labels(grid, cluster_features(grid.features, 3, seed=0), phantom.volume)
+    >>> voxels.shape, voxels.dtype, sorted(np.unique(voxels).tolist())
+    ((24, 24, 24), dtype('uint8'), [0, 1, 2, 3])
+    >>> bool(np.array_equal(voxels > 0, phantom.volume.mask))
+    True
     """
     from .labels import order_labels_by_intensity
 
@@ -419,6 +508,20 @@ def local_intensity(volume: Volume, grid: GridFeatures, window: int = 3) -> np.n
     numpy.ndarray
         ``(M, C)`` float32, each column with mean 0 and standard deviation 1 over the ``M`` positions
         (a constant column stays 0).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from jule3d.models import JuleNet3D, net_config
+    >>> from jule3d.phantom import make_phantom
+    >>> from jule3d.segmentation import grid_features
+    >>> phantom = make_phantom(shape=(24, 24, 24), seed=0)
+    >>> model = JuleNet3D(net_config("fast", patch_size=13, n_filters=4, feature_dim=8), seed=0)
+    >>> grid = grid_features(model, phantom.volume, stride=2)
+    >>> from jule3d.segmentation import local_intensity
+    >>> local = local_intensity(phantom.volume, grid)
+    >>> local.shape, local.dtype, round(float(local.mean()), 3), round(float(local.std()), 3)
+    ((216, 1), dtype('float32'), 0.0, 1.0)
     """
     return _local_mean(volume, grid, window, standardise=True)
 
@@ -505,6 +608,23 @@ def joint_features(
     ------
     ValueError
         If the grids do not share their positions, or ``intensity_weight`` / ``window`` are invalid.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from jule3d.models import JuleNet3D, net_config
+    >>> from jule3d.phantom import make_phantom
+    >>> from jule3d.segmentation import grid_features
+    >>> phantom = make_phantom(shape=(24, 24, 24), seed=0)
+    >>> model = JuleNet3D(net_config("fast", patch_size=13, n_filters=4, feature_dim=8), seed=0)
+    >>> grid = grid_features(model, phantom.volume, stride=2)
+    >>> other = JuleNet3D(net_config("fast", patch_size=13, n_filters=4, feature_dim=8), seed=1)
+    >>> grids = [grid, grid_features(other, phantom.volume, stride=2)]
+    >>> from jule3d.segmentation import joint_features
+    >>> joint_features(grids[:1], phantom.volume).shape, joint_features(grids, phantom.volume).shape
+    ((216, 9), (216, 17))
+    >>> joint_features(grids, phantom.volume, intensity_weight=0).shape
+    (216, 16)
     """
     check_weight("intensity_weight", intensity_weight)
     _check_shared_positions(grids)
@@ -550,6 +670,21 @@ def grid_contacts(grid: GridFeatures, labels: np.ndarray, n_labels: int) -> np.n
     -------
     numpy.ndarray
         ``(n_labels, n_labels)`` symmetric float64 counts, zero diagonal.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from jule3d.models import JuleNet3D, net_config
+    >>> from jule3d.phantom import make_phantom
+    >>> from jule3d.segmentation import grid_features
+    >>> phantom = make_phantom(shape=(24, 24, 24), seed=0)
+    >>> model = JuleNet3D(net_config("fast", patch_size=13, n_filters=4, feature_dim=8), seed=0)
+    >>> grid = grid_features(model, phantom.volume, stride=2)
+    >>> from jule3d.segmentation import grid_contacts
+    >>> labels = (grid.centers[:, 0] > 12).astype(int)  # two slabs along z
+    >>> contacts = grid_contacts(grid, labels, 2)
+    >>> contacts.shape, contacts.dtype, contacts.tolist()
+    ((2, 2), dtype('float64'), [[0.0, 36.0], [36.0, 0.0]])
     """
     full = np.full(grid.selected.shape, -1, dtype=np.int64)
     full[grid.selected] = labels
@@ -598,6 +733,16 @@ def merge_clusters(
     numpy.ndarray
         ``(K,)`` int64 merged cluster ``0..n_clusters-1`` of every input cluster, numbered in order of the
         lowest input cluster of each group. Deterministic: ties go to the lowest pair.
+
+    Examples
+    --------
+    Clusters 1 and 2 have the same centroid and touch: they merge first.
+
+    >>> import numpy as np
+    >>> from jule3d.segmentation import merge_clusters
+    >>> contacts = np.array([[0, 5, 0], [5, 0, 1], [0, 1, 0]], dtype=float)
+    >>> merge_clusters(contacts, np.array([10, 10, 10]), np.array([[0.0], [1.0], [1.0]]), 2).tolist()
+    [0, 1, 1]
     """
     contacts = np.array(contacts, dtype=np.float64)
     sizes = np.asarray(sizes, dtype=np.float64).copy()
@@ -676,6 +821,21 @@ def merge_segment(
     -------
     numpy.ndarray
         ``(M,)`` int32 labels ``0..n_clusters-1``.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from jule3d.models import JuleNet3D, net_config
+    >>> from jule3d.phantom import make_phantom
+    >>> from jule3d.segmentation import grid_features
+    >>> phantom = make_phantom(shape=(24, 24, 24), seed=0)
+    >>> model = JuleNet3D(net_config("fast", patch_size=13, n_filters=4, feature_dim=8), seed=0)
+    >>> grid = grid_features(model, phantom.volume, stride=2)
+    >>> from jule3d.segmentation import joint_features, merge_segment
+    >>> features = joint_features([grid], phantom.volume)
+    >>> labels = merge_segment(features, grid, 3, seed=0, spacing=phantom.volume.geometry.spacing_zyx)
+    >>> labels.shape, labels.dtype, sorted(set(labels.tolist()))
+    ((216,), dtype('int32'), [0, 1, 2])
     """
     from sklearn.cluster import KMeans
     from threadpoolctl import threadpool_limits
@@ -743,6 +903,26 @@ class Consensus:
         ``(R, R)`` NMI between every two candidates' labels (diagonal 1).
     chosen : int
         Index of the kept candidate: the one with the highest mean NMI to the others.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from jule3d.models import JuleNet3D, net_config
+    >>> from jule3d.phantom import make_phantom
+    >>> from jule3d.segmentation import grid_features
+    >>> phantom = make_phantom(shape=(24, 24, 24), seed=0)
+    >>> model = JuleNet3D(net_config("fast", patch_size=13, n_filters=4, feature_dim=8), seed=0)
+    >>> grid = grid_features(model, phantom.volume, stride=2)
+    >>> other = JuleNet3D(net_config("fast", patch_size=13, n_filters=4, feature_dim=8), seed=1)
+    >>> grids = [grid, grid_features(other, phantom.volume, stride=2)]
+    >>> from jule3d.segmentation import consensus_segment
+    >>> consensus = consensus_segment(grids, phantom.volume, 3, seed=0, weights=(0.5, 1.0))
+    >>> type(consensus).__name__, consensus.labels.shape, len(consensus.candidates), consensus.agreement.shape
+    ('Consensus', (216,), 6, (6, 6))
+    >>> consensus.candidates[:2], consensus.support.shape
+    ([((0, 1), 0.5), ((0, 1), 1.0)], (6,))
+    >>> bool(consensus.support[consensus.chosen] == consensus.support.max())
+    True
     """
 
     labels: np.ndarray
@@ -817,6 +997,24 @@ def consensus_segment(
     -------
     Consensus
         The chosen labels, the candidates and their agreement.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from jule3d.models import JuleNet3D, net_config
+    >>> from jule3d.phantom import make_phantom
+    >>> from jule3d.segmentation import grid_features
+    >>> phantom = make_phantom(shape=(24, 24, 24), seed=0)
+    >>> model = JuleNet3D(net_config("fast", patch_size=13, n_filters=4, feature_dim=8), seed=0)
+    >>> grid = grid_features(model, phantom.volume, stride=2)
+    >>> other = JuleNet3D(net_config("fast", patch_size=13, n_filters=4, feature_dim=8), seed=1)
+    >>> grids = [grid, grid_features(other, phantom.volume, stride=2)]
+    >>> from jule3d.segmentation import consensus_segment
+    >>> consensus = consensus_segment(grids, phantom.volume, 3, seed=0, weights=(1.0,))
+    >>> consensus.candidates
+    [((0, 1), 1.0), ((0,), 1.0), ((1,), 1.0)]
+    >>> consensus.labels.shape, sorted(set(consensus.labels.tolist()))
+    ((216,), [0, 1, 2])
     """
     from .metrics import nmi
 
@@ -882,6 +1080,23 @@ def refine_labels(
     numpy.ndarray
         Labels of the same dtype, ``1..k`` ordered by mean intensity of the first channel; the input labels
         when refining would empty a class.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from jule3d.models import JuleNet3D, net_config
+    >>> from jule3d.phantom import make_phantom
+    >>> from jule3d.segmentation import grid_features
+    >>> phantom = make_phantom(shape=(24, 24, 24), seed=0)
+    >>> model = JuleNet3D(net_config("fast", patch_size=13, n_filters=4, feature_dim=8), seed=0)
+    >>> grid = grid_features(model, phantom.volume, stride=2)
+    >>> from jule3d.segmentation import label_volume, refine_labels
+    >>> coarse = label_volume(model, phantom.volume, 3, stride=2, phase2="kmeans")
+    >>> refined = refine_labels(coarse, phantom.volume, stride=2)
+    >>> refined.shape, refined.dtype, sorted(np.unique(refined).tolist())
+    ((24, 24, 24), dtype('uint8'), [0, 1, 2, 3])
+    >>> bool(np.array_equal(refined > 0, phantom.volume.mask))
+    True
     """
     from .labels import masked_box_mean, order_labels_by_intensity
 
@@ -975,6 +1190,18 @@ def label_volume(
     -------
     numpy.ndarray
         ``(Z, Y, X)`` labels, ``uint8`` (``uint16`` above 255 classes): 0 background, 1..k classes.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from jule3d.models import JuleNet3D, net_config
+    >>> from jule3d.phantom import make_phantom
+    >>> from jule3d.segmentation import label_volume
+    >>> phantom = make_phantom(shape=(24, 24, 24), seed=0)
+    >>> model = JuleNet3D(net_config("fast", patch_size=13, n_filters=4, feature_dim=8), seed=0)
+    >>> labels = label_volume(model, phantom.volume, 3, stride=2, phase2="kmeans")
+    >>> labels.shape, labels.dtype, sorted(np.unique(labels).tolist())
+    ((24, 24, 24), dtype('uint8'), [0, 1, 2, 3])
     """
     models = [model] if isinstance(model, JuleNet3D) else list(model)
     if not models:
@@ -1015,6 +1242,22 @@ def label_grids(
     -------
     numpy.ndarray
         ``(Z, Y, X)`` labels, ``uint8`` (``uint16`` above 255 classes): 0 background, 1..k classes.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from jule3d.models import JuleNet3D, net_config
+    >>> from jule3d.phantom import make_phantom
+    >>> from jule3d.segmentation import grid_features
+    >>> phantom = make_phantom(shape=(24, 24, 24), seed=0)
+    >>> model = JuleNet3D(net_config("fast", patch_size=13, n_filters=4, feature_dim=8), seed=0)
+    >>> grid = grid_features(model, phantom.volume, stride=2)
+    >>> other = JuleNet3D(net_config("fast", patch_size=13, n_filters=4, feature_dim=8), seed=1)
+    >>> grids = [grid, grid_features(other, phantom.volume, stride=2)]
+    >>> from jule3d.segmentation import label_grids
+    >>> labels = label_grids(grids, phantom.volume, 3, phase2="merge")
+    >>> labels.shape, labels.dtype, sorted(np.unique(labels).tolist())
+    ((24, 24, 24), dtype('uint8'), [0, 1, 2, 3])
     """
     intensity_weight, smoothing = _phase2_options(phase2, intensity_weight, smoothing)
     grid = grids[0]

@@ -38,6 +38,18 @@ class Geometry:
         Physical position of voxel ``(0, 0, 0)`` in mm, ``(x, y, z)`` order.
     direction : tuple of float
         Row-major 3x3 direction cosines (9 numbers).
+
+    Examples
+    --------
+    >>> from jule3d.volume import Geometry
+    >>> geom = Geometry((10, 20, 30), spacing=(0.5, 0.5, 2.0))
+    >>> geom.spacing_zyx, geom.voxel_volume
+    ((2.0, 0.5, 0.5), 0.5)
+    >>> sub = geom.cropped((1, 0, 4), (5, 20, 10))
+    >>> sub.shape, sub.origin
+    ((5, 20, 10), (2.0, 0.0, 2.0))
+    >>> geom.matches(sub), geom.describe_mismatch(sub)
+    (False, 'shape (5, 20, 10) != (10, 20, 30); origin (2.0, 0.0, 2.0) != (0.0, 0.0, 0.0)')
     """
 
     shape: tuple[int, int, int]
@@ -117,6 +129,24 @@ class Volume:
         Whether the intensities are ready for the method (set by
         :func:`jule3d.normalize.normalize_intensity`); :func:`jule3d.io.prepare_volume` normalises a volume
         that is not.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from jule3d.volume import Volume
+    >>> vol = Volume.from_array(np.zeros((4, 6, 8), dtype=np.float32), spacing=(1.0, 1.0, 2.5))
+    >>> vol.shape, vol.n_channels, vol.spacing, vol.channel_names
+    ((4, 6, 8), 1, (1.0, 1.0, 2.5), ('ch0',))
+    >>> mask = np.zeros(vol.shape, dtype=bool)
+    >>> mask[1:3, 2:4, 2:6] = True
+    >>> vol = vol.with_mask(mask)
+    >>> int(vol.foreground().sum())
+    16
+    >>> sub = vol.crop((1, 2, 2), (3, 4, 6))
+    >>> sub.shape, sub.geometry.origin, bool(sub.mask.all())
+    ((2, 2, 4), (2.0, 2.0, 2.5), True)
+    >>> sub
+    Volume(channels=['ch0'], shape=(2, 2, 4), spacing=(1.0, 1.0, 2.5), dtype=float32, mask=100.0%)
     """
 
     data: np.ndarray

@@ -1,0 +1,180 @@
+"""How ``jule3d segment`` scales with the volume: wall time, peak memory of the process tree, and Phase 2's FLOP rate.
+
+For every ``--sizes`` entry (``256`` = 256³, ``512x1024x1024`` = Z × Y × X) this script
+
+1. generates a textured specimen in air (:func:`jule3d.phantom.make_phantom` at a small size, tiled to the
+   requested shape and stored as ``uint16`` in an uncompressed NIfTI, as micro-CT comes),
+2. runs ``jule3d segment`` on it in a subprocess with the default settings and ``--n-clusters 3``, and samples
+   the resident memory of the whole process tree every 0.2 s (psutil),
+3. prints wall seconds, peak RSS (GiB, and as a multiple of the file), and voxels per second.
+
+Then, in this process, it measures Phase 2's arithmetic against the machine: the FLOPs of the default network's
+dense features per grid position (counted by ``torch.utils.flop_counter``), the seconds of
+:func:`jule3d.segmentation.grid_features` on a ``--flop-size``³ phantom, hence GFLOP/s, next to the fp32 matmul
+rate measured here (the physical floor) and their ratio. The FLOPs count every grid position; chunks without
+foreground are skipped, so on a sparse specimen the rate is an upper bound.
+
+Usage::
+
+    python benchmarks/bench_scale.py                         # 256³
+    python benchmarks/bench_scale.py --sizes 256 512 512x1024x1024 --json results/scale.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import psutil
+import torch
+
+from jule3d.io import save_volume
+from jule3d.models import JuleNet3D, net_config
+from jule3d.phantom import make_phantom
+from jule3d.segmentation import grid_features
+from jule3d.volume import Volume
+
+TILE = 96  #: side of the phantom that is tiled to the requested shape
+
+
+def parse_size(text: str) -> tuple[int, int, int]:
+    """``"256"`` → ``(256, 256, 256)``; ``"512x1024x1024"`` → ``(512, 1024, 1024)`` (Z, Y, X)."""
+    parts = [int(p) for p in text.lower().split("x")]
+    if len(parts) == 1:
+        parts *= 3
+    if len(parts) != 3 or min(parts) < 32:
+        raise argparse.ArgumentTypeError(f"size must be N or ZxYxX with sides >= 32, got {text!r}")
+    return tuple(parts)  # type: ignore[return-value]
+
+
+def write_specimen(shape: tuple[int, int, int], path: Path, seed: int = 0) -> Path:
+    """A textured specimen in air of ``shape``, ``uint16``, written slab by slab into an uncompressed NIfTI."""
+    tile = make_phantom(shape=(TILE,) * 3, seed=seed).volume.data[0]
+    scaled = np.clip((tile - tile.min()) / (np.ptp(tile) or 1.0) * 4000 + 1000, 0, 65535).astype(np.uint16)
+    reps = [-(-s // TILE) for s in shape]
+    volume = np.tile(scaled, reps)[: shape[0], : shape[1], : shape[2]]
+    return save_volume(Volume.from_array(volume, spacing=(0.03, 0.03, 0.03)), path)
+
+
+def _tree_rss(process: psutil.Process) -> int:
+    total = 0
+    for p in [process, *process.children(recursive=True)]:
+        try:
+            total += p.memory_info().rss
+        except psutil.NoSuchProcess:
+            pass
+    return total
+
+
+def run_segment(image: Path, out: Path, extra: Sequence[str] = ()) -> dict:
+    """``jule3d segment`` in a subprocess: wall seconds and the peak RSS of its process tree (sampled)."""
+    command = [sys.executable, "-m", "jule3d.app.cli", "segment", str(image), "--out", str(out),
+               "--n-clusters", "3", *extra]
+    start = time.perf_counter()
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    ps, peak, done = psutil.Process(proc.pid), [0], threading.Event()
+
+    def sample() -> None:
+        while not done.is_set():
+            try:
+                peak[0] = max(peak[0], _tree_rss(ps))
+            except psutil.NoSuchProcess:
+                return
+            done.wait(0.2)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    _, err = proc.communicate()
+    done.set()
+    sampler.join()
+    seconds = time.perf_counter() - start
+    if proc.returncode != 0:
+        raise RuntimeError(f"jule3d segment failed ({proc.returncode}): {err.strip().splitlines()[-1:]}")
+    return {"seconds": seconds, "peak_rss_bytes": peak[0]}
+
+
+def matmul_gflops(n: int = 2048, repeats: int = 5) -> float:
+    """The fp32 matrix-multiply rate of this machine (best of ``repeats``), in GFLOP/s."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b  # warm-up
+    best = min(_timed(lambda: a @ b) for _ in range(repeats))
+    return 2 * n**3 / best / 1e9
+
+
+def _timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def flops_per_position(model: JuleNet3D, stride: int) -> float:
+    """FLOPs of the dense features per grid position at ``stride`` (counted on one block, interior rate)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    w, native = model.config.patch_size, model.stride
+    positions = 8  # per side of the block
+    side = (positions - 1) * native + w
+    x = torch.zeros(1, model.config.in_channels, side, side, side)
+    with torch.inference_mode(), FlopCounterMode(display=False) as counter:
+        model.dense(x)
+    per_native = counter.get_total_flops() / positions**3
+    # a finer stride runs (native / stride)³ shifted passes; a coarser one subsamples the native grid
+    return per_native * (native / stride) ** 3 if stride < native else per_native
+
+
+def phase2_rate(size: int, stride: int = 2, seed: int = 0) -> dict:
+    """GFLOP/s of the default network's grid features on a ``size``³ phantom, against the matmul rate."""
+    model = JuleNet3D(net_config("fast"), seed=seed).eval()
+    volume = make_phantom(shape=(size,) * 3, seed=seed).volume
+    grid_features(model, volume, stride=stride)  # warm-up
+    seconds = _timed(lambda: grid_features(model, volume, stride=stride))
+    features = grid_features(model, volume, stride=stride)
+    n_positions = int(features.selected.sum())
+    flops = flops_per_position(model, stride) * int(np.prod(features.grid_shape))  # dense runs the whole block
+    rate, floor = flops / seconds / 1e9, matmul_gflops()
+    return {"size": size, "stride": stride, "positions": n_positions, "mflop_per_position":
+            flops_per_position(model, stride) / 1e6, "seconds": seconds, "gflops": rate,
+            "matmul_gflops": floor, "fraction_of_matmul": rate / floor}
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", nargs="+", type=parse_size, default=[(256, 256, 256)], metavar="N|ZxYxX")
+    parser.add_argument("--flop-size", type=int, default=96, help="phantom side for the FLOP-rate measurement")
+    parser.add_argument("--segment-args", nargs=argparse.REMAINDER, default=[],
+                        help="further options of jule3d segment (last on the line)")
+    parser.add_argument("--json", type=Path, help="also write the results here")
+    args = parser.parse_args(argv)
+
+    rows = []
+    with tempfile.TemporaryDirectory() as folder:
+        for shape in args.sizes:
+            image = write_specimen(shape, Path(folder) / "specimen.nii")
+            file_bytes = os.path.getsize(image)
+            run = run_segment(image, Path(folder) / "labels.nii.gz", args.segment_args)
+            voxels = int(np.prod(shape))
+            rows.append({"shape": list(shape), "file_bytes": file_bytes, **run, "voxels_per_second": voxels / run["seconds"]})
+            print(f"{'x'.join(map(str, shape))}: {run['seconds']:.1f} s, peak RSS {run['peak_rss_bytes'] / 2**30:.2f} GiB "
+                  f"({run['peak_rss_bytes'] / file_bytes:.1f} x the file), {voxels / run['seconds'] / 1e6:.3f} Mvoxel/s",
+                  flush=True)
+            image.unlink()
+    rate = phase2_rate(args.flop_size)
+    print(f"Phase 2 dense features ({args.flop_size}³, fast network, stride 2): {rate['mflop_per_position']:.3f} MFLOP "
+          f"per grid position, {rate['gflops']:.1f} GFLOP/s; fp32 matmul {rate['matmul_gflops']:.1f} GFLOP/s; "
+          f"ratio {rate['fraction_of_matmul']:.2f}")
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({"runs": rows, "phase2": rate}, indent=1), encoding="utf-8")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,55 @@
+"""benchmarks/bench_scale.py on a tiny volume: the subprocess run, its sampled memory and the FLOP count."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+_DIR = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+@pytest.fixture(scope="module")
+def bench():
+    sys.path.insert(0, str(_DIR))
+    try:
+        import bench_scale
+
+        yield bench_scale
+    finally:
+        sys.path.remove(str(_DIR))
+
+
+def test_sizes_and_specimen(bench, tmp_path: Path) -> None:
+    from jule3d.io import read_image
+
+    assert bench.parse_size("64") == (64, 64, 64) and bench.parse_size("32x64x48") == (32, 64, 48)
+    with pytest.raises(argparse.ArgumentTypeError):
+        bench.parse_size("8")
+    array, geometry = read_image(bench.write_specimen((40, 100, 50), tmp_path / "s.nii"))
+    assert array.shape == (40, 100, 50) and array.dtype == np.uint16 and array.min() < array.max()
+    assert geometry.spacing == pytest.approx((0.03, 0.03, 0.03))
+
+
+def test_flops_per_position_follow_the_stride(bench) -> None:
+    from jule3d.models import JuleNet3D, net_config
+
+    model = JuleNet3D(net_config("fast"), seed=0).eval()
+    native = bench.flops_per_position(model, model.stride)
+    assert native > 0 and bench.flops_per_position(model, 1) == pytest.approx(native * model.stride**3)
+
+
+@pytest.mark.slow
+def test_main_runs_segment_and_reports(bench, tmp_path: Path, capsys) -> None:
+    out = tmp_path / "scale.json"
+    bench.main(["--sizes", "40", "--flop-size", "32", "--json", str(out), "--segment-args", "--n-patches", "60",
+                "--epochs-per-period", "1", "--final-epochs", "1", "--k-s", "5", "--n-networks", "1"])
+    record = json.loads(out.read_text())
+    run = record["runs"][0]
+    assert run["shape"] == [40, 40, 40] and run["seconds"] > 0 and run["peak_rss_bytes"] > 50 * 2**20
+    assert 0 < record["phase2"]["gflops"] and 0 < record["phase2"]["fraction_of_matmul"]
+    assert "Mvoxel/s" in capsys.readouterr().out

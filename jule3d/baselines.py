@@ -35,7 +35,6 @@ Intensities are used as given: give channels comparable scales (``jule3d.normali
 from __future__ import annotations
 
 import importlib.util
-from numbers import Integral, Real
 from typing import Any, Callable
 
 import numpy as np
@@ -45,7 +44,7 @@ from sklearn.cluster import KMeans
 from sklearn.mixture import GaussianMixture
 
 from .labels import masked_box_mean, order_labels_by_intensity
-from .validation import check_mask
+from .validation import check_int, check_mask, check_weight
 from .volume import Volume
 
 __all__ = [
@@ -397,7 +396,8 @@ def local_mean_kmeans(
     ((16, 16, 16), dtype('uint8'), [0, 1, 2, 3])
     """
     mask, _ = _prepare(volume, n_classes, mask)
-    _check_positive_int(window=window, max_samples=max_samples, n_init=n_init)
+    for name, value in (("window", window), ("max_samples", max_samples), ("n_init", n_init)):
+        check_int(name, value, 1)
     features = np.ascontiguousarray(masked_box_mean(volume.data, mask, window, np.nonzero(mask)).T)
     return _finish(_kmeans_codes(features, n_classes, max_samples, n_init, seed), volume, mask)
 
@@ -479,8 +479,9 @@ def atropos_segmentation(
     True
     """
     mask, features = _prepare(volume, n_classes, mask)
-    _check_nonnegative(mrf_smoothing=mrf_smoothing)
-    _check_positive_int(mrf_radius=mrf_radius, n_iterations=n_iterations)
+    check_weight("mrf_smoothing", mrf_smoothing)
+    check_int("mrf_radius", mrf_radius, 1)
+    check_int("n_iterations", n_iterations, 1)
     ants = _import_optional("atropos", "ants")
     from ants.internal import get_lib_fn, get_pointer_string, process_arguments
 
@@ -587,8 +588,9 @@ def hmrf_segmentation(
     True
     """
     mask, features = _prepare(volume, n_classes, mask, channels=1)
-    _check_nonnegative(beta=beta, tolerance=tolerance)
-    _check_positive_int(max_iter=max_iter)
+    check_weight("beta", beta)
+    check_weight("tolerance", tolerance)
+    check_int("max_iter", max_iter, 1)
     tissue = _import_optional("hmrf", "dipy.segment.tissue")
 
     corner = np.argwhere(mask)
@@ -725,8 +727,7 @@ def _prepare(
     volume: Volume, n_classes: int, mask: np.ndarray | None, channels: int | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
     """Check the common arguments; return the mask and the ``(n_voxels, C)`` float32 features."""
-    if isinstance(n_classes, bool) or not isinstance(n_classes, Integral) or n_classes < 2:
-        raise ValueError(f"n_classes must be an integer >= 2, got {n_classes!r}")
+    check_int("n_classes", n_classes, 2)
     mask = check_mask(volume.mask if mask is None else mask, volume.shape)
     features = np.ascontiguousarray(volume.data[:channels, mask].T, dtype=np.float32)
     if not np.isfinite(features).all():
@@ -761,20 +762,6 @@ def _check_positive(**values: float) -> None:
     for name, value in values.items():
         if not value > 0:
             raise ValueError(f"{name} must be > 0, got {value!r}")
-
-
-def _check_positive_int(**values: Any) -> None:
-    """Raise ValueError naming the first option that is not an integer > 0."""
-    for name, value in values.items():
-        if isinstance(value, bool) or not isinstance(value, Integral) or value < 1:
-            raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
-
-
-def _check_nonnegative(**values: Any) -> None:
-    """Raise ValueError naming the first option that is not a finite number >= 0."""
-    for name, value in values.items():
-        if isinstance(value, bool) or not isinstance(value, Real) or not np.isfinite(value) or value < 0:
-            raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
 
 
 def _import_optional(method: str, module: str) -> Any:

@@ -280,7 +280,8 @@ class JuleSegmenter(BaseEstimator):
         ground_truth : numpy.ndarray, optional
             Labels ``(Z, Y, X)``: each network tracks the NMI of its clusters at its patch centres.
         patches : PatchSet, optional
-            Patches of network 0, already sampled with its seed (notebook 01 saves them).
+            Patches of network 0, already sampled with its seed (notebook 01 saves them); used as they are,
+            their ``labels`` (if any) being the ground truth that network 0 tracks.
         checkpoint_dir : path, optional
             Checkpoints of network ``i`` go to ``checkpoint_dir/network_i`` (see :func:`jule3d.jule.train_jule`).
         resume : bool
@@ -304,8 +305,6 @@ class JuleSegmenter(BaseEstimator):
             if i > 0 or patches is None:
                 patches = self.sample_patches(volume, i, ground_truth,
                                               None if i == 0 or self.patch_size else patches.patch_size)
-            elif ground_truth is not None and patches.labels is None:
-                patches.labels = np.asarray(ground_truth)[tuple(patches.centers.T)]
             folder = None if checkpoint_dir is None else Path(checkpoint_dir) / f"network_{i}"
             if i == 0:
                 self.patches_ = patches

@@ -369,9 +369,8 @@ def prepare_volume(
         raise TypeError(f"volume must be a Volume, a path, a list of paths or an array, got {type(volume).__name__}")
     if volume.normalized:
         return volume if mask is None else volume.with_mask(_resolve_mask(volume, mask, None))
-    volume = volume.with_mask(_resolve_mask(volume, mask, None) if mask is not None else
-                              volume.mask if volume.mask is not None else foreground_mask(volume))
-    return normalize_intensity(volume)
+    own = volume.mask if mask is None else mask  # the given mask, else the volume's, else the automatic one
+    return normalize_intensity(volume.with_mask(_resolve_mask(volume, own, "auto")))
 
 
 def _as_path_list(path_or_paths: PathLike | Sequence[PathLike]) -> list[Path]:

@@ -64,8 +64,8 @@ arXiv:2007.09990. Code: https://github.com/kanezaki/pytorch-unsupervised-segment
 
 from __future__ import annotations
 
+import math
 from contextlib import contextmanager
-from numbers import Real
 from typing import Iterator
 
 import numpy as np
@@ -74,7 +74,7 @@ import torch.nn.functional as F
 from sklearn.cluster import KMeans
 from torch import nn
 
-from .validation import check_int
+from .validation import check_int, check_range, check_weight
 from .volume import Volume
 
 __all__ = ["kanezaki_segment"]
@@ -190,10 +190,8 @@ def kanezaki_segment(
     check_int("n_conv", n_conv, 1)
     check_int("max_iter", max_iter, 0)
     check_int("crop_size", crop_size, 3)
-    if isinstance(mu, bool) or not isinstance(mu, Real) or not np.isfinite(mu) or mu < 0:
-        raise ValueError(f"mu must be a finite number >= 0, got {mu!r}")
-    if isinstance(lr, bool) or not isinstance(lr, Real) or not np.isfinite(lr) or lr <= 0:
-        raise ValueError(f"lr must be a finite number > 0, got {lr!r}")
+    check_weight("mu", mu)
+    check_range("lr", lr, 0.0, math.inf, low_open=True)
 
     image = np.where(mask, np.asarray(volume.data, dtype=np.float32), np.float32(0))
     x = torch.from_numpy(image)[None]

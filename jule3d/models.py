@@ -34,13 +34,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from jule3d.validation import check_int
+
 __all__ = ["NetConfig", "PRESETS", "net_config", "JuleNet3D"]
-
-
-def _positive_int(name: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise ValueError(f"NetConfig.{name} must be a positive integer, got {value!r}")
-    return int(value)
 
 
 @dataclass(frozen=True)
@@ -98,16 +94,16 @@ class NetConfig:
 
     def __post_init__(self) -> None:
         for name in ("in_channels", "patch_size", "kernel_size", "n_convs", "pool_size", "feature_dim"):
-            object.__setattr__(self, name, _positive_int(name, getattr(self, name)))
+            object.__setattr__(self, name, check_int(f"NetConfig.{name}", getattr(self, name), 1))
         filters = self.n_filters
         if isinstance(filters, (list, tuple)):
-            filters = tuple(_positive_int("n_filters", f) for f in filters)
+            filters = tuple(check_int("NetConfig.n_filters", f, 1) for f in filters)
             if len(filters) != self.n_convs:
                 raise ValueError(
                     f"NetConfig.n_filters has {len(filters)} entries but n_convs is {self.n_convs}"
                 )
         else:
-            filters = _positive_int("n_filters", filters)
+            filters = check_int("NetConfig.n_filters", filters, 1)
         object.__setattr__(self, "n_filters", filters)
         pools = self.pool_after
         if isinstance(pools, (int, np.integer)):

@@ -32,7 +32,7 @@ import math
 import os
 import tempfile
 from dataclasses import dataclass, field, replace
-from numbers import Integral, Real
+from numbers import Real
 from pathlib import Path
 from typing import Sequence
 
@@ -41,7 +41,7 @@ from numpy.lib.stride_tricks import sliding_window_view
 from scipy import ndimage
 
 from .grid import Grid
-from .validation import check_mask
+from .validation import check_int, check_mask, check_range
 from .volume import Volume
 
 __all__ = [
@@ -209,8 +209,7 @@ class PatchSet:
 
 def _check_patch_size(patch_size: int, shape: Sequence[int] | None = None) -> int:
     """``patch_size`` must be a positive odd integer no larger than any side of ``shape``."""
-    if isinstance(patch_size, bool) or not isinstance(patch_size, Integral) or patch_size < 1:
-        raise ValueError(f"patch_size must be a positive integer, got {patch_size!r}")
+    check_int("patch_size", patch_size, 1)
     if patch_size % 2 == 0:
         raise ValueError(
             f"patch_size must be odd so that the patch has a centre voxel, got {patch_size}; "
@@ -225,9 +224,7 @@ def _check_patch_size(patch_size: int, shape: Sequence[int] | None = None) -> in
 
 
 def _check_min_foreground(min_foreground: float) -> float:
-    if isinstance(min_foreground, bool) or not isinstance(min_foreground, Real) or not 0 <= min_foreground <= 1:
-        raise ValueError(f"min_foreground must be a number in [0, 1], got {min_foreground!r}")
-    return float(min_foreground)
+    return check_range("min_foreground", min_foreground, 0.0, 1.0)
 
 
 def _check_background(background: str) -> str:
@@ -490,8 +487,7 @@ def sample_patches(
     >>> bool(np.array_equal(again.centers, ps.centers))
     True
     """
-    if isinstance(n_patches, bool) or not isinstance(n_patches, Integral) or n_patches <= 0:
-        raise ValueError(f"n_patches must be a positive integer, got {n_patches!r}")
+    check_int("n_patches", n_patches, 1)
     w = _check_patch_size(patch_size, volume.shape)
     min_foreground = _check_min_foreground(min_foreground)
     background = _check_background(background)
@@ -558,13 +554,11 @@ def grid_patches(
     >>> len(ps), ps.patches.shape[1:], ps.centers[:3].tolist()
     (62, (1, 9, 9, 9), [[4, 4, 8], [4, 4, 12], [4, 4, 16]])
     """
-    if isinstance(stride, bool) or not isinstance(stride, Integral) or stride < 1:
-        raise ValueError(f"stride must be a positive integer, got {stride!r}")
     w = _check_patch_size(patch_size, volume.shape)
+    grid = Grid(volume.shape, w, stride)  # checks the stride
     min_foreground = _check_min_foreground(min_foreground)
     background = _check_background(background)
     labels = _check_labels(labels, volume.shape)
-    grid = Grid(volume.shape, w, stride)
     eligible = _eligible(_foreground(volume), w, min_foreground)[::stride, ::stride, ::stride]
     if not eligible.any():
         raise ValueError(
@@ -625,8 +619,7 @@ def resample_isotropic(volume: Volume, spacing: float | None = None, order: int 
         spacing = min(volume.spacing)
     if isinstance(spacing, bool) or not isinstance(spacing, Real) or not np.isfinite(spacing) or spacing <= 0:
         raise ValueError(f"spacing must be a positive number (mm), got {spacing!r}")
-    if isinstance(order, bool) or not isinstance(order, Integral) or not 0 <= order <= 5:
-        raise ValueError(f"order must be an integer in 0..5, got {order!r}")
+    check_int("order", order, 0, 5)
     old = np.asarray(volume.geometry.spacing_zyx)
     if np.allclose(old, spacing, rtol=1e-6, atol=0):
         return volume

@@ -107,11 +107,7 @@ def _check_model_volume(model: JuleNet3D, volume: Volume, stride: int) -> None:
             f"the model was trained on {cfg.in_channels} channel(s) but the volume has {volume.n_channels}: "
             "use a model trained on the same channels"
         )
-    if min(volume.shape) < cfg.patch_size:
-        raise ValueError(
-            f"the volume {volume.shape} is smaller than the model's patch size {cfg.patch_size} along some axis"
-        )
-    check_stride(stride, model.stride)
+    check_stride(stride, model.stride)  # the volume's size against the patch: Grid
 
 
 def check_stride(stride: int, native: int) -> None:
@@ -127,8 +123,7 @@ def check_stride(stride: int, native: int) -> None:
         ...
     ValueError: stride=3 must divide or be a multiple of the network's own stride 2
     """
-    if not isinstance(stride, (int, np.integer)) or isinstance(stride, bool) or stride < 1:
-        raise ValueError(f"stride must be a positive integer, got {stride!r}")
+    check_int("stride", stride, 1)
     if stride % native and native % stride:
         raise ValueError(f"stride={stride} must divide or be a multiple of the network's own stride {native}")
 
@@ -408,8 +403,7 @@ def smooth_labels(
     spacing = np.asarray(spacing, dtype=np.float64)
     if spacing.shape != (3,) or not np.all(spacing > 0):
         raise ValueError(f"spacing must be three positive numbers, got {spacing.tolist()}")
-    if not isinstance(max_iter, (int, np.integer)) or max_iter < 0:
-        raise ValueError(f"max_iter must be an integer >= 0, got {max_iter!r}")
+    check_int("max_iter", max_iter, 0)
     labels = distances.argmin(axis=1).astype(np.int32)
     if beta == 0 or max_iter == 0:
         return labels
@@ -845,8 +839,7 @@ def merge_segment(
     n = len(features)
     if n_clusters > n:
         raise ValueError(f"n_clusters={n_clusters} exceeds the {n} grid positions with a feature; lower the stride")
-    if not isinstance(n_overclusters, (int, np.integer)) or n_overclusters < n_clusters:
-        raise ValueError(f"n_overclusters must be an integer >= n_clusters={n_clusters}, got {n_overclusters!r}")
+    check_int("n_overclusters", n_overclusters, n_clusters)  # at least n_clusters
     n_over = min(int(n_overclusters), n)
     rng = np.random.default_rng(seed)
     fit = features if n <= max_fit else features[np.sort(rng.choice(n, size=max_fit, replace=False))]

@@ -23,17 +23,19 @@ from __future__ import annotations
 import os
 import tempfile
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 import torch
-from scipy import ndimage
 
 from .grid import Grid
 from .models import JuleNet3D
 from .parameters import PARAMETERS
 from .validation import check_choice, check_int, check_weight
 from .volume import Volume
+
+if TYPE_CHECKING:
+    from .clustering import Block, ClassModel
 
 __all__ = [
     "PHASE2_METHODS", "GridFeatures", "grid_features", "cluster_features", "smooth_labels", "local_intensity",
@@ -294,30 +296,13 @@ def cluster_features(
     >>> bool((distances.argmin(axis=1) == labels).all())
     True
     """
-    from sklearn.cluster import KMeans
-    from threadpoolctl import threadpool_limits
+    from .clustering import ClassModel
 
-    n = len(features)
-    check_int("n_clusters", n_clusters, 2)
-    if n_clusters > n:
-        raise ValueError(f"n_clusters={n_clusters} exceeds the {n} grid positions with a feature; lower the stride")
-    rng = np.random.default_rng(seed)
-    fit = features if n <= max_fit else features[np.sort(rng.choice(n, size=max_fit, replace=False))]
-    labels = np.empty(n, dtype=np.int32)
-    distances = np.empty((n, n_clusters), dtype=np.float32) if return_distances else None
-    # One thread (OpenMP and BLAS): on 2 cores shared with torch or other processes, sklearn's threaded Lloyd
-    # iterations spin and ran 20x slower than one thread (measured: 7.7 s vs 0.38 s for 14k x 64).
-    with threadpool_limits(limits=1):
-        km = KMeans(n_clusters=n_clusters, n_init=10, random_state=seed).fit(np.asarray(fit, dtype=np.float32))
-        for start in range(0, n, 262_144):
-            rows = np.asarray(features[start:start + 262_144], dtype=np.float32)
-            if distances is None:
-                labels[start:start + len(rows)] = km.predict(rows)
-            else:
-                d2 = np.square(km.transform(rows))
-                distances[start:start + len(rows)] = d2
-                labels[start:start + len(rows)] = d2.argmin(axis=1)
-    return (labels, distances) if distances is not None else labels
+    _check_clusters(n_clusters, len(features))
+    model = ClassModel(_fit_kmeans(features, n_clusters, seed, max_fit, 10), np.arange(n_clusters), None, 0.0, 1.0)
+    distances = model.distances(features)
+    labels = distances.argmin(axis=1).astype(np.int32)
+    return (labels, distances) if return_distances else labels
 
 
 _NEIGHBOURS = np.array([(dz, dy, dx) for dz in (-1, 0, 1) for dy in (-1, 0, 1) for dx in (-1, 0, 1)
@@ -325,11 +310,12 @@ _NEIGHBOURS = np.array([(dz, dy, dx) for dz in (-1, 0, 1) for dy in (-1, 0, 1) f
 
 
 def smooth_labels(
-    grid: GridFeatures,
+    grid: GridFeatures | np.ndarray,
     distances: np.ndarray,
     beta: float,
     spacing: Sequence[float] = (1.0, 1.0, 1.0),
     max_iter: int = 20,
+    scale: float | None = None,
 ) -> np.ndarray:
     """[ours] Potts-model regularisation of the cluster labels of the grid positions (ICM).
 
@@ -350,8 +336,8 @@ def smooth_labels(
 
     Parameters
     ----------
-    grid : GridFeatures
-        The grid the distances belong to (its ``selected`` positions, in row order).
+    grid : GridFeatures or numpy.ndarray
+        The grid the distances belong to (its ``selected`` positions, in row order), or that bool array.
     distances : numpy.ndarray
         ``(M, k)`` squared distances to the centroids, e.g. from
         ``cluster_features(..., return_distances=True)``.
@@ -361,6 +347,9 @@ def smooth_labels(
         Voxel spacing ``(z, y, x)`` in mm; only the ratios matter (the grid stride is the same on every axis).
     max_iter : int
         Most ICM sweeps.
+    scale : float, optional
+        The divisor ``s`` of the data term; default: the median computed from ``distances`` (a model fitted on
+        other positions passes its own, :class:`jule3d.clustering.ClassModel`).
 
     Returns
     -------
@@ -396,7 +385,7 @@ def smooth_labels(
     """
     check_weight("smoothing", beta)
     distances = np.asarray(distances, dtype=np.float32)
-    sel = grid.selected
+    sel = grid.selected if isinstance(grid, GridFeatures) else np.asarray(grid, dtype=bool)
     if distances.ndim != 2 or distances.shape[0] != int(sel.sum()):
         raise ValueError(f"distances must be an (M, k) array with M = {int(sel.sum())} featured positions, "
                          f"got shape {distances.shape}")
@@ -408,8 +397,9 @@ def smooth_labels(
     if beta == 0 or max_iter == 0:
         return labels
     k = distances.shape[1]
-    scale = float(np.median(distances.min(axis=1)))
-    scale = scale if scale > 0 else max(float(distances.mean()), 1.0)
+    if scale is None:
+        scale = float(np.median(distances.min(axis=1)))
+        scale = scale if scale > 0 else max(float(distances.mean()), 1.0)
     unary = np.zeros(sel.shape + (k,), dtype=np.float32)
     unary[sel] = distances / scale
     current = np.zeros(sel.shape, dtype=np.int32)
@@ -517,22 +507,11 @@ def local_intensity(volume: Volume, grid: GridFeatures, window: int = 3) -> np.n
     >>> local.shape, local.dtype, round(float(local.mean()), 3), round(float(local.std()), 3)
     ((216, 1), dtype('float32'), 0.0, 1.0)
     """
-    return _local_mean(volume, grid, window, standardise=True)
-
-
-def _local_mean(volume: Volume, grid: GridFeatures, window: int, standardise: bool) -> np.ndarray:
-    """Foreground mean of every channel in a ``window``³ box at each featured centre, centred; divided by its
-    own sd (``standardise``) or by the sd of the channel's foreground voxels."""
-    from .labels import masked_box_mean
+    from .clustering import FeatureScaling, box_means
 
     check_int("intensity_window", window, 1)
-    foreground = volume.foreground()
-    columns = []
-    for channel, values in zip(volume.data, masked_box_mean(volume.data, foreground, int(window),
-                                                            tuple(grid.centers.T))):
-        std = values.std() if standardise else np.asarray(channel, dtype=np.float32)[foreground].std()
-        columns.append((values - values.mean()) / std if std > 0 else np.zeros_like(values))
-    return np.stack(columns, axis=1).astype(np.float32)
+    local = box_means(volume, window, tuple(grid.centers.T))
+    return FeatureScaling.fit([], (), local, None, 1.0).transform([], local)
 
 
 PHASE2_METHODS: tuple[str, ...] = PARAMETERS["phase2"].choices
@@ -620,10 +599,17 @@ def joint_features(
     >>> joint_features(grids, phantom.volume, intensity_weight=0).shape
     (216, 16)
     """
+    from .clustering import FeatureScaling
+
     check_weight("intensity_weight", intensity_weight)
-    _check_shared_positions(grids)
-    local = _local_mean(volume, grids[0], window, standardise=False) if intensity_weight > 0 else None
-    return _stack_blocks(grids, [_centring(g) for g in grids], local, intensity_weight)
+    check_int("intensity_window", window, 1)
+    block = whole_block(grids, volume)
+    local = block.local(window) if intensity_weight > 0 else None
+    std = np.array([np.asarray(c, dtype=np.float32)[volume.foreground()].std() for c in volume.data],
+                   dtype=np.float32)
+    scaling = FeatureScaling.fit(block.features, tuple(range(len(grids))), local, std,
+                                 intensity_weight / np.sqrt(volume.n_channels))
+    return scaling.transform(block.features, local)
 
 
 def _check_shared_positions(grids: Sequence[GridFeatures]) -> None:
@@ -632,33 +618,10 @@ def _check_shared_positions(grids: Sequence[GridFeatures]) -> None:
         raise ValueError("the networks' grid features must share their positions (same patch size and stride)")
 
 
-def _centring(grid: GridFeatures) -> tuple[np.ndarray, np.floating]:
-    """Column means of a grid's features and the mean squared norm of the centred rows."""
-    block = np.asarray(grid.features, dtype=np.float32)
-    mean = block.mean(axis=0)
-    block = block - mean
-    return mean, np.mean(np.einsum("ij,ij->i", block, block))
-
-
-def _stack_blocks(
-    grids: Sequence[GridFeatures],
-    centring: Sequence[tuple[np.ndarray, np.floating]],
-    local: np.ndarray | None,
-    intensity_weight: float,
-) -> np.ndarray:
-    """:func:`joint_features` from each grid's :func:`_centring` and the unstandardised local mean (``local``)."""
-    blocks = []
-    for grid, (mean, mean_square) in zip(grids, centring):
-        block = np.asarray(grid.features, dtype=np.float32) - mean
-        scale = float(np.sqrt(mean_square * len(grids)))
-        blocks.append(block / scale if scale > 0 else block)
-    if intensity_weight > 0:
-        blocks.append(np.float32(intensity_weight / np.sqrt(local.shape[1])) * local)
-    return np.hstack(blocks).astype(np.float32, copy=False)
-
-
-def grid_contacts(grid: GridFeatures, labels: np.ndarray, n_labels: int) -> np.ndarray:
+def grid_contacts(grid: GridFeatures | np.ndarray, labels: np.ndarray, n_labels: int) -> np.ndarray:
     """Number of face-neighbour pairs of featured grid positions between every two labels.
+
+    ``grid``: the grid features, or their bool ``selected`` array (``labels`` in its C order).
 
     Returns
     -------
@@ -680,8 +643,9 @@ def grid_contacts(grid: GridFeatures, labels: np.ndarray, n_labels: int) -> np.n
     >>> contacts.shape, contacts.dtype, contacts.tolist()
     ((2, 2), dtype('float64'), [[0.0, 36.0], [36.0, 0.0]])
     """
-    full = np.full(grid.selected.shape, -1, dtype=np.int64)
-    full[grid.selected] = labels
+    sel = grid.selected if isinstance(grid, GridFeatures) else np.asarray(grid, dtype=bool)
+    full = np.full(sel.shape, -1, dtype=np.int64)
+    full[sel] = labels
     contacts = np.zeros((n_labels, n_labels))
     for axis in range(3):
         a = np.delete(full, -1, axis=axis).ravel()
@@ -831,49 +795,109 @@ def merge_segment(
     >>> labels.shape, labels.dtype, sorted(set(labels.tolist()))
     ((216,), dtype('int32'), [0, 1, 2])
     """
+    return fit_merge(features, grid.selected, n_clusters, seed=seed, smoothing=smoothing,
+                     n_overclusters=n_overclusters, spacing=spacing, max_fit=max_fit, n_init=n_init)[1]
+
+
+def _check_clusters(n_clusters: int, n: int) -> None:
+    check_int("n_clusters", n_clusters, 2)
+    if n_clusters > n:
+        raise ValueError(f"n_clusters={n_clusters} exceeds the {n} grid positions with a feature; lower the stride")
+
+
+def _fit_kmeans(features: np.ndarray, n_clusters: int, seed: int, max_fit: int, n_init: int) -> np.ndarray:
+    """Centres ``(k, D)`` of k-means (``n_init`` restarts) on a seeded sample of at most ``max_fit`` rows."""
     from sklearn.cluster import KMeans
     from threadpoolctl import threadpool_limits
 
-    check_int("n_clusters", n_clusters, 2)
-    check_weight("smoothing", smoothing)
     n = len(features)
-    if n_clusters > n:
-        raise ValueError(f"n_clusters={n_clusters} exceeds the {n} grid positions with a feature; lower the stride")
-    check_int("n_overclusters", n_overclusters, n_clusters)  # at least n_clusters
-    n_over = min(int(n_overclusters), n)
     rng = np.random.default_rng(seed)
     fit = features if n <= max_fit else features[np.sort(rng.choice(n, size=max_fit, replace=False))]
+    # One thread (OpenMP and BLAS): on 2 cores shared with torch or other processes, sklearn's threaded Lloyd
+    # iterations spin and ran 20x slower than one thread (measured: 7.7 s vs 0.38 s for 14k x 64).
     with threadpool_limits(limits=1):
-        km = KMeans(n_clusters=n_over, n_init=n_init, random_state=seed).fit(np.asarray(fit, dtype=np.float32))
-        over = np.empty(n, dtype=np.int64)
-        nearest = np.empty((n, n_over), dtype=np.float32)
-        for start in range(0, n, 262_144):
-            rows = np.asarray(features[start:start + 262_144], dtype=np.float32)
-            d2 = np.square(km.transform(rows))
-            nearest[start:start + len(rows)] = d2
-            over[start:start + len(rows)] = d2.argmin(axis=1)
+        km = KMeans(n_clusters=n_clusters, n_init=n_init, random_state=seed).fit(np.asarray(fit, dtype=np.float32))
+    return km.cluster_centers_.astype(np.float32)
+
+
+def fit_kmeans(
+    features: np.ndarray, selected: np.ndarray, n_clusters: int, seed: int = 0, smoothing: float = 0.0,
+    spacing: Sequence[float] = (1.0, 1.0, 1.0), max_fit: int = 100_000,
+) -> tuple[ClassModel, np.ndarray]:
+    """The ``"kmeans"`` Phase 2 as a model: k-means centres, and the Potts weight ``smoothing`` with the scale
+    of the fitted positions. Returns the model and the labels of ``features`` (positions ``selected``)."""
+    from .clustering import ClassModel
+
+    check_weight("smoothing", smoothing)
+    _check_clusters(n_clusters, len(features))
+    model = ClassModel(_fit_kmeans(features, n_clusters, seed, max_fit, 10), np.arange(n_clusters), None,
+                       float(smoothing), 1.0)
+    distances = model.distances(features)
+    scale = float(np.median(distances.min(axis=1)))
+    model.scale = scale if scale > 0 else max(float(distances.mean()), 1.0)
+    return model, model.labels(distances, selected, spacing)
+
+
+def fit_merge(
+    features: np.ndarray,
+    selected: np.ndarray,
+    n_clusters: int,
+    seed: int = 0,
+    smoothing: float = MERGE_SMOOTHING,
+    n_overclusters: int = N_OVERCLUSTERS,
+    spacing: Sequence[float] = (1.0, 1.0, 1.0),
+    max_fit: int = 50_000,
+    n_init: int = 3,
+) -> tuple[ClassModel, np.ndarray]:
+    """:func:`merge_segment` as a model that labels other positions the same way.
+
+    Parameters are those of :func:`merge_segment`, with the grid's bool ``selected`` positions (rows of
+    ``features`` in its C order) instead of the grid.
+
+    Returns
+    -------
+    model : ClassModel
+        The centres, their classes after merging, the median margin and the Potts weight that kept every class.
+    labels : numpy.ndarray
+        ``(M,)`` int32 labels of ``features``.
+    """
+    from .clustering import ClassModel
+
+    check_weight("smoothing", smoothing)
+    n = len(features)
+    _check_clusters(n_clusters, n)
+    check_int("n_overclusters", n_overclusters, n_clusters)  # at least n_clusters
+    n_over = min(int(n_overclusters), n)
+    centers = _fit_kmeans(features, n_over, seed, max_fit, n_init)
+    nearest = ClassModel(centers, np.arange(n_over), None, 0.0, 1.0).distances(features)
+    over = nearest.argmin(axis=1)
     used, over = np.unique(over, return_inverse=True)  # over-clusters that received no position are dropped
     nearest = nearest[:, used]
     sizes = np.bincount(over, minlength=len(used))
-    centroids = np.stack([np.asarray(features[over == c], dtype=np.float64).mean(axis=0) for c in range(len(used))])
-    group = merge_clusters(grid_contacts(grid, over, len(used)), sizes, centroids, min(n_clusters, len(used)))
+    means = np.stack([np.asarray(features[over == c], dtype=np.float64).mean(axis=0) for c in range(len(used))])
+    group = merge_clusters(grid_contacts(selected, over, len(used)), sizes, means, min(n_clusters, len(used)))
     distances = np.stack([nearest[:, group == g].min(axis=1) for g in range(group.max() + 1)], axis=1)
     merged = group[over].astype(np.int32)
+    margin = None
     if distances.shape[1] > 1:
         # A constant per row changes no decision of the Potts model; this one makes the scale of
         # smooth_labels the median margin between a position's nearest and second-nearest group, so
         # ``smoothing`` is in units of how clearly positions belong to their class.
         ordered = np.partition(distances, 1, axis=1)
         margin = float(np.median(ordered[:, 1] - ordered[:, 0]))
-        distances = distances - ordered[:, :1] + np.float32(margin if margin > 0 else 1.0)
+        margin = margin if margin > 0 else 1.0
+        distances = distances - ordered[:, :1] + np.float32(margin)
+    model = ClassModel(centers[used], group, margin, 0.0, margin if margin is not None else 1.0)
     # The Potts term regularises borders; it must not decide the number of classes (on a grid of a few
     # hundred positions it can absorb a whole class): the weight is halved until every class survives.
     n_classes = len(np.unique(merged))
     for halving in range(MAX_SMOOTHING_HALVINGS + 1):
-        smoothed = smooth_labels(grid, distances, smoothing / 2 ** halving, spacing=spacing)
+        model.beta = smoothing / 2 ** halving
+        smoothed = model.labels(distances, selected, spacing)
         if len(np.unique(smoothed)) == n_classes:
-            return smoothed
-    return merged
+            return model, smoothed
+    model.beta = 0.0
+    return model, merged
 
 
 #: Factors on the intensity block of the candidates of the ``"consensus"`` Phase 2: a geometric range around
@@ -1009,27 +1033,23 @@ def consensus_segment(
     >>> consensus.labels.shape, sorted(set(consensus.labels.tolist()))
     ((216,), [0, 1, 2])
     """
-    from .metrics import nmi
+    from .clustering import fit_classes
 
     check_weight("intensity_weight", intensity_weight)
     if not weights or any(isinstance(w, bool) or not np.isfinite(w) or w < 0 for w in weights):
         raise ValueError(f"weights must be a non-empty sequence of non-negative numbers, got {weights!r}")
-    factors = [0.0] if intensity_weight == 0 else [float(w) * intensity_weight for w in weights]
-    candidates = [(subset, w) for subset in network_subsets(len(grids)) for w in factors]
-    # the blocks' statistics and the local mean are the same in every candidate: computed once
+    _, _, labels, candidates, agreement, chosen = fit_classes(
+        [whole_block(grids, volume)], n_clusters, seed=seed, phase2="consensus", intensity_weight=intensity_weight,
+        window=window, smoothing=smoothing, spacing=volume.geometry.spacing_zyx, weights=weights)
+    return Consensus(labels, candidates, agreement, chosen)
+
+
+def whole_block(grids: Sequence[GridFeatures], volume: Volume) -> Block:
+    """The networks' grid features over the whole volume as one :class:`jule3d.clustering.Block`."""
+    from .clustering import Block
+
     _check_shared_positions(grids)
-    centring = [_centring(g) for g in grids]
-    local = _local_mean(volume, grids[0], window, standardise=False) if intensity_weight > 0 else None
-    spacing = volume.geometry.spacing_zyx
-    labels = [merge_segment(_stack_blocks([grids[i] for i in subset], [centring[i] for i in subset], local, w),
-                            grids[0], n_clusters, seed=seed, smoothing=smoothing, spacing=spacing, n_init=1)
-              for subset, w in candidates]
-    agreement = np.eye(len(labels))
-    for i in range(len(labels)):
-        for j in range(i + 1, len(labels)):
-            agreement[i, j] = agreement[j, i] = nmi(labels[i], labels[j])
-    chosen = int(np.argmax(_support(agreement)))  # ties: the first, i.e. all networks at the lowest factor
-    return Consensus(labels[chosen], candidates, agreement, chosen)
+    return Block([g.features for g in grids], grids[0].selected, volume, grids[0].grid)
 
 
 #: Least prior probability of a class at a voxel in :func:`refine_labels`: deep inside a region of the coarse
@@ -1091,36 +1111,26 @@ def refine_labels(
     >>> bool(np.array_equal(refined > 0, phantom.volume.mask))
     True
     """
-    from .labels import masked_box_mean, order_labels_by_intensity
+    from .clustering import RefineModel, _intensity_order, box_means
 
     check_int("intensity_window", window, 1)
     if not 0 < floor < 1:
         raise ValueError(f"floor must be in (0, 1), got {floor!r}")
     foreground = volume.foreground()
-    inside = labels[foreground].astype(np.int64)
-    classes = np.unique(inside)
+    classes, inside = np.unique(labels[foreground], return_inverse=True)
     if len(classes) < 2:
         return labels
-    local = masked_box_mean(volume.data, foreground, int(window), np.nonzero(foreground)).T.astype(np.float64)
-    pooled = np.atleast_2d(np.cov(local, rowvar=False))
-    ridge = 1e-6 * max(float(np.trace(pooled)) / len(pooled), 1e-12) * np.eye(len(pooled))
-    priors = np.stack([ndimage.gaussian_filter((labels == c).astype(np.float32), sigma=float(stride),
-                                               mode="nearest")[foreground] for c in classes], axis=1)
-    priors /= np.maximum(priors.sum(axis=1, keepdims=True), np.float32(1e-30))
-    log_posterior = np.log(np.maximum(priors, floor)).astype(np.float64)
-    for j, c in enumerate(classes):
-        members = local[inside == c]
-        cov = np.atleast_2d(np.cov(members, rowvar=False)) if len(members) > local.shape[1] + 1 else pooled
-        cov = cov + ridge
-        diff = local - members.mean(axis=0)
-        _, logdet = np.linalg.slogdet(cov)
-        log_posterior[:, j] -= 0.5 * (np.einsum("ij,ij->i", diff @ np.linalg.inv(cov), diff) + logdet)
-    refined = classes[np.argmax(log_posterior, axis=1)]
+    coarse = np.zeros(labels.shape, dtype=np.int64)
+    coarse[foreground] = inside
+    local = box_means(volume, window, np.nonzero(foreground))
+    model = RefineModel.fit(local, inside, len(classes), stride, window, floor)
+    refined = model.apply(coarse, foreground, local, foreground)
     if len(np.unique(refined)) < len(classes):
         return labels
+    order = _intensity_order(refined, np.asarray(volume.data[0], dtype=np.float64)[foreground], len(classes))
     out = np.zeros_like(labels)
-    out[foreground] = refined
-    return order_labels_by_intensity(out, np.asarray(volume.data[0]), foreground).astype(labels.dtype, copy=False)
+    out[foreground] = order[refined]
+    return out
 
 
 def label_volume(
@@ -1252,24 +1262,10 @@ def label_grids(
     >>> labels.shape, labels.dtype, sorted(np.unique(labels).tolist())
     ((24, 24, 24), dtype('uint8'), [0, 1, 2, 3])
     """
+    from .clustering import fit_phase2
+
     intensity_weight, smoothing = _phase2_options(phase2, intensity_weight, smoothing)
-    grid = grids[0]
-    spacing = volume.geometry.spacing_zyx
-    if phase2 == "consensus":
-        clusters = consensus_segment(grids, volume, n_clusters, seed=seed, intensity_weight=intensity_weight,
-                                     window=intensity_window, smoothing=smoothing).labels
-        return refine_labels(project_labels(grid, clusters, volume), volume, grid.stride, intensity_window)
-    if phase2 == "merge":
-        features = joint_features(grids, volume, intensity_weight, intensity_window)
-        clusters = merge_segment(features, grid, n_clusters, seed=seed, smoothing=smoothing, spacing=spacing)
-        return project_labels(grid, clusters, volume)
-    features = joint_features(grids, volume, 0.0) if len(grids) > 1 else grid.features
-    if intensity_weight > 0:
-        extra = intensity_weight * local_intensity(volume, grid, intensity_window)
-        features = np.hstack([np.asarray(features, dtype=np.float32), extra])
-    if smoothing > 0:
-        clusters, distances = cluster_features(features, n_clusters, seed=seed, return_distances=True)
-        clusters = smooth_labels(grid, distances, smoothing, spacing=spacing)
-    else:
-        clusters = cluster_features(features, n_clusters, seed=seed)
-    return project_labels(grid, clusters, volume)
+    check_int("intensity_window", intensity_window, 1)
+    return fit_phase2([whole_block(grids, volume)], n_clusters, seed=seed, phase2=phase2,
+                      intensity_weight=intensity_weight, window=intensity_window, smoothing=smoothing,
+                      spacing=volume.geometry.spacing_zyx)[1][0]

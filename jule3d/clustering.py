@@ -1,0 +1,543 @@
+"""Phase 2's clustering as a fitted model: fit it once, then label any block of grid positions with it.
+
+:func:`jule3d.segmentation.label_grids` fits the model on the whole grid and applies it to the same grid;
+:mod:`jule3d.chunked` fits it on a bounded sample of the grid's chunks and applies it chunk by chunk, so the
+memory of Phase 2 is bounded by the chunk, not by the volume. The model is everything a chunk needs to be
+labelled the way the whole grid would be:
+
+* :class:`FeatureScaling`: how the networks' features and the local mean intensity are put on one scale
+  (:func:`jule3d.segmentation.joint_features`);
+* :class:`ClassModel`: the k-means centres, the class each centre belongs to (after
+  :func:`jule3d.segmentation.merge_clusters`), the Potts weight and scale of
+  :func:`jule3d.segmentation.smooth_labels`;
+* :class:`RefineModel`: the per-class intensity Gaussians of :func:`jule3d.segmentation.refine_labels`;
+* ``order``: the output id of every class (ascending mean intensity of the first channel over the fitted
+  voxels, :func:`jule3d.labels.order_labels_by_intensity`).
+
+Examples
+--------
+>>> import numpy as np
+>>> from jule3d.clustering import FeatureScaling
+>>> scaling = FeatureScaling.fit([np.eye(3, dtype=np.float32)], (0,), None, None, 0.0)
+>>> scaling.transform([np.eye(3, dtype=np.float32)], None).shape
+(3, 3)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Sequence
+
+import numpy as np
+from scipy import ndimage
+
+if TYPE_CHECKING:
+    from .grid import Grid
+    from .volume import Volume
+
+__all__ = ["FeatureScaling", "ClassModel", "RefineModel", "Phase2Model", "Block", "fit_phase2", "label_block",
+           "block_distances", "box_means", "ROWS"]
+
+#: Rows of features turned into distances at a time (bounds the temporary memory of one block).
+ROWS = 262_144
+
+
+@dataclass
+class FeatureScaling:
+    """The joint features of a Phase 2 candidate: which networks, centred and scaled how, and the intensity block.
+
+    Attributes
+    ----------
+    networks : tuple of int
+        Indices of the networks whose features are used, side by side.
+    means, scales : tuple
+        Per used network: the column means subtracted and the divisor of the centred block (``scale`` 0: none).
+    local_center, local_divisor : numpy.ndarray or None
+        ``(C,)`` centring and divisor of the local mean intensity of every channel (``None``: no intensity
+        block; a divisor of 0 gives a zero column).
+    local_factor : float
+        Factor on the intensity block.
+    """
+
+    networks: tuple[int, ...]
+    means: tuple[np.ndarray, ...]
+    scales: tuple[float, ...]
+    local_center: np.ndarray | None
+    local_divisor: np.ndarray | None
+    local_factor: float
+
+    @classmethod
+    def fit(
+        cls,
+        features: Sequence[np.ndarray],
+        networks: tuple[int, ...],
+        local: np.ndarray | None,
+        local_divisor: np.ndarray | None,
+        local_factor: float,
+        centre: bool = True,
+    ) -> "FeatureScaling":
+        """Fit on ``features`` (one ``(M, D)`` array per network) and the raw local means ``local`` ``(M, C)``.
+
+        ``centre``: centre every network's block and give the learnt part total variance 1
+        (:func:`jule3d.segmentation.joint_features`); otherwise the features are used as they are.
+        ``local_divisor`` ``None`` standardises each local-mean column by its own standard deviation.
+        """
+        means, scales = [], []
+        for i in networks:
+            block = np.asarray(features[i], dtype=np.float32)
+            if not centre:
+                means.append(np.zeros(block.shape[1], dtype=np.float32))
+                scales.append(1.0)
+                continue
+            mean = block.mean(axis=0)
+            centred = block - mean
+            means.append(mean)
+            scales.append(float(np.sqrt(np.mean(np.einsum("ij,ij->i", centred, centred)) * len(networks))))
+        center = divisor = None
+        if local is not None and local_factor > 0:
+            columns = [np.ascontiguousarray(local[:, c], dtype=np.float32) for c in range(local.shape[1])]
+            center = np.array([col.mean() for col in columns], dtype=np.float32)
+            divisor = (np.array([col.std() for col in columns], dtype=np.float32) if local_divisor is None
+                       else np.asarray(local_divisor, dtype=np.float32))
+        return cls(tuple(networks), tuple(means), tuple(scales), center, divisor, float(local_factor))
+
+    @property
+    def uses_intensity(self) -> bool:
+        """Whether the features have an intensity block."""
+        return self.local_center is not None
+
+    def transform(self, features: Sequence[np.ndarray], local: np.ndarray | None) -> np.ndarray:
+        """``(M, D')`` float32 joint features of rows of every network's features and their raw local means."""
+        blocks = []
+        for i, mean, scale in zip(self.networks, self.means, self.scales):
+            block = np.asarray(features[i], dtype=np.float32) - mean
+            blocks.append(block / scale if scale > 0 else block)
+        if self.local_center is not None:
+            local = np.asarray(local, dtype=np.float32)
+            columns = [(local[:, c] - self.local_center[c]) / self.local_divisor[c] if self.local_divisor[c] > 0
+                       else np.zeros(len(local), dtype=np.float32) for c in range(local.shape[1])]
+            blocks.append(np.float32(self.local_factor) * np.stack(columns, axis=1).astype(np.float32))
+        return np.hstack(blocks).astype(np.float32, copy=False)
+
+
+@dataclass
+class ClassModel:
+    """Distances of joint features to the classes, and the Potts model that turns them into labels.
+
+    Attributes
+    ----------
+    centers : numpy.ndarray
+        ``(K, D')`` float32 k-means centres.
+    group : numpy.ndarray
+        ``(K,)`` class ``0..k-1`` of every centre; a position's distance to a class is its squared distance to
+        the nearest centre of the class.
+    margin : float or None
+        ``"merge"``: every row's distances are shifted so that its nearest class is at ``margin`` (the median
+        margin of the fitted positions); ``None``: unshifted.
+    beta : float
+        Potts weight of :func:`jule3d.segmentation.smooth_labels` (0: the nearest class).
+    scale : float
+        Its unit of the data term.
+    """
+
+    centers: np.ndarray
+    group: np.ndarray
+    margin: float | None
+    beta: float
+    scale: float
+
+    @property
+    def n_classes(self) -> int:
+        """Number of classes ``k``."""
+        return int(self.group.max()) + 1
+
+    def distances(self, joint: np.ndarray) -> np.ndarray:
+        """``(M, k)`` float32 data term of every row of joint features."""
+        from sklearn.metrics.pairwise import euclidean_distances
+
+        out = np.empty((len(joint), self.n_classes), dtype=np.float32)
+        single = np.array_equal(self.group, np.arange(len(self.group)))
+        for start in range(0, len(joint), ROWS):
+            d2 = np.square(euclidean_distances(np.asarray(joint[start:start + ROWS], dtype=np.float32),
+                                               self.centers))
+            if not single:
+                d2 = np.stack([d2[:, self.group == g].min(axis=1) for g in range(self.n_classes)], axis=1)
+            out[start:start + len(d2)] = d2
+        if self.margin is not None and out.shape[1] > 1:
+            out -= out.min(axis=1, keepdims=True)
+            out += np.float32(self.margin)
+        return out
+
+    def labels(self, distances: np.ndarray, selected: np.ndarray, spacing: Sequence[float]) -> np.ndarray:
+        """``(M,)`` int32 classes of the positions ``selected`` (a bool grid block, rows in C order)."""
+        from .segmentation import smooth_labels
+
+        return smooth_labels(selected, distances, self.beta, spacing=spacing, scale=self.scale)
+
+
+@dataclass
+class RefineModel:
+    """Per-class Gaussians of the local mean intensity, for :func:`jule3d.segmentation.refine_labels`.
+
+    Attributes
+    ----------
+    means : numpy.ndarray
+        ``(k, C)`` class means.
+    inverses : numpy.ndarray
+        ``(k, C, C)`` inverse covariances (with the ridge).
+    logdets : numpy.ndarray
+        ``(k,)`` log-determinants of the covariances.
+    stride : int
+        Standard deviation (voxels) of the Gaussian that smooths the coarse labels into a prior.
+    window : int
+        Side of the intensity box.
+    floor : float
+        Least prior probability.
+    """
+
+    means: np.ndarray
+    inverses: np.ndarray
+    logdets: np.ndarray
+    stride: int
+    window: int
+    floor: float
+
+    @property
+    def radius(self) -> int:
+        """Voxels beyond a block whose coarse labels change the prior inside it (the Gaussian's reach)."""
+        return int(4.0 * self.stride + 0.5) + self.window
+
+    @classmethod
+    def fit(cls, local: np.ndarray, labels: np.ndarray, n_classes: int, stride: int, window: int,
+            floor: float) -> "RefineModel":
+        """Fit on the local means ``(N, C)`` of foreground voxels and their coarse classes ``(N,)`` (``0..k-1``)."""
+        local = np.asarray(local, dtype=np.float64)
+        pooled = np.atleast_2d(np.cov(local, rowvar=False))
+        ridge = 1e-6 * max(float(np.trace(pooled)) / len(pooled), 1e-12) * np.eye(len(pooled))
+        means, inverses, logdets = [], [], []
+        for c in range(n_classes):
+            members = local[labels == c]
+            cov = np.atleast_2d(np.cov(members, rowvar=False)) if len(members) > local.shape[1] + 1 else pooled
+            cov = cov + ridge
+            means.append(members.mean(axis=0) if len(members) else local.mean(axis=0))
+            logdets.append(np.linalg.slogdet(cov)[1])
+            inverses.append(np.linalg.inv(cov))
+        return cls(np.array(means), np.array(inverses), np.array(logdets), int(stride), int(window), float(floor))
+
+    def apply(self, coarse: np.ndarray, foreground: np.ndarray, local: np.ndarray, keep: np.ndarray) -> np.ndarray:
+        """Refined classes ``(N,)`` of the voxels ``keep`` of a block.
+
+        Parameters
+        ----------
+        coarse : numpy.ndarray
+            ``(Z, Y, X)`` coarse classes ``0..k-1`` of the block (any value outside the foreground), with
+            :attr:`radius` voxels of context around the voxels that are kept.
+        foreground : numpy.ndarray
+            Its bool foreground.
+        local : numpy.ndarray
+            ``(N, C)`` local means of the voxels ``keep`` (C order).
+        keep : numpy.ndarray
+            Bool: the foreground voxels to refine.
+        """
+        k = len(self.means)
+        priors = np.stack([ndimage.gaussian_filter(((coarse == c) & foreground).astype(np.float32),
+                                                   sigma=float(self.stride), mode="nearest")[keep]
+                           for c in range(k)], axis=1)
+        priors /= np.maximum(priors.sum(axis=1, keepdims=True), np.float32(1e-30))
+        log_posterior = np.log(np.maximum(priors, self.floor)).astype(np.float64)
+        local = np.asarray(local, dtype=np.float64)
+        for c in range(k):
+            diff = local - self.means[c]
+            log_posterior[:, c] -= 0.5 * (np.einsum("ij,ij->i", diff @ self.inverses[c], diff) + self.logdets[c])
+        return np.argmax(log_posterior, axis=1)
+
+
+@dataclass
+class Phase2Model:
+    """A fitted Phase 2: joint features → class distances → Potts labels → (refined) voxel labels → output ids.
+
+    Attributes
+    ----------
+    scaling : FeatureScaling
+    classes : ClassModel
+    refine : RefineModel or None
+        Voxel-level borders (the ``"consensus"`` Phase 2), ``None`` otherwise or where refining emptied a class
+        of the fitted voxels.
+    order : numpy.ndarray
+        ``(k,)`` output id ``1..k`` of every class.
+    window : int
+        Side of the box of the local mean intensity.
+    candidates, agreement, chosen
+        ``"consensus"``: every candidate ``(networks, intensity factor)``, their NMI agreement and the one kept.
+    """
+
+    scaling: FeatureScaling
+    classes: ClassModel
+    refine: RefineModel | None
+    order: np.ndarray
+    window: int
+    candidates: list = field(default_factory=list)
+    agreement: np.ndarray | None = None
+    chosen: int = 0
+
+    @property
+    def networks(self) -> tuple[int, ...]:
+        """The networks whose features this model reads (the others need not be computed)."""
+        return self.scaling.networks
+
+    def to_dict(self) -> dict:
+        """Plain arrays and numbers (for :func:`numpy.savez` or ``torch.save(weights_only=True)``)."""
+        s, c, r = self.scaling, self.classes, self.refine
+        out = {"networks": np.array(s.networks), "means": np.stack(s.means), "scales": np.array(s.scales),
+               "local_factor": s.local_factor, "centers": c.centers, "group": c.group,
+               "margin": np.nan if c.margin is None else c.margin, "beta": c.beta, "scale": c.scale,
+               "order": self.order, "window": self.window}
+        if s.local_center is not None:
+            out.update(local_center=s.local_center, local_divisor=s.local_divisor)
+        if r is not None:
+            out.update(refine_means=r.means, refine_inverses=r.inverses, refine_logdets=r.logdets,
+                       refine_stride=r.stride, refine_floor=r.floor)
+        return out
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Phase2Model":
+        """The inverse of :meth:`to_dict`."""
+        get = {k: np.asarray(v) for k, v in d.items()}
+        scaling = FeatureScaling(tuple(int(i) for i in get["networks"]), tuple(get["means"]),
+                                 tuple(float(v) for v in get["scales"]), get.get("local_center"),
+                                 get.get("local_divisor"), float(get["local_factor"]))
+        margin = float(get["margin"])
+        classes = ClassModel(get["centers"].astype(np.float32), get["group"].astype(np.int64),
+                             None if np.isnan(margin) else margin, float(get["beta"]), float(get["scale"]))
+        refine = None
+        if "refine_means" in get:
+            refine = RefineModel(get["refine_means"], get["refine_inverses"], get["refine_logdets"],
+                                 int(get["refine_stride"]), int(get["window"]), float(get["refine_floor"]))
+        return cls(scaling, classes, refine, get["order"].astype(np.int64), int(get["window"]))
+
+
+@dataclass
+class Block:
+    """Grid positions of one block, their features, and the voxels their patches read.
+
+    Attributes
+    ----------
+    features : list of numpy.ndarray or None
+        Per network: ``(M, D)`` features of the ``selected`` positions in C order (``None`` for a network the
+        model does not read).
+    selected : numpy.ndarray
+        Bool grid block: the positions with a feature.
+    volume : Volume
+        The normalised voxels the block's patches read, with their foreground; its :class:`~jule3d.grid.Grid`
+        is ``grid``.
+    grid : Grid
+        ``Grid(volume.shape, patch_size, stride)``; its ``grid_shape`` is ``selected.shape``.
+    owned : tuple of slice
+        The voxels of ``volume`` whose labels this block decides.
+    """
+
+    features: list
+    selected: np.ndarray
+    volume: "Volume"
+    grid: "Grid"
+    owned: tuple[slice, slice, slice] = (slice(None),) * 3
+
+    def local(self, window: int) -> np.ndarray:
+        """``(M, C)`` raw local mean intensity at the featured positions."""
+        centers = self.grid.centers(np.argwhere(self.selected))
+        return box_means(self.volume, window, tuple(centers.T))
+
+    def kept(self) -> np.ndarray:
+        """Bool voxels of ``volume``: the foreground voxels it owns."""
+        keep = np.zeros(self.volume.shape, dtype=bool)
+        keep[self.owned] = True
+        return keep & self.volume.foreground()
+
+
+def box_means(volume: "Volume", window: int, positions: tuple[np.ndarray, ...]) -> np.ndarray:
+    """``(N, C)`` float32 mean of every channel over the foreground voxels of the ``window``³ box at ``positions``."""
+    from .labels import masked_box_mean
+
+    return masked_box_mean(volume.data, volume.foreground(), int(window), positions).T
+
+
+def _composite(selected: Sequence[np.ndarray]) -> np.ndarray:
+    """The blocks' positions side by side along z, one empty plane apart (no neighbour across blocks); the
+    C order of its true entries is the blocks' rows one block after the other."""
+    if len(selected) == 1:
+        return selected[0]
+    ny = max(s.shape[1] for s in selected)
+    nx = max(s.shape[2] for s in selected)
+    planes = []
+    for s in selected:
+        padded = np.zeros((s.shape[0] + 1, ny, nx), dtype=bool)
+        padded[:s.shape[0], :s.shape[1], :s.shape[2]] = s
+        planes.append(padded)
+    return np.concatenate(planes)
+
+
+def _stacked(blocks: Sequence[Block], network: int) -> np.ndarray:
+    arrays = [b.features[network] for b in blocks]
+    return arrays[0] if len(arrays) == 1 else np.concatenate(arrays)
+
+
+def _coarse_classes(block: Block, labels: np.ndarray, spacing: Sequence[float]) -> np.ndarray:
+    """Classes ``0..k-1`` of the grid positions painted on the block's voxels (the projection rule)."""
+    coarse = np.zeros(block.selected.shape, dtype=np.int32)
+    coarse[block.selected] = np.asarray(labels) + 1
+    return block.grid.to_voxels(coarse, spacing, missing=0) - 1
+
+
+def fit_phase2(
+    blocks: Sequence[Block],
+    n_clusters: int,
+    seed: int = 0,
+    phase2: str = "consensus",
+    intensity_weight: float = 1.0,
+    window: int = 3,
+    smoothing: float = 0.25,
+    spacing: Sequence[float] = (1.0, 1.0, 1.0),
+    weights: Sequence[float] | None = None,
+) -> tuple[Phase2Model, list[np.ndarray]]:
+    """Fit the Phase 2 ``phase2`` on ``blocks`` (the whole grid as one block, or a sample of its chunks).
+
+    Parameters are those of :func:`jule3d.segmentation.label_grids`; ``weights`` are the consensus factors
+    (default :data:`jule3d.segmentation.CONSENSUS_WEIGHTS`).
+
+    Returns
+    -------
+    model : Phase2Model
+    labels : list of numpy.ndarray
+        Per block, the output labels of its ``owned`` voxels (``uint8``, ``uint16`` above 255 classes).
+    """
+    from .segmentation import REFINE_FLOOR
+
+    scaling, classes, labels, candidates, agreement, chosen = fit_classes(
+        blocks, n_clusters, seed=seed, phase2=phase2, intensity_weight=intensity_weight, window=window,
+        smoothing=smoothing, spacing=spacing, weights=weights)
+    kept = [b.kept() for b in blocks]
+    k = classes.n_classes
+    splits = np.cumsum([int(b.selected.sum()) for b in blocks])[:-1]
+    coarse = [_coarse_classes(b, part, spacing) for b, part in zip(blocks, np.split(labels, splits))]
+    final = [c[keep] for c, keep in zip(coarse, kept)]
+    refine = None
+    if phase2 == "consensus":
+        voxel_local = [box_means(b.volume, window, np.nonzero(keep)) for b, keep in zip(blocks, kept)]
+        inside = np.concatenate(final)
+        if len(np.unique(inside)) >= 2:
+            refine = RefineModel.fit(np.concatenate(voxel_local), inside, k, blocks[0].grid.stride, window,
+                                     REFINE_FLOOR)
+            refined = [refine.apply(c, b.volume.foreground(), loc, keep)
+                       for b, c, loc, keep in zip(blocks, coarse, voxel_local, kept)]
+            if len(np.unique(np.concatenate(refined))) < len(np.unique(inside)):
+                refine = None  # refining would empty a class: keep the coarse labels
+            else:
+                final = refined
+    first = np.concatenate([np.asarray(b.volume.data[0], dtype=np.float64)[keep] for b, keep in zip(blocks, kept)])
+    order = _intensity_order(np.concatenate(final), first, k)
+    model = Phase2Model(scaling, classes, refine, order, int(window), candidates, agreement, chosen)
+    return model, [_output(model, f, keep, b.owned) for f, keep, b in zip(final, kept, blocks)]
+
+
+def fit_classes(
+    blocks: Sequence[Block],
+    n_clusters: int,
+    seed: int = 0,
+    phase2: str = "consensus",
+    intensity_weight: float = 1.0,
+    window: int = 3,
+    smoothing: float = 0.25,
+    spacing: Sequence[float] = (1.0, 1.0, 1.0),
+    weights: Sequence[float] | None = None,
+) -> tuple[FeatureScaling, ClassModel, np.ndarray, list, np.ndarray | None, int]:
+    """The grid stage of :func:`fit_phase2`: the joint features and class model of the kept candidate.
+
+    Returns
+    -------
+    tuple
+        ``(scaling, classes, labels, candidates, agreement, chosen)``: ``labels`` ``(M,)`` int32 of the blocks'
+        positions one block after the other; the last three describe the ``"consensus"`` candidates (empty,
+        ``None`` and 0 otherwise).
+    """
+    from .metrics import nmi
+    from .segmentation import (
+        CONSENSUS_WEIGHTS,
+        _support,
+        fit_kmeans,
+        fit_merge,
+        network_subsets,
+    )
+
+    n_networks = len(blocks[0].features)
+    features = [_stacked(blocks, i) for i in range(n_networks)]
+    selected = _composite([b.selected for b in blocks])
+    local = np.concatenate([b.local(window) for b in blocks]) if intensity_weight > 0 else None
+    kept = [b.kept() for b in blocks]
+    n_channels = blocks[0].volume.n_channels
+    channel_std = np.array([np.concatenate([np.asarray(b.volume.data[c], dtype=np.float32)[k]
+                                            for b, k in zip(blocks, kept)]).std() for c in range(n_channels)],
+                           dtype=np.float32)
+    candidates, agreement, chosen = [], None, 0
+    if phase2 == "kmeans":
+        scaling = FeatureScaling.fit(features, tuple(range(n_networks)), local, None, intensity_weight,
+                                     centre=n_networks > 1)
+        classes, labels = fit_kmeans(scaling.transform(features, local), selected, n_clusters, seed=seed,
+                                     smoothing=smoothing, spacing=spacing)
+    else:
+        factors = [intensity_weight] if phase2 == "merge" else (
+            [0.0] if intensity_weight == 0 else [float(w) * intensity_weight for w in (weights or CONSENSUS_WEIGHTS)])
+        subsets = [tuple(range(n_networks))] if phase2 == "merge" else network_subsets(n_networks)
+        candidates = [(subset, w) for subset in subsets for w in factors]
+        fits = []
+        for subset, w in candidates:
+            scaling = FeatureScaling.fit(features, subset, local, channel_std, w / np.sqrt(n_channels))
+            fits.append((scaling, *fit_merge(scaling.transform(features, local), selected, n_clusters, seed=seed,
+                                             smoothing=smoothing, spacing=spacing,
+                                             n_init=3 if phase2 == "merge" else 1)))
+        agreement = np.eye(len(fits))
+        if len(fits) > 1:
+            for i in range(len(fits)):
+                for j in range(i + 1, len(fits)):
+                    agreement[i, j] = agreement[j, i] = nmi(fits[i][2], fits[j][2])
+            chosen = int(np.argmax(_support(agreement)))  # ties: the first, i.e. all networks at the lowest factor
+        scaling, classes, labels = fits[chosen]
+    return scaling, classes, labels, candidates, agreement, chosen
+
+
+def _intensity_order(classes: np.ndarray, intensity: np.ndarray, k: int) -> np.ndarray:
+    """Output id ``1..k`` of every class: ascending mean intensity, ties and absent classes in class order."""
+    counts = np.bincount(classes, minlength=k)
+    sums = np.bincount(classes, weights=intensity, minlength=k)
+    means = np.where(counts > 0, sums / np.maximum(counts, 1), np.inf)
+    order = np.empty(k, dtype=np.int64)
+    order[np.argsort(means, kind="stable")] = np.arange(1, k + 1)
+    return order
+
+
+def _output(model: Phase2Model, classes: np.ndarray, keep: np.ndarray, owned: tuple[slice, ...]) -> np.ndarray:
+    out = np.zeros(keep.shape, dtype=np.uint8 if len(model.order) <= 255 else np.uint16)
+    out[keep] = model.order[classes]
+    return out[owned]
+
+
+def label_block(model: Phase2Model, block: Block, distances: np.ndarray, spacing: Sequence[float],
+                ) -> np.ndarray:
+    """Output labels of the ``owned`` voxels of a block from the class distances of its ``selected`` positions.
+
+    The block carries context around what it owns (grid positions for the Potts model, voxels for the
+    refinement's prior), so a block labels its voxels as the whole grid would, up to the reach of that context.
+    """
+    classes = model.classes.labels(distances, block.selected, spacing)
+    coarse = _coarse_classes(block, classes, spacing)
+    keep = block.kept()
+    final = coarse[keep]
+    if model.refine is not None and keep.any():
+        local = box_means(block.volume, model.window, np.nonzero(keep))
+        final = model.refine.apply(coarse, block.volume.foreground(), local, keep)
+    return _output(model, final, keep, block.owned)
+
+
+def block_distances(model: Phase2Model, block: Block) -> np.ndarray:
+    """``(M, k)`` class distances of a block's featured positions."""
+    local = block.local(model.window) if model.scaling.uses_intensity else None
+    return model.classes.distances(model.scaling.transform(block.features, local))

@@ -18,6 +18,7 @@ Examples
 from __future__ import annotations
 
 import os
+from functools import partial
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -247,15 +248,17 @@ class JuleSegmenter(BaseEstimator):
                        patch_size: int | None = None) -> Any:
         """The training patches of network ``network`` (its seed), labelled by ``ground_truth`` when given.
 
-        ``volume`` must already be prepared (:func:`jule3d.io.prepare_volume`); ``patch_size`` replaces the
+        ``volume`` must already be prepared (:func:`jule3d.io.prepare_volume`), or be a
+        :class:`jule3d.chunked.ChunkedVolume` (patches read from disk one by one); ``patch_size`` replaces the
         resolved one (the side of patches given to :meth:`fit`).
         """
         from .patches import sample_patches
 
         values = self.resolved()
         seed = network_seeds(self.seed, values["n_networks"])[network]
-        patches = sample_patches(volume, self.n_patches, patch_size=patch_size or values["patch_size"],
-                                 min_foreground=self.min_foreground, seed=seed)
+        sampler = volume.sample_patches if hasattr(volume, "sample_patches") else partial(sample_patches, volume)
+        patches = sampler(self.n_patches, patch_size=patch_size or values["patch_size"],
+                          min_foreground=self.min_foreground, seed=seed)
         if ground_truth is not None:
             patches.labels = np.asarray(ground_truth)[tuple(patches.centers.T)]
         return patches
@@ -273,8 +276,9 @@ class JuleSegmenter(BaseEstimator):
 
         Parameters
         ----------
-        volume : Volume, path, list of paths or ndarray
-            The image (:func:`jule3d.io.prepare_volume`).
+        volume : Volume, path, list of paths, ndarray or ChunkedVolume
+            The image (:func:`jule3d.io.prepare_volume`), or a volume read block by block
+            (:func:`jule3d.chunked.open_volume`, which has its mask).
         mask : ndarray or path, optional
             Foreground mask; default: the volume's own, or the automatic one.
         ground_truth : numpy.ndarray, optional
@@ -299,7 +303,8 @@ class JuleSegmenter(BaseEstimator):
         values = self.resolved()  # bad settings fail before the volume is read
         config = self.jule_config()
         check_stride(self.stride, net_config(config.net, **config.net_overrides).stride)
-        volume = prepare_volume(volume, mask)
+        if not hasattr(volume, "sample_patches"):  # a ChunkedVolume is sampled where it is
+            volume = prepare_volume(volume, mask)
         results = []
         for i in range(values["n_networks"]):
             if i > 0 or patches is None:

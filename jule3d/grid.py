@@ -34,7 +34,6 @@ from dataclasses import dataclass
 from typing import Iterator, Sequence
 
 import numpy as np
-from scipy import ndimage
 
 from .validation import check_int
 
@@ -120,6 +119,8 @@ class Grid:
         numpy.ndarray
             ``shape`` array of ``values``' dtype.
         """
+        from scipy import ndimage
+
         values = np.asarray(values)
         if values.shape != self.grid_shape:
             raise ValueError(f"values must have the grid shape {self.grid_shape}, got {values.shape}")

@@ -567,7 +567,8 @@ def _from_sitk(image: sitk.Image) -> tuple[np.ndarray, Geometry]:
 # TIFF -----------------------------------------------------------------------------
 
 
-def _read_tiff(path: Path) -> tuple[np.ndarray, Geometry]:
+def _tiff_header(path: Path) -> tuple[Geometry, int]:
+    """Geometry of a greyscale 3D TIFF and its number of pages, from its header."""
     with tifffile.TiffFile(path) as tif:
         series = tif.series[0]
         if "S" in series.axes:
@@ -576,7 +577,11 @@ def _read_tiff(path: Path) -> tuple[np.ndarray, Geometry]:
                 "per pixel, expected greyscale"
             )
         _require_3d(series.shape)
-        geometry = _tiff_geometry(tif, series.shape)
+        return _tiff_geometry(tif, series.shape), len(series.pages)
+
+
+def _read_tiff(path: Path) -> tuple[np.ndarray, Geometry]:
+    geometry, _ = _tiff_header(path)
     try:
         array = tifffile.memmap(path, mode="r")
     except ValueError:  # compressed or non-contiguous: not memory-mappable
@@ -656,6 +661,12 @@ def _read_npy(path: Path) -> tuple[np.ndarray, Geometry]:
 
 
 def _read_zarr(path: Path) -> tuple[np.ndarray, Geometry]:
+    node, geometry = _open_zarr(path)
+    return np.asarray(node[...]), geometry
+
+
+def _open_zarr(path: Path) -> tuple[Any, Geometry]:
+    """The zarr array of ``path`` (unread) and its geometry."""
     node = zarr.open(str(path), mode="r")
     attrs: dict[str, Any] = {}
     if isinstance(node, zarr.Group):
@@ -666,7 +677,7 @@ def _read_zarr(path: Path) -> tuple[np.ndarray, Geometry]:
         node = node["data" if "data" in keys else keys[0]]
     attrs.update(node.attrs.asdict())
     _require_3d(node.shape)
-    return np.asarray(node[...]), _geometry_from_dict(node.shape, attrs)
+    return node, _geometry_from_dict(node.shape, attrs)
 
 
 _READERS: dict[str, Callable[[Path], tuple[np.ndarray, Geometry]]] = {

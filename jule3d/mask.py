@@ -19,6 +19,8 @@ and airways, which reach the image border through the trachea, belong to the bod
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 from scipy import ndimage as ndi
 from skimage.filters import threshold_otsu
@@ -26,7 +28,7 @@ from skimage.morphology import ball
 
 from jule3d.volume import Volume
 
-__all__ = ["foreground_mask", "METHODS"]
+__all__ = ["foreground_mask", "METHODS", "ThresholdRule", "threshold_rule", "clean_mask", "threshold_step", "reduce_channels"]
 
 METHODS = ("otsu", "nonzero")
 """Names accepted by ``foreground_mask(method=...)``."""
@@ -102,13 +104,29 @@ def foreground_mask(
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     if int(closing_radius) != closing_radius or closing_radius < 0:
         raise ValueError(f"closing_radius must be a non-negative integer, got {closing_radius!r}")
-    image = _reduce_channels(volume_or_array)
-    if method == "nonzero":
-        mask = image != 0
-    else:
-        mask = _otsu_or_premasked(image)
+    image = reduce_channels(volume_or_array)
+    rule = ThresholdRule(background=0.0) if method == "nonzero" else threshold_rule(_threshold_sample(image))
+    mask = rule(image)
     if not mask.any():
         raise ValueError(f"foreground_mask(method={method!r}) found no foreground voxel")
+    return clean_mask(mask, closing_radius, keep_largest, fill_holes)
+
+
+def clean_mask(mask: np.ndarray, closing_radius: int = 2, keep_largest: bool = True,
+               fill_holes: bool = True) -> np.ndarray:
+    """The cleaning of :func:`foreground_mask`: closing, largest component, hole filling (each optional).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from jule3d.mask import clean_mask
+    >>> mask = np.zeros((9, 9, 9), dtype=bool)
+    >>> mask[2:7, 2:7, 2:7] = True
+    >>> mask[4, 4, 4] = False  # a cavity
+    >>> mask[0, 0, 0] = True  # dust
+    >>> int(clean_mask(mask, closing_radius=0).sum())
+    125
+    """
     if closing_radius:
         mask = _closing(mask, int(closing_radius))
     if keep_largest:
@@ -118,8 +136,61 @@ def foreground_mask(
     return mask
 
 
-def _reduce_channels(volume_or_array: Volume | np.ndarray) -> np.ndarray:
-    """The one image to threshold: the single channel, or the mean over channels."""
+@dataclass(frozen=True)
+class ThresholdRule:
+    """The voxel-wise part of :func:`foreground_mask`: differs from a constant ``background`` (pre-masked data),
+    or lies above ``threshold``.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from jule3d.mask import ThresholdRule
+    >>> ThresholdRule(threshold=1.5)(np.array([1.0, 2.0])).tolist(), ThresholdRule(background=0.0)(np.array([0, 3])).tolist()
+    ([False, True], [False, True])
+    """
+
+    background: float | None = None
+    threshold: float | None = None
+
+    def __call__(self, image: np.ndarray) -> np.ndarray:
+        """Bool array: the voxels of ``image`` this rule keeps."""
+        image = np.asarray(image)
+        return image != self.background if self.background is not None else image > self.threshold
+
+
+def threshold_step(shape: tuple[int, ...]) -> int:
+    """Stride of the regular sample :func:`foreground_mask` thresholds (at most about a million voxels).
+
+    Examples
+    --------
+    >>> threshold_step((100, 100, 100)), threshold_step((512, 1024, 1024))
+    (1, 9)
+    """
+    return max(1, int(np.ceil((int(np.prod(shape)) / _MAX_THRESHOLD_SAMPLES) ** (1 / 3))))
+
+
+def threshold_rule(sample: np.ndarray) -> ThresholdRule:
+    """The rule ``method="otsu"`` derives from a sample of the voxels (see :func:`foreground_mask`).
+
+    Raises
+    ------
+    ValueError
+        If the sample is constant.
+    """
+    sample = np.asarray(sample).ravel()
+    if sample.min() == sample.max():
+        raise ValueError(
+            "cannot compute a foreground mask of a constant volume "
+            f"(every sampled voxel equals {sample.min()})"
+        )
+    background = _premasked_background(sample)
+    if background is not None:
+        return ThresholdRule(background=background)
+    return ThresholdRule(threshold=_air_threshold(sample))
+
+
+def reduce_channels(volume_or_array: Volume | np.ndarray) -> np.ndarray:
+    """The one image to threshold: the single channel as it is, or the float32 mean over channels."""
     data = volume_or_array.data if isinstance(volume_or_array, Volume) else volume_or_array
     data = np.asarray(data)
     if data.ndim == 3:
@@ -133,7 +204,7 @@ def _reduce_channels(volume_or_array: Volume | np.ndarray) -> np.ndarray:
 
 def _threshold_sample(image: np.ndarray) -> np.ndarray:
     """A regular strided sample of at most about ``_MAX_THRESHOLD_SAMPLES`` voxels."""
-    step = max(1, int(np.ceil((image.size / _MAX_THRESHOLD_SAMPLES) ** (1 / 3))))
+    step = threshold_step(image.shape)
     return np.asarray(image[::step, ::step, ::step]).ravel()
 
 
@@ -146,20 +217,6 @@ def _premasked_background(sample: np.ndarray) -> float | None:
     if np.count_nonzero(sample > mode) < _PREMASKED_MIN_ABOVE_FRACTION * sample.size:
         return None
     return float(mode)
-
-
-def _otsu_or_premasked(image: np.ndarray) -> np.ndarray:
-    """Raw mask: differs from a constant background, or above the Otsu threshold."""
-    sample = _threshold_sample(image)
-    if sample.min() == sample.max():
-        raise ValueError(
-            "cannot compute a foreground mask of a constant volume "
-            f"(every sampled voxel equals {sample.min()})"
-        )
-    background = _premasked_background(sample)
-    if background is not None:
-        return image != background
-    return image > _air_threshold(sample)
 
 
 def _separability(values: np.ndarray, threshold: float) -> float:

@@ -15,7 +15,7 @@ import numpy as np
 
 from jule3d.volume import Volume
 
-__all__ = ["normalize_intensity"]
+__all__ = ["normalize_intensity", "clip_stats", "apply_stats"]
 
 
 def normalize_intensity(volume: Volume, lower: float = 0.5, upper: float = 99.5) -> Volume:
@@ -70,6 +70,31 @@ def normalize_intensity(volume: Volume, lower: float = 0.5, upper: float = 99.5)
 
 def _normalized_values(values: np.ndarray, lower: float, upper: float, name: str) -> np.ndarray:
     """Clip ``values`` to their percentiles and z-score them (float32)."""
+    return apply_stats(values, clip_stats(values, lower, upper, name))
+
+
+def clip_stats(values: np.ndarray, lower: float = 0.5, upper: float = 99.5, name: str = "") -> np.ndarray:
+    """``(lo, hi, mean, std)``: the percentiles of ``values`` and the mean and sd of the values clipped to them.
+
+    :func:`normalize_intensity` is :func:`apply_stats` with the statistics of the foreground voxels; a volume
+    too large to hold estimates them from a sample (:mod:`jule3d.chunked`).
+
+    Raises
+    ------
+    ValueError
+        If the values are constant between the percentiles (the message names the channel ``name``).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from jule3d.normalize import apply_stats, clip_stats
+    >>> values = np.arange(1000, dtype=np.float32)
+    >>> stats = clip_stats(values, 1, 99)
+    >>> stats.round(2).tolist()
+    [9.99, 989.01, 499.5, 288.49]
+    >>> bool(np.isclose(apply_stats(values, stats).mean(), 0, atol=1e-6))
+    True
+    """
     values = values.astype(np.float64, copy=False)
     lo, hi = np.percentile(values, [lower, upper])
     clipped = np.clip(values, lo, hi)
@@ -79,4 +104,10 @@ def _normalized_values(values: np.ndarray, lower: float, upper: float, name: str
             f"channel {name!r} is constant inside the foreground mask "
             f"(value {lo:g} between the {lower} and {upper} percentiles); cannot z-score it"
         )
-    return ((clipped - clipped.mean()) / std).astype(np.float32)
+    return np.array([lo, hi, clipped.mean(), std])
+
+
+def apply_stats(values: np.ndarray, stats: np.ndarray) -> np.ndarray:
+    """``(clip(values, lo, hi) - mean) / std`` as float32, for the statistics of :func:`clip_stats`."""
+    lo, hi, mean, std = stats
+    return ((np.clip(values.astype(np.float64, copy=False), lo, hi) - mean) / std).astype(np.float32)

@@ -203,7 +203,15 @@ def test_segment_options_are_the_parameter_surface() -> None:
     options = {a.dest: a for a in segment._actions if a.option_strings}
     expected = {name for name, p in PARAMETERS.items() if p.cli}
     assert expected <= set(options)
-    assert set(options) - expected == {"help", "out", "mask", "model", "overwrite"}
+    run_options = {"resume", "scheduler", "chunk", "cache", "in_memory_voxels", "fit_positions"}
+    assert set(options) - expected == {"help", "out", "mask", "model", "overwrite"} | run_options
+    import inspect
+
+    from jule3d.chunked import segment_file
+
+    signature = inspect.signature(segment_file).parameters  # the run options are segment_file's, same defaults
+    for name in run_options | {"mask", "model", "overwrite"}:
+        assert options[name].default == signature[name].default, name
     for name in expected:
         assert options[name].default == PARAMETERS[name].default, name
         assert options[name].option_strings == [PARAMETERS[name].option]

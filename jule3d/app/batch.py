@@ -132,19 +132,6 @@ def _run_job(job: Job, run_dir: str, common: Mapping[str, Any], cell_timeout: in
     return asdict(result)
 
 
-def _connect(scheduler: str | None, n_workers: int):
-    from distributed import Client, LocalCluster
-
-    if scheduler:
-        try:
-            return Client(scheduler, timeout="10s")
-        except (OSError, TimeoutError) as exc:
-            raise ValueError(f"cannot reach the Dask scheduler at {scheduler!r} within 10 s: {exc}") from None
-    cluster = LocalCluster(n_workers=n_workers, threads_per_worker=1, processes=True,
-                           dashboard_address=None)
-    return Client(cluster)
-
-
 def run_batch(
     out_dir: str | os.PathLike,
     volumes: Sequence[str | os.PathLike] = (),
@@ -178,6 +165,7 @@ def run_batch(
     list of JobResult
         One per job, in job order.
     """
+    from ..chunked import connect, disconnect
     from .pipeline import check_parameters, pipeline_notebooks
 
     if n_workers < 1:
@@ -202,7 +190,7 @@ def run_batch(
                 continue
         pending.append(job)
     if pending:
-        client = _connect(scheduler, n_workers)
+        client = connect(scheduler or "local", n_workers)
         try:
             futures = [client.submit(_run_job, job, str(out / job.name), common, cell_timeout,
                                      key=f"jule3d-{job.name}-{time.time_ns()}", pure=False) for job in pending]
@@ -213,10 +201,7 @@ def run_batch(
                     results[job.name] = JobResult(job.name, "failed", str(out / job.name),
                                                   error=f"{type(exc).__name__}: {exc}")
         finally:
-            cluster = getattr(client, "cluster", None)
-            client.close()
-            if cluster is not None:
-                cluster.close()
+            disconnect(client)
     ordered = [results[job.name] for job in jobs]
     write_index(out, ordered)
     return ordered

@@ -12,8 +12,6 @@ import sys
 from pathlib import Path
 from typing import Callable, Sequence
 
-import numpy as np
-
 __all__ = ["main", "build_parser", "parameter_help"]
 
 
@@ -47,8 +45,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, PermissionError, TypeError,
-            RuntimeError) as exc:
+    except (ValueError, OSError, TypeError, RuntimeError) as exc:  # OSError: files, a full disk, Dask's scheduler
         print(f"jule3d {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
@@ -58,6 +55,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 @subcommand
 def _register_segment(sub: argparse._SubParsersAction) -> None:
+    from ..chunked import CHUNK, FIT_POSITIONS, IN_MEMORY_VOXELS
     from ..parameters import add_cli_options
 
     p = sub.add_parser(
@@ -71,29 +69,37 @@ def _register_segment(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", metavar="MODEL.pt", help="trained model: skip training")
     add_cli_options(p)
     p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    big = p.add_argument_group("large volumes", "the method chunk by chunk in bounded memory (jule3d.chunked)")
+    big.add_argument("--resume", action="store_true",
+                     help="continue the unfinished run kept in OUT.jule3d-work (after a crash or a kill)")
+    big.add_argument("--scheduler", metavar="ADDRESS",
+                     help="run Phase 2's chunks on Dask: 'local' (two worker processes) or tcp://host:port")
+    big.add_argument("--chunk", type=int, default=CHUNK, metavar="N",
+                     help=f"grid positions per side of a Phase 2 chunk (default {CHUNK}; memory grows with N³)")
+    big.add_argument("--cache", metavar="DIR",
+                     help="folder for the Zarr copy of a compressed input (default: in OUT.jule3d-work)")
+    big.add_argument("--in-memory-voxels", type=int, default=IN_MEMORY_VOXELS, metavar="N",
+                     help=f"read inputs of at most N voxels whole (default {IN_MEMORY_VOXELS})")
+    big.add_argument("--fit-positions", type=int, default=FIT_POSITIONS, metavar="N",
+                     help=f"grid positions Phase 2 is fitted on (default {FIT_POSITIONS})")
     p.set_defaults(func=_cmd_segment)
 
 
 def _cmd_segment(args: argparse.Namespace) -> int:
-    from ..estimator import segment
-    from ..io import load_volume, save_labels
+    from ..chunked import segment_file
     from ..parameters import cli_values
 
-    out = Path(args.out)
+    out = Path(args.out)  # the checks of segment_file, with the options' names
     if any(out.resolve() == Path(i).resolve() for i in args.inputs + ([args.mask] if args.mask else [])):
         raise ValueError(f"--out {out} is one of the inputs; refusing to overwrite an input")
     if not out.parent.exists():
         raise FileNotFoundError(f"--out folder {out.parent} does not exist")
     if out.exists() and not args.overwrite:
         raise FileExistsError(f"--out {out} exists; pass --overwrite to replace it")
-    volume = load_volume(args.inputs, mask=args.mask)
-    labels = segment(volume, model=args.model, progress=sys.stderr.isatty(),  # bars on a terminal, not in a log
-                     **cli_values(args))
-    save_labels(labels, out, reference=volume, overwrite=args.overwrite)
-    counts = np.bincount(labels.ravel(), minlength=args.n_clusters + 1)[1:]
-    mm3 = volume.geometry.voxel_volume
-    summary = ", ".join(f"class {k + 1}: {c * mm3:.1f} mm³" for k, c in enumerate(counts))
-    print(f"jule3d segment: wrote {out} ({summary})", file=sys.stderr)
+    segment_file(args.inputs, args.out, mask=args.mask, model=args.model, resume=args.resume,
+                       scheduler=args.scheduler, chunk=args.chunk, cache=args.cache, overwrite=args.overwrite,
+                       in_memory_voxels=args.in_memory_voxels, fit_positions=args.fit_positions,
+                       **cli_values(args))  # its last line on stderr: what it wrote, with the class volumes
     return 0
 
 

@@ -2,11 +2,14 @@
 
 For every ``--sizes`` entry (``256`` = 256³, ``512x1024x1024`` = Z × Y × X) this script
 
-1. generates a textured specimen in air (:func:`jule3d.phantom.make_phantom` at a small size, tiled to the
-   requested shape and stored as ``uint16`` in an uncompressed NIfTI, as micro-CT comes),
+1. generates a textured specimen in air (:func:`write_specimen`: the tissue of a small
+   :func:`jule3d.phantom.make_phantom`, tiled into one cylinder, stored as ``uint16`` in an uncompressed NIfTI
+   slab by slab, as micro-CT comes),
 2. runs ``jule3d segment`` on it in a subprocess with the default settings and ``--n-clusters 3``, and samples
    the resident memory of the whole process tree every 0.2 s (psutil),
-3. prints wall seconds, peak RSS (GiB, and as a multiple of the file), and voxels per second.
+3. prints wall seconds, peak RSS (GiB, and as a multiple of the file), voxels per second, the run's own log
+   (one line per stage) and the GFLOP/s of its dense features (pass A: featured positions x FLOPs per position
+   / seconds).
 
 Then, in this process, it measures Phase 2's arithmetic against the machine: the FLOPs of the default network's
 dense features per grid position (counted by ``torch.utils.flop_counter``), the seconds of
@@ -37,11 +40,9 @@ import numpy as np
 import psutil
 import torch
 
-from jule3d.io import save_volume
 from jule3d.models import JuleNet3D, net_config
 from jule3d.phantom import make_phantom
 from jule3d.segmentation import grid_features
-from jule3d.volume import Volume
 
 TILE = 96  #: side of the phantom that is tiled to the requested shape
 
@@ -56,13 +57,40 @@ def parse_size(text: str) -> tuple[int, int, int]:
     return tuple(parts)  # type: ignore[return-value]
 
 
+def specimen_tile(seed: int = 0) -> np.ndarray:
+    """A ``TILE``³ uint16 block of the texture phantom's tissue with no air: the phantom's air voxels take the
+    values of the phantom shifted by half a tile (then a quarter), so tiled blocks form one connected specimen."""
+    phantom = make_phantom(shape=(TILE,) * 3, seed=seed)
+    data, air = phantom.volume.data[0].copy(), phantom.labels == 0
+    for shift in (TILE // 2, TILE // 4, TILE // 8):
+        moved, moved_air = np.roll(data, shift, axis=(0, 1, 2)), np.roll(air, shift, axis=(0, 1, 2))
+        fill = air & ~moved_air
+        data[fill], air = moved[fill], air & moved_air
+    data[air] = data[~air].mean()
+    return np.clip((data - data.min()) / (np.ptp(data) or 1.0) * 3000 + 2000, 0, 65535).astype(np.uint16)
+
+
 def write_specimen(shape: tuple[int, int, int], path: Path, seed: int = 0) -> Path:
-    """A textured specimen in air of ``shape``, ``uint16``, written slab by slab into an uncompressed NIfTI."""
-    tile = make_phantom(shape=(TILE,) * 3, seed=seed).volume.data[0]
-    scaled = np.clip((tile - tile.min()) / (np.ptp(tile) or 1.0) * 4000 + 1000, 0, 65535).astype(np.uint16)
-    reps = [-(-s // TILE) for s in shape]
-    volume = np.tile(scaled, reps)[: shape[0], : shape[1], : shape[2]]
-    return save_volume(Volume.from_array(volume, spacing=(0.03, 0.03, 0.03)), path)
+    """A textured cylindrical specimen in air (micro-CT in a tube: radius 0.46 of the smaller in-plane side,
+    64 % of the voxels), ``uint16``, written slab by slab into an uncompressed NIfTI (bounded memory)."""
+    from jule3d.chunked import write_nifti
+    from jule3d.volume import Geometry
+
+    tile = specimen_tile(seed)
+    rng = np.random.default_rng(seed)
+    y, x = np.ogrid[: shape[1], : shape[2]]
+    radius = 0.46 * min(shape[1:])
+    outside = (y - shape[1] / 2) ** 2 + (x - shape[2] / 2) ** 2 > radius**2
+    reps = [-(-s // TILE) for s in shape[1:]]
+    staging = np.lib.format.open_memmap(path.with_suffix(".npy"), mode="w+", dtype=np.uint16, shape=shape)
+    for z in range(shape[0]):
+        plane = np.tile(tile[z % TILE], reps)[: shape[1], : shape[2]]
+        plane[outside] = rng.normal(300, 30, size=int(outside.sum())).clip(0).astype(np.uint16)
+        staging[z] = plane
+    write_nifti(staging, Geometry(shape=shape, spacing=(0.03, 0.03, 0.03)), path, compress=False)
+    del staging
+    path.with_suffix(".npy").unlink()
+    return path
 
 
 def _tree_rss(process: psutil.Process) -> int:
@@ -99,7 +127,23 @@ def run_segment(image: Path, out: Path, extra: Sequence[str] = ()) -> dict:
     seconds = time.perf_counter() - start
     if proc.returncode != 0:
         raise RuntimeError(f"jule3d segment failed ({proc.returncode}): {err.strip().splitlines()[-1:]}")
-    return {"seconds": seconds, "peak_rss_bytes": peak[0]}
+    return {"seconds": seconds, "peak_rss_bytes": peak[0], "log": stage_lines(err)}
+
+
+def stage_lines(stderr: str) -> list[str]:
+    """The one-line-per-stage log ``jule3d segment`` writes without a terminal."""
+    return [line for line in stderr.splitlines() if line.startswith("jule3d")]
+
+
+def features_rate(log: Sequence[str], mflop_per_position: float) -> float | None:
+    """GFLOP/s of pass A (the dense features) of a run, from its log: positions x FLOPs / seconds."""
+    import re
+
+    positions = [int(m.group(1)) for line in log if (m := re.search(r"features of (\d+) grid positions", line))]
+    seconds = [float(m.group(1)) for line in log if (m := re.search(r"Phase 2 features: .* in ([0-9.]+) s", line))]
+    if not positions or not seconds:
+        return None
+    return positions[0] * mflop_per_position * 1e6 / seconds[0] / 1e9
 
 
 def matmul_gflops(n: int = 2048, repeats: int = 5) -> float:
@@ -156,16 +200,21 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     rows = []
+    mflop = flops_per_position(JuleNet3D(net_config("fast"), seed=0).eval(), 2) / 1e6
     with tempfile.TemporaryDirectory() as folder:
         for shape in args.sizes:
             image = write_specimen(shape, Path(folder) / "specimen.nii")
             file_bytes = os.path.getsize(image)
             run = run_segment(image, Path(folder) / "labels.nii.gz", args.segment_args)
             voxels = int(np.prod(shape))
-            rows.append({"shape": list(shape), "file_bytes": file_bytes, **run, "voxels_per_second": voxels / run["seconds"]})
+            gflops = features_rate(run["log"], mflop)
+            rows.append({"shape": list(shape), "file_bytes": file_bytes, **run, "voxels_per_second": voxels / run["seconds"],
+                         "features_gflops": gflops})
             print(f"{'x'.join(map(str, shape))}: {run['seconds']:.1f} s, peak RSS {run['peak_rss_bytes'] / 2**30:.2f} GiB "
-                  f"({run['peak_rss_bytes'] / file_bytes:.1f} x the file), {voxels / run['seconds'] / 1e6:.3f} Mvoxel/s",
-                  flush=True)
+                  f"({run['peak_rss_bytes'] / file_bytes:.1f} x the file), {voxels / run['seconds'] / 1e6:.3f} Mvoxel/s"
+                  + ("" if gflops is None else f", Phase 2 features {gflops:.1f} GFLOP/s"), flush=True)
+            for line in run["log"]:
+                print("   ", line, flush=True)
             image.unlink()
     rate = phase2_rate(args.flop_size)
     print(f"Phase 2 dense features ({args.flop_size}³, fast network, stride 2): {rate['mflop_per_position']:.3f} MFLOP "

@@ -52,7 +52,7 @@ if TYPE_CHECKING:
     from .lazyio import LazyImage
     from .mask import ThresholdRule
 
-__all__ = ["ChunkedVolume", "open_volume", "segment_file", "halo_positions", "connect", "disconnect",
+__all__ = ["ChunkedVolume", "open_volume", "segment_file", "halo_positions", "connect", "disconnect", "write_nifti",
            "WorkDir",
            "IN_MEMORY_VOXELS", "COARSE_VOXELS", "FIT_POSITIONS", "FIT_CHUNK", "CHUNK"]
 
@@ -200,9 +200,13 @@ class ChunkedVolume:
         needed = int(np.ceil(_check_min_foreground(min_foreground) * w ** 3 - 1e-9))
         r = w // 2
         blocks = np.flatnonzero(self._interior | self._band)
+        most = len(blocks) * self.factor ** 3  # foreground voxels there can be, at most
+        if n_patches > most:
+            raise ValueError(f"the foreground has at most {most} voxels, fewer than n_patches={n_patches}; lower "
+                             "n_patches")
         rng = np.random.default_rng(seed)
         chosen: dict[tuple[int, int, int], np.ndarray] = {}
-        attempts, limit = 0, 200 * n_patches
+        attempts, limit = 0, 50 * n_patches
         while len(chosen) < n_patches and attempts < limit:
             batch = min(4 * (n_patches - len(chosen)) + 16, limit - attempts)
             attempts += batch
@@ -435,7 +439,8 @@ def _pass_b(volume: ChunkedVolume, model: Any, layout: Grid, distances: Any, fir
 
     _threads(threads)
     g = layout.grid_shape
-    e0 = tuple(max(a - halo, 0) for a in first)
+    # the halo starts on an even position, so the Potts model's parity sweeps are those of the whole grid
+    e0 = tuple(max(a - halo, 0) // 2 * 2 for a in first)
     e1 = tuple(min(b + halo, n) for b, n in zip(stop, g))
     block, owned = _block(volume, layout, e0, e1, first, stop)
     rows = np.asarray(distances[e0[0]:e1[0], e0[1]:e1[1], e0[2]:e1[2]])
@@ -635,7 +640,7 @@ def _finish(labels_path: Path, out: Path, geometry: Geometry, overwrite: bool) -
     staging = out.with_name(f".{out.name}.partial")
     try:
         if ext in (".nii", ".nii.gz"):
-            _write_nifti(labels, geometry, staging, compress=ext == ".nii.gz")
+            write_nifti(labels, geometry, staging, compress=ext == ".nii.gz")
         elif ext == ".zarr":
             _write_zarr(labels, geometry, staging)
         elif ext == ".npy":
@@ -677,8 +682,9 @@ def _nifti_header(shape: tuple[int, int, int], dtype: np.dtype, geometry: Geomet
     return header.binaryblock + b"\x00" * 4
 
 
-def _write_nifti(labels: np.ndarray, geometry: Geometry, target: Path, compress: bool) -> None:
-    """Header, then the labels slab by slab (x fastest, as ``(Z, Y, X)`` C order is); gzip for ``.nii.gz``."""
+def write_nifti(labels: np.ndarray, geometry: Geometry, target: Path, compress: bool) -> None:
+    """Write a ``(Z, Y, X)`` array (a memory map: read slab by slab) as NIfTI with ``geometry``: the header, then
+    the voxels (x fastest, as C order of ``(Z, Y, X)`` is), gzip-compressed for ``compress``."""
     import gzip
 
     opener = (lambda p: gzip.open(p, "wb", compresslevel=1)) if compress else (lambda p: open(p, "wb"))
@@ -918,9 +924,12 @@ def _phase2(segmenter: Any, volume: ChunkedVolume, layout: Grid, work: WorkDir, 
     chunks = list(layout.chunks(chunk))
     labels = np.load(work.file(WorkDir.LABELS), mmap_mode="r+")
 
+    featured = [0]
+
     def store_distances(task: dict, result: np.ndarray) -> None:
         a, b = task["first"], task["stop"]
         distances[a[0]:b[0], a[1]:b[1], a[2]:b[2]] = result
+        featured[0] += int(np.isfinite(result[..., 0]).sum())
         work.mark("a", task["index"])
 
     def store_labels(task: dict, result: tuple) -> None:
@@ -932,6 +941,8 @@ def _phase2(segmenter: Any, volume: ChunkedVolume, layout: Grid, work: WorkDir, 
     tasks = [{"first": a, "stop": b, "index": i} for i, (a, b) in enumerate(chunks) if i not in done]
     _run(tasks, _pass_a_task, {"volume": volume, "models": segmenter.models_, "model": model, "layout": layout,
                                "device": device}, client, store_distances, bars, "Phase 2 features")
+    if tasks:
+        log(f"jule3d: Phase 2 features of {featured[0]} grid positions in {len(tasks)} chunks")
     done = work.done("b")
     tasks = [{"first": a, "stop": b, "index": i} for i, (a, b) in enumerate(chunks) if i not in done]
     _run(tasks, _pass_b_task, {"volume": volume, "model": model, "layout": layout,

@@ -161,16 +161,20 @@ def _timed(fn) -> float:
 
 
 def flops_per_position(model: JuleNet3D, stride: int) -> float:
-    """FLOPs of the dense features per grid position at ``stride`` (counted on one block, interior rate)."""
+    """FLOPs of the dense features per grid position at ``stride``: the marginal rate of a large block (the
+    halo a block computes twice is not counted), i.e. the arithmetic a position needs at the least."""
     from torch.utils.flop_counter import FlopCounterMode
 
     w, native = model.config.patch_size, model.stride
-    positions = 8  # per side of the block
-    side = (positions - 1) * native + w
-    x = torch.zeros(1, model.config.in_channels, side, side, side)
-    with torch.inference_mode(), FlopCounterMode(display=False) as counter:
-        model.dense(x)
-    per_native = counter.get_total_flops() / positions**3
+
+    def block_flops(positions: int) -> float:
+        side = (positions - 1) * native + w
+        x = torch.zeros(1, model.config.in_channels, side, side, side)
+        with torch.inference_mode(), FlopCounterMode(display=False) as counter:
+            model.dense(x)
+        return counter.get_total_flops()
+
+    per_native = (block_flops(40) - block_flops(32)) / (40**3 - 32**3)
     # a finer stride runs (native / stride)³ shifted passes; a coarser one subsamples the native grid
     return per_native * (native / stride) ** 3 if stride < native else per_native
 
@@ -205,7 +209,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         for shape in args.sizes:
             image = write_specimen(shape, Path(folder) / "specimen.nii")
             file_bytes = os.path.getsize(image)
-            run = run_segment(image, Path(folder) / "labels.nii.gz", args.segment_args)
+            labels = Path(folder) / "labels.nii.gz"
+            run = run_segment(image, labels, args.segment_args)
+            labels.unlink()
             voxels = int(np.prod(shape))
             gflops = features_rate(run["log"], mflop)
             rows.append({"shape": list(shape), "file_bytes": file_bytes, **run, "voxels_per_second": voxels / run["seconds"],

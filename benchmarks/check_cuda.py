@@ -8,10 +8,14 @@ Runs (needs a CUDA device; exits with a message otherwise):
 2. Dense grid features of the GPU-trained model on the GPU vs on the CPU: the largest difference.
 3. Phase 2 (``label_volume``) of a 256³ phantom on the GPU: seconds.
 4. Training-step throughput (patches/s, batch 100) of both presets on the GPU.
+5. ``jule3d segment``'s chunked Phase 2 (:func:`jule3d.chunked.segment_file`) with one trained segmenter on a
+   ``--chunked-size`` specimen (default 512 × 1024 × 1024, :func:`bench_scale.write_specimen`) on the GPU: seconds;
+   and on a 192³ specimen on the GPU and on the CPU: the share of voxels with the same label (ties and cuDNN
+   rounding aside, 1.0).
 
 Usage::
 
-    python benchmarks/check_cuda.py [--patches 1500] [--size 256]
+    python benchmarks/check_cuda.py [--patches 1500] [--size 256] [--chunked-size 512x1024x1024]
 """
 
 from __future__ import annotations
@@ -68,6 +72,7 @@ def main() -> None:
     parser.add_argument("--patches", type=int, default=1500)
     parser.add_argument("--size", type=int, default=256)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--chunked-size", default="512x1024x1024", help="Z x Y x X of the chunked Phase 2 run")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         sys.exit("no CUDA device: this check needs a GPU")
@@ -106,6 +111,40 @@ def main() -> None:
     print("\n## 4. training-step throughput on the GPU (batch 100, channels_last_3d)")
     for preset in PRESETS:
         print(f"{preset:6s}: {step_rate(preset):8.0f} patches/s")
+
+    print("\n## 5. chunked Phase 2 (jule3d segment's engine) on the GPU")
+    chunked_phase2(args.chunked_size, args.seed)
+
+
+def chunked_phase2(size: str, seed: int) -> None:
+    """Seconds of the chunked Phase 2 on the GPU at ``size``; GPU vs CPU labels on a 192³ specimen."""
+    import tempfile
+    from pathlib import Path
+
+    from bench_scale import parse_size, write_specimen
+
+    from jule3d.chunked import segment_file
+    from jule3d.estimator import JuleSegmenter
+    from jule3d.io import read_image
+
+    with tempfile.TemporaryDirectory() as folder:
+        root = Path(folder)
+        small = write_specimen((192, 192, 192), root / "small.nii", seed=seed)
+        segmenter = JuleSegmenter(n_clusters=3, seed=seed, device="cpu").fit(small)
+        model = segmenter.save(root / "segmenter.pt")
+        labels = {}
+        for device in ("cuda", "cpu"):
+            out = root / f"small_{device}.nii"
+            start = time.perf_counter()
+            segment_file(small, out, model=model, n_clusters=3, seed=seed, device=device, fit_positions=2**16)
+            labels[device] = read_image(out)[0]
+            print(f"192³ on {device}: {time.perf_counter() - start:.1f} s")
+        print(f"192³: GPU and CPU labels agree on {np.mean(labels['cuda'] == labels['cpu']):.4f} of the voxels")
+        shape = parse_size(size)
+        big = write_specimen(shape, root / "big.nii", seed=seed)
+        start = time.perf_counter()
+        segment_file(big, root / "big_labels.nii", model=model, n_clusters=3, seed=seed, device="cuda")
+        print(f"{size} on cuda: {time.perf_counter() - start:.1f} s (Phase 2 with a given model)")
 
 
 if __name__ == "__main__":

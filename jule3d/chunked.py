@@ -410,12 +410,21 @@ def _block(volume: ChunkedVolume, layout: Grid, first: Sequence[int], stop: Sequ
     return Block([], grid.select(sub.foreground()), sub, grid, local), owned
 
 
+def _device(device: str) -> str:
+    """``"auto"``: CUDA when available, else the CPU; any other name as it is."""
+    if device != "auto":
+        return device
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def _features(block, models: Sequence, networks: Iterable[int], stride: int, device: Any) -> list:
     from .segmentation import grid_features
 
     wanted = set(networks)
-    return [grid_features(m, block.volume, stride=stride, device=device).features if i in wanted else None
-            for i, m in enumerate(models)]
+    return [grid_features(m.to(device), block.volume, stride=stride, device=device).features if i in wanted
+            else None for i, m in enumerate(models)]
 
 
 def _pass_a(volume: ChunkedVolume, models: Sequence, model: Any, layout: Grid, first: tuple, stop: tuple,
@@ -818,10 +827,10 @@ def segment_file(
         raise FileExistsError(f"{out} exists; pass overwrite to replace it")
     check_int("chunk", chunk, 1)
     check_int("fit_positions", fit_positions, 1)
-    params.setdefault("progress", False)
+    bars = _Progress(sys.stderr.isatty() if progress is None else progress, log)
+    params.setdefault("progress", bars.enabled)  # Phase 1's bars too, on a terminal
     segmenter = JuleSegmenter(**params)
     segmenter.resolved()  # bad parameters fail before any work
-    bars = _Progress(sys.stderr.isatty() if progress is None else progress, log)
     client = connect(scheduler)
     work = WorkDir(out)
     manifest = {"jule3d": __version__, "inputs": [_identity(p) for p in paths],
@@ -834,7 +843,7 @@ def segment_file(
         volume = open_volume(paths, cache=cache if cache is not None else work.path / "cache", mask=mask,
                              in_memory_voxels=in_memory_voxels, announce=log)
         _phase1(segmenter, volume, model, work, resume, log)
-        device = None if segmenter.device == "auto" else segmenter.device
+        device = _device(segmenter.device)
         layout = Grid(volume.shape, segmenter.models_[0].config.patch_size, segmenter.stride)
         labels_path = work.file(WorkDir.LABELS)
         if not labels_path.exists():

@@ -155,24 +155,32 @@ class ChunkedVolume:
         index = np.ix_(*[np.arange(s.start, s.stop) // f for s in box])
         return self._interior[index] | (self._band[index] & self.rule(reduced))
 
-    def read(self, box: tuple[slice, slice, slice]) -> Volume:
-        """The normalised voxels ``box`` with their foreground, as a :class:`~jule3d.volume.Volume`."""
-
+    def arrays(self, box: tuple[slice, slice, slice]) -> tuple[np.ndarray, np.ndarray]:
+        """The normalised voxels ``box`` ``(C, z, y, x)`` float32 (0 outside the foreground) and their foreground."""
         from .mask import reduce_channels
         from .normalize import apply_stats
 
-        box = tuple(slice(int(s.start), int(s.stop)) for s in box)  # type: ignore[assignment]
-        start = [s.start for s in box]
         if self.memory is not None:
-            data = np.ascontiguousarray(self.memory.data[(slice(None),) + box])
-            mask = self.memory.foreground()[box]
-        else:
-            raw = np.stack([np.asarray(i.array[box]) for i in self.images])
-            mask = self.foreground(box, reduce_channels(raw))
-            data = np.zeros(raw.shape, dtype=np.float32)
-            for c in range(len(raw)):
-                data[c][mask] = apply_stats(raw[c][mask], self.stats[c])
-        geometry = self.geometry.cropped(start, data.shape[1:])
+            return (np.ascontiguousarray(self.memory.data[(slice(None),) + box]),
+                    self.memory.foreground()[box])
+        raw = np.stack([np.asarray(i.array[box]) for i in self.images])
+        mask = self.foreground(box, reduce_channels(raw))
+        data = np.zeros(raw.shape, dtype=np.float32)
+        for c in range(len(raw)):
+            data[c][mask] = apply_stats(raw[c][mask], self.stats[c])
+        return data, mask
+
+    def read(self, box: tuple[slice, slice, slice]) -> Volume:
+        """The normalised voxels ``box`` with their foreground, as a :class:`~jule3d.volume.Volume`.
+
+        Raises
+        ------
+        ValueError
+            If no voxel of ``box`` is in the foreground (a volume needs one); :meth:`arrays` does not.
+        """
+        box = tuple(slice(int(s.start), int(s.stop)) for s in box)  # type: ignore[assignment]
+        data, mask = self.arrays(box)
+        geometry = self.geometry.cropped([s.start for s in box], data.shape[1:])
         return Volume(data, geometry, mask=mask, channel_names=self.channel_names, normalized=True)
 
     def sample_patches(self, n_patches: int, patch_size: int = 27, min_foreground: float = 0.5,
@@ -217,9 +225,9 @@ class ChunkedVolume:
                 key = tuple(int(c) for c in centre)
                 if key in chosen:
                     continue
-                patch = self.read(tuple(slice(c - r, c + r + 1) for c in key))
-                if patch.mask[r, r, r] and int(patch.mask.sum()) >= needed:
-                    chosen[key] = patch.data
+                data, mask = self.arrays(tuple(slice(c - r, c + r + 1) for c in key))
+                if mask[r, r, r] and int(mask.sum()) >= needed:
+                    chosen[key] = data
                     if len(chosen) == n_patches:
                         break
         if len(chosen) < n_patches:
@@ -403,11 +411,15 @@ def _block(volume: ChunkedVolume, layout: Grid, first: Sequence[int], stop: Sequ
     from .clustering import Block
 
     box = _box(layout, first, stop)
-    sub = volume.read(box)
-    grid = Grid(sub.shape, layout.patch_size, layout.stride)
     owned = _owned(layout, owned_first or first, owned_stop or stop)
     local = tuple(slice(o.start - b.start, o.stop - b.start) for o, b in zip(owned, box))
-    return Block([], grid.select(sub.foreground()), sub, grid, local), owned
+    grid = Grid(tuple(s.stop - s.start for s in box), layout.patch_size, layout.stride)
+    data, mask = volume.arrays(box)
+    if not mask.any():  # all air: no position, no volume
+        return Block([], np.zeros(grid.grid_shape, dtype=bool), None, grid, local), owned
+    sub = Volume(data, volume.geometry.cropped([s.start for s in box], data.shape[1:]), mask=mask,
+                 channel_names=volume.channel_names, normalized=True)
+    return Block([], grid.select(mask), sub, grid, local), owned
 
 
 def _device(device: str) -> str:

@@ -244,3 +244,14 @@ def test_bad_chunk_and_output_are_refused_before_any_work(trained, tmp_path: Pat
     with pytest.raises(ValueError, match="one of the inputs"):
         segment_file(trained["image"], trained["image"], overwrite=True, **QUIET, **TINY)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_chunks_and_patches_in_air_are_skipped(trained, tmp_path: Path) -> None:
+    """A specimen with a wide margin of air: whole chunks, halos and candidate patches without foreground."""
+    data = read_image(trained["image"])[0]
+    padded = np.pad(data, ((0, 0), (0, 0), (0, 60)), constant_values=float(data.min()))
+    image = save_volume(Volume.from_array(padded), tmp_path / "wide.npy")
+    out = segment_file(image, tmp_path / "l.npy", in_memory_voxels=0, chunk=4, fit_positions=2000, **QUIET, **TINY)
+    labels = np.load(out)
+    assert labels.shape == padded.shape and not labels[:, :, 52:].any()
+    assert {1, 2, 3} <= set(np.unique(labels[:, :, :48]).tolist())

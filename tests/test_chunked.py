@@ -255,3 +255,25 @@ def test_chunks_and_patches_in_air_are_skipped(trained, tmp_path: Path) -> None:
     labels = np.load(out)
     assert labels.shape == padded.shape and not labels[:, :, 52:].any()
     assert {1, 2, 3} <= set(np.unique(labels[:, :, :48]).tolist())
+
+
+def test_resample_file_gives_the_voxels_of_resample_isotropic(tmp_path: Path, monkeypatch) -> None:
+    from jule3d import resample
+    from jule3d.app.cli import main
+    from jule3d.patches import resample_isotropic
+
+    rng = np.random.default_rng(0)
+    array = rng.normal(size=(9, 16, 17)).astype(np.float32)
+    geometry = Geometry(shape=array.shape, spacing=(0.4, 0.4, 1.0), origin=(1.0, 2.0, 3.0))
+    path = save_volume(Volume.from_array(array), tmp_path / "a.nii", reference=geometry)
+    expected = resample_isotropic(load_volume(path, normalize=False, foreground=None))
+    monkeypatch.setattr(resample, "SLAB_BYTES", 4 * 16 * 17 * 3)  # three output slices per slab
+    for name in ("iso.nii.gz", "iso.npy", "iso.zarr"):
+        out = resample.resample_file(path, tmp_path / name)
+        data, written = read_image(out)
+        np.testing.assert_allclose(data, expected.data[0], atol=1e-5)
+        assert written.matches(expected.geometry)
+    assert main(["resample", str(path), "--out", str(tmp_path / "iso.nii.gz")]) == 2  # exists
+    with pytest.raises(ValueError, match="order"):
+        resample.resample_file(path, tmp_path / "x.nii", order=3)
+    assert not list(tmp_path.glob(".*partial*"))

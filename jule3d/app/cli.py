@@ -163,6 +163,29 @@ def parameter_help() -> str:
 
 
 @subcommand
+def _register_resample(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("resample", help="resample a volume of any size to cubic voxels, slab by slab",
+                       description="Linear interpolation to cubic voxels (jule3d.resample.resample_file): the same "
+                                   "voxels as resample_isotropic, in memory bounded by a slab of slices.")
+    p.add_argument("input", metavar="INPUT", help="volume file or folder")
+    p.add_argument("--out", required=True, metavar="OUT.nii", help="output: .nii, .nii.gz, .npy or .zarr")
+    p.add_argument("--spacing", type=float, metavar="MM", help="voxel size (default: the finest of the input's)")
+    p.add_argument("--cache", metavar="DIR", help="folder for the Zarr copy of a compressed input")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    p.set_defaults(func=_cmd_resample)
+
+
+def _cmd_resample(args: argparse.Namespace) -> int:
+    from ..resample import resample_file
+
+    if args.cache is None and Path(args.input).name.lower().endswith(".gz"):
+        args.cache = str(Path(args.out).with_name(Path(args.out).name + ".cache"))
+    out = resample_file(args.input, args.out, spacing=args.spacing, cache=args.cache, overwrite=args.overwrite)
+    print(f"jule3d resample: wrote {out}", file=sys.stderr)
+    return 0
+
+
+@subcommand
 def _register_run(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "run", help="run the notebook pipeline and write an HTML report", add_help=False,

@@ -136,14 +136,16 @@ def stage_lines(stderr: str) -> list[str]:
 
 
 def features_rate(log: Sequence[str], mflop_per_position: float) -> float | None:
-    """GFLOP/s of pass A (the dense features) of a run, from its log: positions x FLOPs / seconds."""
+    """GFLOP/s of pass A (the dense features) of a run, from its log: positions x networks x FLOPs / seconds."""
     import re
 
-    positions = [int(m.group(1)) for line in log if (m := re.search(r"features of (\d+) grid positions", line))]
+    found = [(int(m.group(1)), int(m.group(2))) for line in log
+             if (m := re.search(r"features of (\d+) grid positions x (\d+) network", line))]
     seconds = [float(m.group(1)) for line in log if (m := re.search(r"Phase 2 features: .* in ([0-9.]+) s", line))]
-    if not positions or not seconds:
+    if not found or not seconds:
         return None
-    return positions[0] * mflop_per_position * 1e6 / seconds[0] / 1e9
+    positions, networks = found[0]
+    return positions * networks * mflop_per_position * 1e6 / seconds[0] / 1e9
 
 
 def matmul_gflops(n: int = 2048, repeats: int = 5) -> float:

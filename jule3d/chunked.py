@@ -66,6 +66,8 @@ FIT_POSITIONS = 1 << 18
 FIT_CHUNK = 32
 #: Side, in grid positions, of Phase 2's chunks.
 CHUNK = 48
+#: Most grid positions a side of one dense pass of the network in a chunk (its activations grow with the cube).
+DENSE_CHUNK = 64
 #: Bytes of input read at a time by the scan.
 SLAB_BYTES = 64 << 20
 
@@ -435,8 +437,10 @@ def _features(block, models: Sequence, networks: Iterable[int], stride: int, dev
     from .segmentation import grid_features
 
     wanted = set(networks)
-    return [grid_features(m.to(device), block.volume, stride=stride, device=device).features if i in wanted
-            else None for i, m in enumerate(models)]
+    # one dense pass over the block (up to DENSE_CHUNK positions a side): sub-chunks would recompute their halos
+    side = min(max(block.selected.shape), DENSE_CHUNK)
+    return [grid_features(m.to(device), block.volume, stride=stride, chunk=side, device=device).features
+            if i in wanted else None for i, m in enumerate(models)]
 
 
 def _pass_a(volume: ChunkedVolume, models: Sequence, model: Any, layout: Grid, first: tuple, stop: tuple,
@@ -963,7 +967,8 @@ def _phase2(segmenter: Any, volume: ChunkedVolume, layout: Grid, work: WorkDir, 
     _run(tasks, _pass_a_task, {"volume": volume, "models": segmenter.models_, "model": model, "layout": layout,
                                "device": device}, client, store_distances, bars, "Phase 2 features")
     if tasks:
-        log(f"jule3d: Phase 2 features of {featured[0]} grid positions in {len(tasks)} chunks")
+        log(f"jule3d: Phase 2 features of {featured[0]} grid positions x {len(model.networks)} network(s) in "
+            f"{len(tasks)} chunks")
     done = work.done("b")
     tasks = [{"first": a, "stop": b, "index": i} for i, (a, b) in enumerate(chunks) if i not in done]
     _run(tasks, _pass_b_task, {"volume": volume, "model": model, "layout": layout,

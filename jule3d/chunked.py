@@ -53,7 +53,7 @@ if TYPE_CHECKING:
     from .mask import ThresholdRule
 
 __all__ = ["ChunkedVolume", "open_volume", "segment_file", "halo_positions", "connect", "disconnect", "write_nifti",
-           "WorkDir",
+           "LabelFile", "WorkDir",
            "IN_MEMORY_VOXELS", "COARSE_VOXELS", "FIT_POSITIONS", "FIT_CHUNK", "CHUNK"]
 
 #: Inputs of at most this many voxels are read whole and prepared exactly as in memory (256³).
@@ -642,15 +642,56 @@ def _identity(path: Path) -> dict:
     return {"path": str(path.resolve()), "size": int(stat.st_size), "mtime_ns": int(stat.st_mtime_ns)}
 
 
-def _allocate(path: Path, shape: tuple[int, ...], dtype: type) -> np.memmap:
-    """A zero-filled ``.npy`` memory map whose blocks are reserved now, so a full disk fails here, not later."""
-    array = np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=shape)
-    with open(path, "r+b") as handle:
-        try:
-            os.posix_fallocate(handle.fileno(), 0, os.path.getsize(path))
-        except AttributeError:  # pragma: no cover - not on every platform
-            pass
-    return array
+class LabelFile:
+    """The labels of a run in a ``.npy`` file, read and written with plain file I/O: no memory map stays open, so
+    the pages written do not count in the process's resident memory (a map of a 2 GiB label file would).
+
+    Slicing reads slabs of slices (``labels[z0:z1]``); :meth:`write` writes a box.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        with open(self.path, "rb") as handle:
+            version = np.lib.format.read_magic(handle)
+            read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            self.shape, _, self.dtype = read(handle)
+            self.offset = handle.tell()
+        self.shape = tuple(int(s) for s in self.shape)
+        self.dtype = np.dtype(self.dtype)
+
+    @classmethod
+    def create(cls, path: Path, shape: tuple[int, ...], dtype: type) -> "LabelFile":
+        """A zero-filled file whose blocks are reserved now, so a full disk fails here, not later."""
+        np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=shape).flush()  # the header; unmapped at once
+        with open(path, "r+b") as handle:
+            try:
+                os.posix_fallocate(handle.fileno(), 0, os.path.getsize(path))
+            except AttributeError:  # pragma: no cover - not on every platform
+                pass
+        return cls(path)
+
+    def __getitem__(self, key: slice) -> np.ndarray:
+        start, stop, _ = key.indices(self.shape[0])
+        plane = int(np.prod(self.shape[1:]))
+        with open(self.path, "rb") as handle:
+            handle.seek(self.offset + start * plane * self.dtype.itemsize)
+            data = np.fromfile(handle, dtype=self.dtype, count=max(stop - start, 0) * plane)
+        return data.reshape((max(stop - start, 0),) + self.shape[1:])
+
+    def write(self, box: tuple[slice, slice, slice], values: np.ndarray) -> None:
+        """Write ``values`` into the voxels ``box`` (row by row)."""
+        values = np.ascontiguousarray(values, dtype=self.dtype)
+        (z0, _, _), (y0, _, _), (x0, _, _) = (s.indices(n) for s, n in zip(box, self.shape))
+        _, ny, nx = self.shape
+        with open(self.path, "r+b") as handle:
+            for z in range(values.shape[0]):
+                if values.shape[2] == nx:  # whole rows: one write per slice
+                    handle.seek(self.offset + ((z0 + z) * ny + y0) * nx * self.dtype.itemsize)
+                    handle.write(values[z].tobytes())
+                    continue
+                for y in range(values.shape[1]):
+                    handle.seek(self.offset + (((z0 + z) * ny + y0 + y) * nx + x0) * self.dtype.itemsize)
+                    handle.write(values[z, y].tobytes())
 
 
 # ---------------------------------------------------------------------------------------------- the output
@@ -661,7 +702,7 @@ def _finish(labels_path: Path, out: Path, geometry: Geometry, overwrite: bool) -
     from .io import _extension, save_labels
 
     ext = _extension(out)
-    labels = np.load(labels_path, mmap_mode="r")
+    labels = LabelFile(labels_path)
     staging = out.with_name(f".{out.name}.partial")
     try:
         if ext in (".nii", ".nii.gz"):
@@ -674,7 +715,7 @@ def _finish(labels_path: Path, out: Path, geometry: Geometry, overwrite: bool) -
 
             _sidecar(out).write_text(json.dumps(_geometry_dict(geometry), indent=1), encoding="utf-8")
         else:  # formats without a streaming writer: the uint8/uint16 labels are read whole
-            save_labels(np.asarray(labels), out, reference=geometry, overwrite=overwrite)
+            save_labels(labels[:], out, reference=geometry, overwrite=overwrite)
             return
         if out.is_dir():
             shutil.rmtree(out)
@@ -863,13 +904,11 @@ def segment_file(
         layout = Grid(volume.shape, segmenter.models_[0].config.patch_size, segmenter.stride)
         labels_path = work.file(WorkDir.LABELS)
         if not labels_path.exists():
-            _allocate(labels_path, volume.shape, np.uint8 if segmenter.n_clusters <= 255 else np.uint16)
+            LabelFile.create(labels_path, volume.shape, np.uint8 if segmenter.n_clusters <= 255 else np.uint16)
         if volume.memory is not None and int(layout.select(volume.memory.foreground()).sum()) <= fit_positions:
             start = time.perf_counter()  # small: the in-memory method, exactly JuleSegmenter.predict
             labels = segmenter.predict(volume.memory)
-            store = np.load(labels_path, mmap_mode="r+")
-            store[...] = labels
-            store.flush()
+            LabelFile(labels_path).write((slice(None),) * 3, labels)
             log(f"jule3d: Phase 2 (in memory): {time.perf_counter() - start:.1f} s")
         else:
             _phase2(segmenter, volume, layout, work, chunk, fit_positions, device, client, bars, log)
@@ -895,7 +934,7 @@ def segment_file(
 
 def _summary(labels_path: Path, geometry: Geometry) -> str:
     """The volume of every class in mm³, counted slab by slab."""
-    labels = np.load(labels_path, mmap_mode="r")
+    labels = LabelFile(labels_path)
     counts = np.zeros(int(np.iinfo(labels.dtype).max) + 1, dtype=np.int64)
     for z in range(0, labels.shape[0], 16):
         counts += np.bincount(np.asarray(labels[z:z + 16]).ravel(), minlength=len(counts))
@@ -947,8 +986,7 @@ def _phase2(segmenter: Any, volume: ChunkedVolume, layout: Grid, work: WorkDir, 
     distances = zarr.open_array(str(work.file(WorkDir.DISTANCES)), mode="a", shape=g + (k,),
                                 chunks=tuple(min(chunk, n) for n in g) + (k,), dtype=np.float32, fill_value=np.nan)
     chunks = list(layout.chunks(chunk))
-    labels = np.load(work.file(WorkDir.LABELS), mmap_mode="r+")
-
+    labels = LabelFile(work.file(WorkDir.LABELS))
     featured = [0]
 
     def store_distances(task: dict, result: np.ndarray) -> None:
@@ -959,7 +997,7 @@ def _phase2(segmenter: Any, volume: ChunkedVolume, layout: Grid, work: WorkDir, 
 
     def store_labels(task: dict, result: tuple) -> None:
         owned, values = result
-        labels[owned] = values  # the page cache keeps it if the process is killed after this line
+        labels.write(owned, values)  # in the page cache, kept if the process is killed after this line
         work.mark("b", task["index"])
 
     done = work.done("a")
@@ -975,7 +1013,6 @@ def _phase2(segmenter: Any, volume: ChunkedVolume, layout: Grid, work: WorkDir, 
                                "distances": str(work.file(WorkDir.DISTANCES)),
                                "halo": halo_positions(layout.stride, model.window)},
          client, store_labels, bars, "Phase 2 labels")
-    labels.flush()
 
 
 def _pass_a_task(volume, models, model, layout, device, first, stop, index, threads=None):

@@ -113,6 +113,24 @@ class _NiftiZYX:
         return np.asarray(self.proxy[(x, y, z) + extra]).transpose(2, 1, 0)
 
 
+class _Mapped:
+    """A memory-mapped array opened anew for every read, so the pages read do not stay in the process's resident
+    memory (a map held open for the whole run would grow to the whole file)."""
+
+    def __init__(self, opener: Callable[[], np.ndarray]) -> None:
+        self.opener = opener
+        first = opener()
+        self.shape, self.dtype, self.ndim = tuple(first.shape), first.dtype, first.ndim
+        del first
+
+    def __getitem__(self, key: Any) -> np.ndarray:
+        mapped = self.opener()
+        try:
+            return np.array(mapped[key])
+        finally:
+            del mapped
+
+
 def _sitk_geometry(path: Path) -> Geometry:
     """Geometry of a SimpleITK-readable file from its header alone (what :func:`jule3d.io.read_image` gives)."""
     import SimpleITK as sitk
@@ -144,7 +162,7 @@ def _open_tiff_memmap(path: Path) -> tuple[Any, Geometry] | None:
 
     geometry, _ = _tiff_header(path)
     try:
-        return tifffile.memmap(path, mode="r"), geometry
+        return _Mapped(lambda: tifffile.memmap(path, mode="r")), geometry
     except ValueError:  # compressed or not contiguous
         return None
 
@@ -329,7 +347,8 @@ def open_image(
     fmt = _read_format(path)
     try:
         if fmt == "npy":
-            (array, geometry), how = _read_npy(path), "memory-mapped"
+            geometry = _read_npy(path)[1]
+            array, how = _Mapped(lambda: np.load(path, mmap_mode="r", allow_pickle=False)), "memory-mapped"
         elif fmt == "zarr":
             (array, geometry), how = _open_zarr(path), "zarr"
         elif _extension(path) == ".nii":

@@ -250,6 +250,13 @@ class ChunkedVolume:
         self.__post_init__()
 
 
+def _blocks(array: np.ndarray, f: int) -> np.ndarray:
+    """``(Z, Y, X)`` zero-padded to multiples of ``f`` and viewed as ``(z, f, y, f, x, f)`` blocks."""
+    padded = np.pad(array, [(0, -(-n // f) * f - n) for n in array.shape])
+    z, y, x = (n // f for n in padded.shape)
+    return padded.reshape(z, f, y, f, x, f)
+
+
 def _coarse_factor(shape: Sequence[int]) -> int:
     f = 1
     while int(np.prod([-(-s // f) for s in shape])) > COARSE_VOXELS:
@@ -290,7 +297,7 @@ def open_volume(
         Bad inputs (as :func:`jule3d.io.load_volume`), channels on different grids, NaN/Inf voxels, a constant
         image, a mask of another shape or an empty foreground.
     """
-    from .io import _as_path_list, _channel_names, load_volume
+    from .io import _as_path_list, _channel_names, load_volume, refuse_nonfinite
     from .lazyio import image_shape, open_image
     from .mask import clean_mask, reduce_channels, threshold_rule, threshold_step
     from .normalize import clip_stats
@@ -322,7 +329,7 @@ def open_volume(
     shape, f, t = geometry.shape, _coarse_factor(geometry.shape), threshold_step(geometry.shape)
     coarse_shape = tuple(-(-s // f) for s in shape)
     coarse_sum = np.zeros(coarse_shape, dtype=np.float64)
-    coarse_count = np.zeros(coarse_shape, dtype=np.int64)
+    mask_blocks = np.zeros(coarse_shape, dtype=bool)  # with a mask file: blocks holding a foreground voxel
     samples, positions, sample_mask = [], [], []
     plane = int(np.prod(shape[1:])) * 4 * (len(images) + 1)
     step = max(f, (SLAB_BYTES // plane) // f * f)
@@ -330,17 +337,10 @@ def open_volume(
         z1 = min(z0 + step, shape[0])
         raw = np.stack([np.asarray(i.array[z0:z1]) for i in images])
         for image, channel in zip(images, raw):
-            if channel.dtype.kind == "f" and not np.isfinite(channel).all():
-                raise ValueError(f"image {image.path} has NaN/Inf voxels; jule3d does not guess what they stand "
-                                 "for: replace them with a value (e.g. the background intensity) and give a mask "
-                                 "if they mean no data")
+            refuse_nonfinite(channel, image.path, where=f" in slices {z0}-{z1 - 1}")
         reduced = reduce_channels(raw)
-        padded = [(0, -(-n // f) * f - n) for n in reduced.shape]
-        blocks = np.pad(reduced.astype(np.float64), padded).reshape(
-            -1, f, coarse_shape[1], f, coarse_shape[2], f)
-        ones = np.pad(np.ones(reduced.shape, dtype=np.int64), padded).reshape(blocks.shape)
-        coarse_sum[z0 // f: z0 // f + blocks.shape[0]] += blocks.sum(axis=(1, 3, 5))
-        coarse_count[z0 // f: z0 // f + blocks.shape[0]] += ones.sum(axis=(1, 3, 5))
+        rows = slice(z0 // f, z0 // f + -(-(z1 - z0) // f))
+        coarse_sum[rows] += _blocks(reduced.astype(np.float64), f).sum(axis=(1, 3, 5))
         first = (-z0) % t
         sub = (slice(first, None, t), slice(None, None, t), slice(None, None, t))
         samples.append(np.concatenate([reduced[sub][None], raw[(slice(None),) + sub].astype(np.float32)])
@@ -348,10 +348,14 @@ def open_volume(
         grid = np.meshgrid(*[np.arange(n)[s] for n, s in zip(reduced.shape, sub)], indexing="ij")
         positions.append(np.stack([g.ravel() for g in grid], axis=1) + [z0, 0, 0])
         if mask_image is not None:
-            sample_mask.append(np.asarray(mask_image.array[z0:z1])[sub].ravel() != 0)
+            given = np.asarray(mask_image.array[z0:z1]) != 0
+            sample_mask.append(given[sub].ravel())
+            mask_blocks[rows] |= _blocks(given, f).any(axis=(1, 3, 5))
     sample = np.concatenate(samples, axis=1)
     positions = np.concatenate(positions)
-    coarse_image = (coarse_sum / np.maximum(coarse_count, 1)).astype(np.float32)
+    # voxels per block: f³, fewer in the last block along an axis that f does not divide
+    lengths = [np.minimum(f, n - f * np.arange(c)) for n, c in zip(shape, coarse_shape)]
+    coarse_image = (coarse_sum / np.multiply.outer(np.multiply.outer(*lengths[:2]), lengths[2])).astype(np.float32)
     rule = None
     if mask_image is None:
         rule = threshold_rule(sample[0])
@@ -360,12 +364,7 @@ def open_volume(
             raise ValueError("the automatic foreground mask found no foreground voxel")
         coarse = clean_mask(raw_coarse, closing_radius=2 if f == 1 else 1)  # 2 voxels: foreground_mask's
     else:
-        coarse = np.zeros(coarse_shape, dtype=bool)
-        for z0 in range(0, shape[0], step):  # a coarse block is foreground when any of its voxels is
-            m = np.asarray(mask_image.array[z0:min(z0 + step, shape[0])]) != 0
-            padded = [(0, -(-n // f) * f - n) for n in m.shape]
-            coarse[z0 // f: z0 // f + -(-m.shape[0] // f)] |= np.pad(m, padded).reshape(
-                -1, f, coarse_shape[1], f, coarse_shape[2], f).any(axis=(1, 3, 5))
+        coarse = mask_blocks
     volume = ChunkedVolume(images, geometry, names, rule=rule, mask_image=mask_image, coarse=coarse, factor=f)
     if mask_image is None:
         index = tuple((positions // f).T)

@@ -446,11 +446,20 @@ def _check_finite(array: np.ndarray, path: Path) -> None:
         array = np.asanyarray(image.dataobj)
     elif array.dtype.kind not in "fc":
         return
+    refuse_nonfinite(array, path)
+
+
+def refuse_nonfinite(array: np.ndarray, path: Path, where: str = "") -> None:
+    """Raise the ``ValueError`` of :func:`_check_finite` if ``array`` (the voxels of ``path``, or of its part
+    ``where``) holds NaN or Inf."""
+    if array.dtype.kind not in "fc":
+        return
     n_bad = array.size - int(np.count_nonzero(np.isfinite(array)))
     if n_bad:
         raise ValueError(
-            f"image {path} has {n_bad} NaN/Inf voxels (of {array.size}); jule3d does not guess what they stand "
-            "for: replace them with a value (e.g. the background intensity) and give a mask if they mean no data"
+            f"image {path} has {n_bad} NaN/Inf voxels (of {array.size}{where}); jule3d does not guess what they "
+            "stand for: replace them with a value (e.g. the background intensity) and give a mask if they mean no "
+            "data"
         )
 
 

@@ -26,6 +26,7 @@ Examples
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
@@ -347,8 +348,9 @@ class Block:
         centers = self.grid.centers(np.argwhere(self.selected))
         return box_means(self.volume, window, tuple(centers.T))
 
+    @cached_property
     def kept(self) -> np.ndarray:
-        """Bool voxels of ``volume``: the foreground voxels it owns."""
+        """Bool voxels of ``volume``: the foreground voxels it owns (computed once)."""
         keep = np.zeros(self.volume.shape, dtype=bool)
         keep[self.owned] = True
         return keep & self.volume.foreground()
@@ -415,7 +417,7 @@ def fit_phase2(
     scaling, classes, labels, candidates, agreement, chosen = fit_classes(
         blocks, n_clusters, seed=seed, phase2=phase2, intensity_weight=intensity_weight, window=window,
         smoothing=smoothing, spacing=spacing, weights=weights)
-    kept = [b.kept() for b in blocks]
+    kept = [b.kept for b in blocks]
     k = classes.n_classes
     splits = np.cumsum([int(b.selected.sum()) for b in blocks])[:-1]
     coarse = [_coarse_classes(b, part, spacing) for b, part in zip(blocks, np.split(labels, splits))]
@@ -472,11 +474,12 @@ def fit_classes(
     features = [_stacked(blocks, i) for i in range(n_networks)]
     selected = _composite([b.selected for b in blocks])
     local = np.concatenate([b.local(window) for b in blocks]) if intensity_weight > 0 else None
-    kept = [b.kept() for b in blocks]
     n_channels = blocks[0].volume.n_channels
-    channel_std = np.array([np.concatenate([np.asarray(b.volume.data[c], dtype=np.float32)[k]
-                                            for b, k in zip(blocks, kept)]).std() for c in range(n_channels)],
-                           dtype=np.float32)
+    channel_std = None  # the intensity block's divisor: only the merge candidates with intensity use it
+    if phase2 != "kmeans" and intensity_weight > 0:
+        channel_std = np.array([np.concatenate([np.asarray(b.volume.data[c], dtype=np.float32)[b.kept]
+                                                for b in blocks]).std() for c in range(n_channels)],
+                               dtype=np.float32)
     candidates, agreement, chosen = [], None, 0
     if phase2 == "kmeans":
         scaling = FeatureScaling.fit(features, tuple(range(n_networks)), local, None, intensity_weight,
@@ -529,7 +532,7 @@ def label_block(model: Phase2Model, block: Block, distances: np.ndarray, spacing
     """
     classes = model.classes.labels(distances, block.selected, spacing)
     coarse = _coarse_classes(block, classes, spacing)
-    keep = block.kept()
+    keep = block.kept
     final = coarse[keep]
     if model.refine is not None and keep.any():
         local = box_means(block.volume, model.window, np.nonzero(keep))

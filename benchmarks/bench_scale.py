@@ -40,6 +40,7 @@ import numpy as np
 import psutil
 import torch
 
+from jule3d.chunked import DENSE_CHUNK
 from jule3d.models import JuleNet3D, net_config
 from jule3d.phantom import make_phantom
 from jule3d.segmentation import grid_features
@@ -163,31 +164,41 @@ def _timed(fn) -> float:
 
 
 def flops_per_position(model: JuleNet3D, stride: int) -> float:
-    """FLOPs of the dense features per grid position at ``stride``: the marginal rate of a large block (the
-    halo a block computes twice is not counted), i.e. the arithmetic a position needs at the least."""
+    """FLOPs of the dense features per grid position at ``stride``, the arithmetic a position needs at the least.
+
+    The FLOPs of a block of ``P`` native positions a side are a cubic in ``P`` (the halo adds the lower terms);
+    its leading coefficient, from the third difference of four block sizes, is the cost per position of an
+    unbounded block. They are counted (``torch.utils.flop_counter``) on the network layer by layer (``body``,
+    then the head as a convolution), not on :meth:`~jule3d.models.JuleNet3D.dense`, whose pooled first
+    convolution does more arithmetic to run faster.
+    """
     from torch.utils.flop_counter import FlopCounterMode
 
-    w, native = model.config.patch_size, model.stride
+    w, native, k = model.config.patch_size, model.stride, model.config.head_size
+    head = model.head.weight.view(model.feature_dim, -1, k, k, k)
 
     def block_flops(positions: int) -> float:
         side = (positions - 1) * native + w
         x = torch.zeros(1, model.config.in_channels, side, side, side)
         with torch.inference_mode(), FlopCounterMode(display=False) as counter:
-            model.dense(x)
+            torch.nn.functional.conv3d(model.body(x), head, model.head.bias)
         return counter.get_total_flops()
 
-    per_native = (block_flops(40) - block_flops(32)) / (40**3 - 32**3)
+    step = 4
+    f = [block_flops(8 + i * step) for i in range(4)]
+    per_native = (f[3] - 3 * f[2] + 3 * f[1] - f[0]) / (6 * step**3)
     # a finer stride runs (native / stride)³ shifted passes; a coarser one subsamples the native grid
     return per_native * (native / stride) ** 3 if stride < native else per_native
 
 
 def phase2_rate(size: int, stride: int = 2, seed: int = 0) -> dict:
-    """GFLOP/s of the default network's grid features on a ``size``³ phantom, against the matmul rate."""
+    """GFLOP/s of the default network's grid features on a ``size``³ phantom, in blocks of the chunked engine's
+    ``DENSE_CHUNK`` positions a side, against the matmul rate."""
     model = JuleNet3D(net_config("fast"), seed=seed).eval()
     volume = make_phantom(shape=(size,) * 3, seed=seed).volume
-    grid_features(model, volume, stride=stride)  # warm-up
-    seconds = _timed(lambda: grid_features(model, volume, stride=stride))
-    features = grid_features(model, volume, stride=stride)
+    grid_features(model, volume, stride=stride, chunk=DENSE_CHUNK)  # warm-up
+    seconds = min(_timed(lambda: grid_features(model, volume, stride=stride, chunk=DENSE_CHUNK)) for _ in range(3))
+    features = grid_features(model, volume, stride=stride, chunk=DENSE_CHUNK)
     n_positions = int(features.selected.sum())
     flops = flops_per_position(model, stride) * int(np.prod(features.grid_shape))  # dense runs the whole block
     rate, floor = flops / seconds / 1e9, matmul_gflops()

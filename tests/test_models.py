@@ -17,6 +17,10 @@ def _warm_batchnorm(model: JuleNet3D, seed: int = 0) -> None:
     with torch.no_grad():
         for _ in range(3):
             model(2.0 + 3.0 * torch.randn(6, model.config.in_channels, w, w, w, generator=gen))
+    with torch.no_grad():  # some negative BatchNorm scales: max-pooling must not be moved past a sign flip
+        for module in model.modules():
+            if isinstance(module, torch.nn.BatchNorm3d):
+                module.weight.copy_(torch.linspace(-1.0, 1.5, module.num_features))
     model.eval()
 
 
@@ -67,6 +71,8 @@ def test_forward_shape_and_unit_norm(preset: str) -> None:
         ("fast", {"in_channels": 2, "n_filters": 8}, (3, 6, 5)),
         ("fast", {"patch_size": 21, "n_filters": (6, 8, 10), "pool_after": (0, 1), "n_convs": 3}, (9, 4, 0)),
         ("fast", {"batchnorm": False, "n_filters": 8}, (2, 3, 4)),
+        ("fast", {"patch_size": 23, "pool_size": 3, "n_filters": 6}, (4, 0, 5)),
+        ("fast", {"in_channels": 9, "n_filters": 4}, (1, 2, 0)),  # too many input channels to unshuffle
     ],
 )
 def test_dense_equals_patchwise(preset: str, overrides: dict, extra: tuple[int, int, int]) -> None:

@@ -253,6 +253,51 @@ def test_smooth_labels_never_raises_the_energy_and_is_deterministic() -> None:
                 assert _potts_energy(grid, d2, trial, beta, spacing) >= _potts_energy(grid, d2, out, beta, spacing) - 1e-6
 
 
+def _icm_every_position(selected: np.ndarray, d2: np.ndarray, beta: float, spacing, max_iter: int = 20) -> np.ndarray:
+    """ICM as ``smooth_labels``' docstring states it, evaluating every position in every sweep (the reference
+    for the version that re-evaluates only positions next to a move)."""
+    offsets = [o for o in np.ndindex(3, 3, 3) if o != (1, 1, 1)]
+    spacing = np.asarray(spacing, float)
+    weights = [np.float32(spacing.min() / np.linalg.norm((np.array(o) - 1) * spacing)) for o in offsets]
+    scale = np.float32(np.median(d2.min(axis=1)))
+    k = d2.shape[1]
+    unary = np.zeros(selected.shape + (k,), np.float32)
+    unary[selected] = d2 / scale
+    labels = np.zeros(selected.shape, np.int64)
+    labels[selected] = d2.argmin(axis=1)
+    for _ in range(max_iter):
+        changed = 0
+        for parity in np.ndindex(2, 2, 2):
+            onehot = np.zeros(tuple(n + 2 for n in selected.shape) + (k,), np.float32)
+            onehot[1:-1, 1:-1, 1:-1][selected, labels[selected]] = 1.0
+            for p in map(tuple, np.argwhere(selected)):
+                if tuple(c % 2 for c in p) != parity:
+                    continue
+                votes = np.zeros(k, np.float32)
+                for o, w in zip(offsets, weights):
+                    votes += w * onehot[p[0] + o[0], p[1] + o[1], p[2] + o[2]]
+                best = int((unary[p] - np.float32(beta) * votes).argmin())
+                changed += best != labels[p]
+                labels[p] = best
+        if changed == 0:
+            break
+    return labels[selected]
+
+
+def test_smooth_labels_equal_icm_over_every_position() -> None:
+    # a smooth preference field plus noise: many positions move in the first sweeps, few later, so both the
+    # whole-class and the gathered evaluation run
+    rng = np.random.default_rng(5)
+    shape = (12, 10, 9)
+    selected = rng.random(shape) < 0.9
+    field = ndimage.gaussian_filter(rng.normal(size=shape + (3,)), (2, 2, 2, 0))
+    d2 = (0.2 * rng.random((int(selected.sum()), 3)) + 4 * (field[selected] - field.min())).astype(np.float32)
+    for beta, spacing in ((0.5, (1.0, 1.0, 1.0)), (2.0, (2.0, 1.0, 1.0))):
+        reference = _icm_every_position(selected, d2, beta, spacing)
+        assert (reference != d2.argmin(axis=1)).mean() > 0.05
+        np.testing.assert_array_equal(smooth_labels(selected, d2, beta, spacing=spacing), reference)
+
+
 def test_smooth_labels_neighbour_weights_follow_the_spacing() -> None:
     # Positions A=(0,0,0), M=(0,0,1), B=(0,0,2) along x and Z=(1,0,1) above M. A and Z want label 0,
     # B wants 1, M mildly prefers 1 (cost 1 vs 1.5). M's votes: A + Z for 0, B for 1. With unit spacing

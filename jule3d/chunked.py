@@ -53,7 +53,7 @@ if TYPE_CHECKING:
     from .mask import ThresholdRule
 
 __all__ = ["ChunkedVolume", "open_volume", "segment_file", "halo_positions", "connect", "disconnect", "write_nifti",
-           "LabelFile", "WorkDir",
+           "NpyFile", "write_output", "WorkDir",
            "IN_MEMORY_VOXELS", "COARSE_VOXELS", "FIT_POSITIONS", "FIT_CHUNK", "CHUNK"]
 
 #: Inputs of at most this many voxels are read whole and prepared exactly as in memory (256³).
@@ -641,11 +641,12 @@ def _identity(path: Path) -> dict:
     return {"path": str(path.resolve()), "size": int(stat.st_size), "mtime_ns": int(stat.st_mtime_ns)}
 
 
-class LabelFile:
-    """The labels of a run in a ``.npy`` file, read and written with plain file I/O: no memory map stays open, so
-    the pages written do not count in the process's resident memory (a map of a 2 GiB label file would).
+class NpyFile:
+    """A 3D array in a ``.npy`` file (a run's labels, a resampled volume), read and written with plain file I/O:
+    no memory map stays open, so the pages written do not count in the process's resident memory (a map of a
+    2 GiB label file would).
 
-    Slicing reads slabs of slices (``labels[z0:z1]``); :meth:`write` writes a box.
+    Slicing reads slabs of slices (``array[z0:z1]``); :meth:`write` writes a box.
     """
 
     def __init__(self, path: Path) -> None:
@@ -659,7 +660,7 @@ class LabelFile:
         self.dtype = np.dtype(self.dtype)
 
     @classmethod
-    def create(cls, path: Path, shape: tuple[int, ...], dtype: type) -> "LabelFile":
+    def create(cls, path: Path, shape: tuple[int, ...], dtype: type) -> "NpyFile":
         """A zero-filled file whose blocks are reserved now, so a full disk fails here, not later."""
         np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=shape).flush()  # the header; unmapped at once
         with open(path, "r+b") as handle:
@@ -696,12 +697,31 @@ class LabelFile:
 # ---------------------------------------------------------------------------------------------- the output
 
 
-def _finish(labels_path: Path, out: Path, geometry: Geometry, overwrite: bool) -> None:
-    """Turn the finished label memory map into the output ``out`` (its format by its ending), atomically."""
+def write_output(source: Path, out: Path, geometry: Geometry, overwrite: bool,
+                 save: Callable[..., Any] | None = None) -> None:
+    """Turn a finished :class:`NpyFile` into the output ``out`` (its format by its ending), atomically.
+
+    NIfTI and Zarr are written slab by slab from ``source``, and ``.npy`` by renaming it (with the geometry
+    sidecar); any other ending is read whole and written by ``save`` (default :func:`jule3d.io.save_labels`).
+    The output appears under its name only once complete; on any error the partial output is removed.
+
+    Parameters
+    ----------
+    source : pathlib.Path
+        The ``.npy`` file; it is moved, not copied, for a ``.npy`` output.
+    out : pathlib.Path
+        The output file.
+    geometry : Geometry
+        Its geometry.
+    overwrite : bool
+        Whether an existing ``out`` may be replaced (the caller has checked that it may).
+    save : callable, optional
+        ``save(array, out, reference=geometry, overwrite=overwrite)`` for the endings without a streaming writer.
+    """
     from .io import _extension, save_labels
 
     ext = _extension(out)
-    labels = LabelFile(labels_path)
+    labels = NpyFile(source)
     staging = out.with_name(f".{out.name}.partial")
     try:
         if ext in (".nii", ".nii.gz"):
@@ -709,12 +729,12 @@ def _finish(labels_path: Path, out: Path, geometry: Geometry, overwrite: bool) -
         elif ext == ".zarr":
             _write_zarr(labels, geometry, staging)
         elif ext == ".npy":
-            labels_path.replace(staging)
+            source.replace(staging)
             from .io import _geometry_dict, _sidecar
 
             _sidecar(out).write_text(json.dumps(_geometry_dict(geometry), indent=1), encoding="utf-8")
         else:  # formats without a streaming writer: the uint8/uint16 labels are read whole
-            save_labels(labels[:], out, reference=geometry, overwrite=overwrite)
+            (save or save_labels)(labels[:], out, reference=geometry, overwrite=overwrite)
             return
         if out.is_dir():
             shutil.rmtree(out)
@@ -903,17 +923,17 @@ def segment_file(
         layout = Grid(volume.shape, segmenter.models_[0].config.patch_size, segmenter.stride)
         labels_path = work.file(WorkDir.LABELS)
         if not labels_path.exists():
-            LabelFile.create(labels_path, volume.shape, np.uint8 if segmenter.n_clusters <= 255 else np.uint16)
+            NpyFile.create(labels_path, volume.shape, np.uint8 if segmenter.n_clusters <= 255 else np.uint16)
         if volume.memory is not None and int(layout.select(volume.memory.foreground()).sum()) <= fit_positions:
             start = time.perf_counter()  # small: the in-memory method, exactly JuleSegmenter.predict
             labels = segmenter.predict(volume.memory)
-            LabelFile(labels_path).write((slice(None),) * 3, labels)
+            NpyFile(labels_path).write((slice(None),) * 3, labels)
             log(f"jule3d: Phase 2 (in memory): {time.perf_counter() - start:.1f} s")
         else:
             _phase2(segmenter, volume, layout, work, chunk, fit_positions, device, client, bars, log)
         summary = _summary(labels_path, volume.geometry)
         try:
-            _finish(labels_path, out, volume.geometry, overwrite)
+            write_output(labels_path, out, volume.geometry, overwrite)
         except OSError as exc:
             if exc.errno == errno.ENOSPC:
                 raise OSError(exc.errno, f"the disk is full while writing {out}: removed the partial output; the "
@@ -933,7 +953,7 @@ def segment_file(
 
 def _summary(labels_path: Path, geometry: Geometry) -> str:
     """The volume of every class in mm³, counted slab by slab."""
-    labels = LabelFile(labels_path)
+    labels = NpyFile(labels_path)
     counts = np.zeros(int(np.iinfo(labels.dtype).max) + 1, dtype=np.int64)
     for z in range(0, labels.shape[0], 16):
         counts += np.bincount(np.asarray(labels[z:z + 16]).ravel(), minlength=len(counts))
@@ -985,7 +1005,7 @@ def _phase2(segmenter: Any, volume: ChunkedVolume, layout: Grid, work: WorkDir, 
     distances = zarr.open_array(str(work.file(WorkDir.DISTANCES)), mode="a", shape=g + (k,),
                                 chunks=tuple(min(chunk, n) for n in g) + (k,), dtype=np.float32, fill_value=np.nan)
     chunks = list(layout.chunks(chunk))
-    labels = LabelFile(work.file(WorkDir.LABELS))
+    labels = NpyFile(work.file(WorkDir.LABELS))
     featured = [0]
 
     def store_distances(task: dict, result: np.ndarray) -> None:

@@ -22,9 +22,8 @@ Examples
 
 from __future__ import annotations
 
-import json
 import os
-import shutil
+import tempfile
 from dataclasses import replace
 from numbers import Real
 from pathlib import Path
@@ -62,7 +61,8 @@ def resample_file(
     order : {0, 1}
         Nearest or linear interpolation (higher orders need the whole volume for their prefilter).
     cache : path, optional
-        Folder for the Zarr cache of an input that cannot be read in blocks.
+        Folder for the Zarr cache of an input that cannot be read in blocks where it is (compressed NIfTI or
+        TIFF, slice folders, NRRD, MetaImage, DICOM); default a temporary folder beside ``out``, removed at the end.
     overwrite : bool
         Replace an existing ``out``.
 
@@ -80,8 +80,8 @@ def resample_file(
     """
     from scipy import ndimage
 
-    from .chunked import _write_zarr, write_nifti
-    from .io import _extension, _geometry_dict, _sidecar
+    from .chunked import NpyFile, write_output
+    from .io import _extension, save_volume
     from .lazyio import open_image
     from .validation import check_int
 
@@ -98,42 +98,26 @@ def resample_file(
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out} exists; pass overwrite to replace it")
     kwargs = {} if announce is None else {"announce": announce}
-    image = open_image(path, cache=cache, **kwargs)
-    old = np.asarray(image.geometry.spacing_zyx)
-    spacing = float(min(old) if spacing is None else spacing)
-    scale = spacing / old
-    shape = tuple(max(1, int(round(n / s))) for n, s in zip(image.shape, scale))
-    geometry = replace(image.geometry, shape=shape, spacing=(spacing,) * 3)
     staging = out.with_name(f".{out.name}.partial.npy")
-    try:
-        result = np.lib.format.open_memmap(staging, mode="w+", dtype=np.float32, shape=shape)
-        step = max(1, SLAB_BYTES // (4 * shape[1] * shape[2]))
-        for a in range(0, shape[0], step):
-            b = min(a + step, shape[0])
-            z0 = max(int(np.floor(a * scale[0])) - 1, 0)  # the input slices slab [a, b) interpolates between
-            z1 = min(int(np.ceil((b - 1) * scale[0])) + 2, image.shape[0])
-            source = np.asarray(image.array[z0:z1], dtype=np.float32)
-            result[a:b] = ndimage.affine_transform(source, np.diag(scale), offset=(a * scale[0] - z0, 0.0, 0.0),
-                                                   output_shape=(b - a,) + shape[1:], order=order, mode="nearest",
-                                                   output=np.float32)
-        result.flush()
-        if ext == ".npy":
-            _sidecar(out).write_text(json.dumps(_geometry_dict(geometry), indent=1), encoding="utf-8")
-            os.replace(staging, out)
-            return out
-        target = out.with_name(f".{out.name}.partial")
-        if ext == ".zarr":
-            _write_zarr(result, geometry, target)
-        else:
-            write_nifti(result, geometry, target, compress=ext == ".nii.gz")
-        if out.is_dir():
-            shutil.rmtree(out)
-        os.replace(target, out)
-        return out
-    finally:
-        staging.unlink(missing_ok=True)
-        partial = out.with_name(f".{out.name}.partial")
-        if partial.is_dir():
-            shutil.rmtree(partial)
-        elif partial.exists():
-            partial.unlink()
+    with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.cache.") as scratch:
+        image = open_image(path, cache=scratch if cache is None else cache, **kwargs)
+        old = np.asarray(image.geometry.spacing_zyx)
+        spacing = float(min(old) if spacing is None else spacing)
+        scale = spacing / old
+        shape = tuple(max(1, int(round(n / s))) for n, s in zip(image.shape, scale))
+        geometry = replace(image.geometry, shape=shape, spacing=(spacing,) * 3)
+        try:
+            result = NpyFile.create(staging, shape, np.float32)
+            step = max(1, SLAB_BYTES // (4 * shape[1] * shape[2]))
+            for a in range(0, shape[0], step):
+                b = min(a + step, shape[0])
+                z0 = max(int(np.floor(a * scale[0])) - 1, 0)  # the input slices slab [a, b) interpolates between
+                z1 = min(int(np.ceil((b - 1) * scale[0])) + 2, image.shape[0])
+                source = np.asarray(image.array[z0:z1], dtype=np.float32)
+                result.write((slice(a, b), slice(None), slice(None)), ndimage.affine_transform(
+                    source, np.diag(scale), offset=(a * scale[0] - z0, 0.0, 0.0), output_shape=(b - a,) + shape[1:],
+                    order=order, mode="nearest", output=np.float32))
+            write_output(staging, out, geometry, overwrite, save=save_volume)
+        finally:
+            staging.unlink(missing_ok=True)
+    return out

@@ -276,4 +276,10 @@ def test_resample_file_gives_the_voxels_of_resample_isotropic(tmp_path: Path, mo
     assert main(["resample", str(path), "--out", str(tmp_path / "iso.nii.gz")]) == 2  # exists
     with pytest.raises(ValueError, match="order"):
         resample.resample_file(path, tmp_path / "x.nii", order=3)
-    assert not list(tmp_path.glob(".*partial*"))
+    # a compressed input is converted into a temporary cache, removed at the end
+    (tmp_path / "in").mkdir()
+    compressed = save_volume(Volume.from_array(array), tmp_path / "in" / "a.nii.gz", reference=geometry)
+    assert main(["resample", str(compressed), "--out", str(tmp_path / "from_gz.nii")]) == 0
+    np.testing.assert_allclose(read_image(tmp_path / "from_gz.nii")[0], expected.data[0], atol=1e-5)
+    assert not list(tmp_path.glob(".*partial*")) and not list(tmp_path.glob(".*cache*"))
+    assert sorted(p.name for p in (tmp_path / "in").iterdir()) == ["a.nii.gz"]

@@ -170,7 +170,8 @@ def _register_resample(sub: argparse._SubParsersAction) -> None:
     p.add_argument("input", metavar="INPUT", help="volume file or folder")
     p.add_argument("--out", required=True, metavar="OUT.nii", help="output: .nii, .nii.gz, .npy or .zarr")
     p.add_argument("--spacing", type=float, metavar="MM", help="voxel size (default: the finest of the input's)")
-    p.add_argument("--cache", metavar="DIR", help="folder for the Zarr copy of a compressed input")
+    p.add_argument("--cache", metavar="DIR", help="folder to keep the Zarr copy of an input that cannot be read in "
+                                                  "blocks, e.g. .nii.gz (default: a temporary one, removed)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output")
     p.set_defaults(func=_cmd_resample)
 
@@ -178,8 +179,6 @@ def _register_resample(sub: argparse._SubParsersAction) -> None:
 def _cmd_resample(args: argparse.Namespace) -> int:
     from ..resample import resample_file
 
-    if args.cache is None and Path(args.input).name.lower().endswith(".gz"):
-        args.cache = str(Path(args.out).with_name(Path(args.out).name + ".cache"))
     out = resample_file(args.input, args.out, spacing=args.spacing, cache=args.cache, overwrite=args.overwrite)
     print(f"jule3d resample: wrote {out}", file=sys.stderr)
     return 0

@@ -53,7 +53,7 @@ if TYPE_CHECKING:
     from .mask import ThresholdRule
 
 __all__ = ["ChunkedVolume", "open_volume", "segment_file", "halo_positions", "connect", "disconnect", "write_nifti",
-           "NpyFile", "write_output", "WorkDir",
+           "NpyFile", "write_output", "check_output", "WorkDir",
            "IN_MEMORY_VOXELS", "COARSE_VOXELS", "FIT_POSITIONS", "FIT_CHUNK", "CHUNK"]
 
 #: Inputs of at most this many voxels are read whole and prepared exactly as in memory (256³).
@@ -824,6 +824,33 @@ class _Progress:
         return tqdm(total=total, desc=desc, unit="chunk")
 
 
+def check_output(out: Path, inputs: Sequence[Path], overwrite: bool, out_name: str = "out",
+                 overwrite_name: str = "overwrite") -> None:
+    """Refuse an output :func:`segment_file` must not write: one of the ``inputs``, an unsupported ending, a
+    missing folder, or an existing file without ``overwrite``; the messages call the two settings
+    ``out_name`` and ``overwrite_name`` (the command line passes its option names).
+
+    Raises
+    ------
+    ValueError
+        ``out`` is an input, or its ending is not one of :data:`jule3d.io.WRITE_FORMATS`.
+    FileNotFoundError
+        Its folder does not exist.
+    FileExistsError
+        It exists and ``overwrite`` is false.
+    """
+    from .io import WRITE_FORMATS, _extension
+
+    if any(out.resolve() == Path(p).resolve() for p in inputs):
+        raise ValueError(f"{out_name} {out} is one of the inputs; refusing to overwrite an input")
+    if _extension(out) not in WRITE_FORMATS:
+        raise ValueError(f"cannot write {out_name} {out}: unsupported ending; supported: {', '.join(WRITE_FORMATS)}")
+    if not out.parent.is_dir():
+        raise FileNotFoundError(f"folder {out.parent} of {out_name} does not exist")
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"{out_name} {out} exists; pass {overwrite_name} to replace it")
+
+
 def segment_file(
     inputs: PathLike | Sequence[PathLike],
     out: PathLike,
@@ -888,19 +915,12 @@ def segment_file(
     """
     from . import __version__
     from .estimator import JuleSegmenter
-    from .io import WRITE_FORMATS, _as_path_list, _extension
+    from .io import _as_path_list
     from .validation import check_int
 
     out = Path(out)
     paths = _as_path_list(inputs)
-    if any(out.resolve() == p.resolve() for p in paths + ([Path(mask)] if mask else [])):
-        raise ValueError(f"out {out} is one of the inputs; refusing to overwrite an input")
-    if _extension(out) not in WRITE_FORMATS:
-        raise ValueError(f"cannot write {out}: unsupported ending; supported: {', '.join(WRITE_FORMATS)}")
-    if not out.parent.is_dir():
-        raise FileNotFoundError(f"folder {out.parent} of out does not exist")
-    if out.exists() and not overwrite:
-        raise FileExistsError(f"{out} exists; pass overwrite to replace it")
+    check_output(out, paths + ([Path(mask)] if mask else []), overwrite)
     check_int("chunk", chunk, 1)
     check_int("fit_positions", fit_positions, 1)
     bars = _Progress(sys.stderr.isatty() if progress is None else progress, log)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import locale
 import re
 from pathlib import Path
 
@@ -119,6 +120,14 @@ def test_tiff_slice_folder_with_a_mismatching_slice_names_it(tmp_path: Path) -> 
 
 
 def _write_dicom_series(folder: Path, array: np.ndarray, geometry: Geometry, uid: str, names: list[str]) -> None:
+    saved = locale.setlocale(locale.LC_ALL)
+    try:
+        _write_dicom_slices(folder, array, geometry, uid, names)
+    finally:  # GDCM's writer sets the process's locale to "C": later tests would decode text as ASCII
+        locale.setlocale(locale.LC_ALL, saved)
+
+
+def _write_dicom_slices(folder: Path, array: np.ndarray, geometry: Geometry, uid: str, names: list[str]) -> None:
     image = _image(array, geometry)
     writer = sitk.ImageFileWriter()
     writer.KeepOriginalImageUIDOn()
@@ -151,7 +160,9 @@ def test_dicom_series_picks_the_largest_series_sorted_by_position(tmp_path: Path
     _write_dicom_series(tmp_path, array, geometry, "1.2.826.0.1.3680043.2.1125.1", names)
     small = Geometry(shape=(2, 8, 10))
     _write_dicom_series(tmp_path, array[:2], small, "1.2.826.0.1.3680043.2.1125.2", ["x0.dcm", "x1.dcm"])
+    before = locale.setlocale(locale.LC_ALL)
     back, read_geometry = read_image(tmp_path)
+    assert locale.setlocale(locale.LC_ALL) == before  # reading, unlike GDCM's writer, keeps the process's locale
     np.testing.assert_array_equal(back, array)
     assert read_geometry.matches(geometry, atol=1e-4), geometry.describe_mismatch(read_geometry)
 

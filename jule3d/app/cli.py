@@ -86,16 +86,12 @@ def _register_segment(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_segment(args: argparse.Namespace) -> int:
-    from ..chunked import segment_file
+    from ..chunked import check_output, segment_file
     from ..parameters import cli_values
 
-    out = Path(args.out)  # the checks of segment_file, with the options' names
-    if any(out.resolve() == Path(i).resolve() for i in args.inputs + ([args.mask] if args.mask else [])):
-        raise ValueError(f"--out {out} is one of the inputs; refusing to overwrite an input")
-    if not out.parent.exists():
-        raise FileNotFoundError(f"--out folder {out.parent} does not exist")
-    if out.exists() and not args.overwrite:
-        raise FileExistsError(f"--out {out} exists; pass --overwrite to replace it")
+    # segment_file's own check, first, so that the messages name the options
+    check_output(Path(args.out), [Path(p) for p in args.inputs + ([args.mask] if args.mask else [])], args.overwrite,
+                 "--out", "--overwrite")
     segment_file(args.inputs, args.out, mask=args.mask, model=args.model, resume=args.resume,
                        scheduler=args.scheduler, chunk=args.chunk, cache=args.cache, overwrite=args.overwrite,
                        in_memory_voxels=args.in_memory_voxels, fit_positions=args.fit_positions,

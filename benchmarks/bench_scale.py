@@ -239,6 +239,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     print(f"Phase 2 dense features ({args.flop_size}³, fast network, stride 2): {rate['mflop_per_position']:.3f} MFLOP "
           f"per grid position, {rate['gflops']:.1f} GFLOP/s; fp32 matmul {rate['matmul_gflops']:.1f} GFLOP/s; "
           f"ratio {rate['fraction_of_matmul']:.2f}")
+    for row in rows:  # the runs' own pass A: reading, halos and class distances included
+        if row["features_gflops"] is not None:
+            row["features_fraction_of_matmul"] = row["features_gflops"] / rate["matmul_gflops"]
+            print(f"{'x'.join(map(str, row['shape']))}: pass A {row['features_gflops']:.1f} GFLOP/s, "
+                  f"{row['features_fraction_of_matmul']:.2f} of the matmul rate")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({"runs": rows, "phase2": rate}, indent=1), encoding="utf-8")

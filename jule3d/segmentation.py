@@ -231,6 +231,11 @@ def grid_features(
                 sel = selected[g0[0]:g1[0], g0[1]:g1[1], g0[2]:g1[2]]
                 if not sel.any():
                     continue
+                # the network runs on the featured positions' bounding box only (a chunk at a specimen's edge
+                # is partly air)
+                span = [np.flatnonzero(sel.any(axis=tuple(j for j in range(3) if j != i))) for i in range(3)]
+                g0, g1 = (tuple(a + s[0] for a, s in zip(g0, span)), tuple(a + s[-1] + 1 for a, s in zip(g0, span)))
+                sel = selected[g0[0]:g1[0], g0[1]:g1[1], g0[2]:g1[2]]
                 out = np.empty(tuple(g1[i] - g0[i] for i in range(3)) + (model.feature_dim,), dtype=np.float32)
                 for sz in shifts:
                     for sy in shifts:

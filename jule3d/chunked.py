@@ -478,6 +478,14 @@ def _label_dtype(model: Any) -> type:
     return np.uint8 if len(model.order) <= 255 else np.uint16
 
 
+def _cores() -> int:
+    """Chunks pass B runs at a time in one process: its numpy and SciPy work runs on one core per chunk, so as
+    many as torch's thread count (the cores, or ``OMP_NUM_THREADS``)."""
+    import torch
+
+    return torch.get_num_threads()
+
+
 def _threads(threads: int | None) -> None:
     if threads:
         import torch
@@ -547,10 +555,20 @@ def disconnect(client: Any) -> None:
 
 
 def _run(tasks: list, fn: Callable, shared: dict, client: Any, on_result: Callable, progress: Callable,
-         desc: str) -> None:
-    """``on_result(task, fn(**shared, **task))`` for every task, in this process or as Dask tasks."""
+         desc: str, threads: int = 1) -> None:
+    """``on_result(task, fn(**shared, **task))`` for every task: in this process (``threads`` at a time, for work
+    that runs on one core and releases the GIL), or as Dask tasks."""
     bar = progress(total=len(tasks), desc=desc)
     try:
+        if client is None and threads > 1:
+            from concurrent import futures as threads_pool
+
+            with threads_pool.ThreadPoolExecutor(threads) as pool:
+                pending = {pool.submit(fn, **shared, **task): task for task in tasks}
+                for future in threads_pool.as_completed(pending):
+                    on_result(pending.pop(future), future.result())  # popped: a handled result is freed
+                    bar.update(1)
+            return
         if client is None:
             for task in tasks:
                 on_result(task, fn(**shared, **task))
@@ -562,7 +580,7 @@ def _run(tasks: list, fn: Callable, shared: dict, client: Any, on_result: Callab
         scattered = {k: client.scatter(v, broadcast=True, hash=False) for k, v in shared.items()}
         futures = {client.submit(fn, **scattered, **task, threads=1, pure=False): i for i, task in enumerate(tasks)}
         for future in as_completed(futures):
-            on_result(tasks[futures[future]], future.result())
+            on_result(tasks[futures.pop(future)], future.result())  # popped: the cluster frees a handled result
             bar.update(1)
     finally:
         bar.close()
@@ -1051,7 +1069,7 @@ def _phase2(segmenter: Any, volume: ChunkedVolume, layout: Grid, work: WorkDir, 
     _run(tasks, _pass_b_task, {"volume": volume, "model": model, "layout": layout,
                                "distances": str(work.file(WorkDir.DISTANCES)),
                                "halo": halo_positions(layout.stride, model.window)},
-         client, store_labels, bars, "Phase 2 labels")
+         client, store_labels, bars, "Phase 2 labels", threads=_cores())
 
 
 def _pass_a_task(volume, models, model, layout, device, first, stop, index, threads=None):

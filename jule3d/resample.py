@@ -22,6 +22,7 @@ Examples
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 from dataclasses import replace
@@ -99,8 +100,11 @@ def resample_file(
         raise FileExistsError(f"{out} exists; pass overwrite to replace it")
     kwargs = {} if announce is None else {"announce": announce}
     staging = out.with_name(f".{out.name}.partial.npy")
-    with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.cache.") as scratch:
-        image = open_image(path, cache=scratch if cache is None else cache, **kwargs)
+    # a temporary cache only when none is given: open_image writes into it only for an input that needs one
+    folder = (tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.cache.") if cache is None
+              else contextlib.nullcontext(cache))
+    with folder as cache:
+        image = open_image(path, cache=cache, **kwargs)
         old = np.asarray(image.geometry.spacing_zyx)
         spacing = float(min(old) if spacing is None else spacing)
         scale = spacing / old

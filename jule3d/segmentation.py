@@ -437,11 +437,10 @@ def smooth_labels(
             where = np.nonzero(todo)
             full = tuple(p + 2 * w for p, w in zip(parity, where))
             if n_todo > _SPARSE_SWEEP * todo.size:  # most of the class: slices of the whole class
-                counts = [len(range(p, n, 2)) for p, n in zip(parity, sel.shape)]
                 votes = np.zeros(todo.shape + (k,), dtype=np.float32)
                 for offset, w in zip(_NEIGHBOURS, weights):
                     window = tuple(slice(p + 1 + o, p + 1 + o + 2 * (c - 1) + 1, 2)
-                                   for p, o, c in zip(parity, offset, counts))
+                                   for p, o, c in zip(parity, offset, todo.shape))
                     votes += w * votes_of[window]
                 best = (unary[sub] - beta * votes).argmin(axis=-1)[where]
             else:  # the same sums, gathered at the positions to evaluate

@@ -843,7 +843,7 @@ class _Progress:
         return tqdm(total=total, desc=desc, unit="chunk")
 
 
-def check_output(out: Path, inputs: Sequence[Path], overwrite: bool, out_name: str = "out",
+def check_output(out: Path, inputs: Sequence[PathLike], overwrite: bool, out_name: str = "out",
                  overwrite_name: str = "overwrite") -> None:
     """Refuse an output :func:`segment_file` must not write: one of the ``inputs``, an unsupported ending, a
     missing folder, or an existing file without ``overwrite``; the messages call the two settings

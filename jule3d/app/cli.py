@@ -90,8 +90,8 @@ def _cmd_segment(args: argparse.Namespace) -> int:
     from ..parameters import cli_values
 
     # segment_file's own check, first, so that the messages name the options
-    check_output(Path(args.out), [Path(p) for p in args.inputs + ([args.mask] if args.mask else [])], args.overwrite,
-                 "--out", "--overwrite")
+    check_output(Path(args.out), args.inputs + ([args.mask] if args.mask else []), args.overwrite, "--out",
+                 "--overwrite")
     segment_file(args.inputs, args.out, mask=args.mask, model=args.model, resume=args.resume,
                        scheduler=args.scheduler, chunk=args.chunk, cache=args.cache, overwrite=args.overwrite,
                        in_memory_voxels=args.in_memory_voxels, fit_positions=args.fit_positions,

@@ -58,6 +58,7 @@ def _consensus(grids: Sequence[seg.GridFeatures], case: Case, seed: int, refine:
 VARIANTS: dict[str, Variant] = {
     "default": _label,
     "consensus-no-refine": lambda g, c, s: _consensus(g, c, s, refine=False),
+    "no-refine-plain-medoid": lambda g, c, s: _consensus(g, c, s, refine=False, min_share=0.0),
     "no-refine-weights-0.5-2": lambda g, c, s: _consensus(g, c, s, refine=False, weights=(0.5, 1.0, 2.0)),
     "no-refine-weight-1": lambda g, c, s: _consensus(g, c, s, refine=False, weights=(1.0,)),
     "no-refine-window-5": lambda g, c, s: _consensus(g, c, s, refine=False, window=5),

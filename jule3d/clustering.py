@@ -451,8 +451,11 @@ def fit_classes(
     smoothing: float = 0.25,
     spacing: Sequence[float] = (1.0, 1.0, 1.0),
     weights: Sequence[float] | None = None,
+    min_share: float | None = None,
 ) -> tuple[FeatureScaling, ClassModel, np.ndarray, list, np.ndarray | None, int]:
     """The grid stage of :func:`fit_phase2`: the joint features and class model of the kept candidate.
+
+    ``min_share`` is that of :func:`jule3d.segmentation.choose_candidate` (default its default).
 
     Returns
     -------
@@ -464,7 +467,8 @@ def fit_classes(
     from .metrics import nmi
     from .segmentation import (
         CONSENSUS_WEIGHTS,
-        _support,
+        MIN_CLASS_SHARE,
+        choose_candidate,
         fit_kmeans,
         fit_merge,
         network_subsets,
@@ -502,7 +506,8 @@ def fit_classes(
             for i in range(len(fits)):
                 for j in range(i + 1, len(fits)):
                     agreement[i, j] = agreement[j, i] = nmi(fits[i][2], fits[j][2])
-            chosen = int(np.argmax(_support(agreement)))  # ties: the first, i.e. all networks at the lowest factor
+            chosen = choose_candidate(agreement, [fit[2] for fit in fits], n_clusters,
+                                      MIN_CLASS_SHARE if min_share is None else min_share)
         scaling, classes, labels = fits[chosen]
     return scaling, classes, labels, candidates, agreement, chosen
 

@@ -12,15 +12,19 @@ from scipy.spatial.distance import cdist
 
 import jule3d.jule
 import jule3d.segmentation
-from jule3d.io import read_image, save_labels, save_volume
 from jule3d.checkpoint import save_model
+from jule3d.estimator import JuleSegmenter, network_seeds, segment
+from jule3d.grid import Grid
+from jule3d.io import read_image, save_labels, save_volume
 from jule3d.metrics import nmi
 from jule3d.models import JuleNet3D, net_config
 from jule3d.normalize import normalize_intensity
 from jule3d.phantom import make_phantom
 from jule3d.segmentation import (
     CONSENSUS_WEIGHTS,
+    MIN_CLASS_SHARE,
     GridFeatures,
+    choose_candidate,
     cluster_features,
     consensus_segment,
     grid_contacts,
@@ -35,8 +39,6 @@ from jule3d.segmentation import (
     refine_labels,
     smooth_labels,
 )
-from jule3d.estimator import JuleSegmenter, network_seeds, segment
-from jule3d.grid import Grid
 from jule3d.volume import Geometry, Volume
 
 TINY_TRAINING = dict(n_patches=150, epochs_per_period=1, final_epochs=1, k_s=5,
@@ -684,7 +686,7 @@ def test_consensus_keeps_the_candidate_that_agrees_with_the_others() -> None:
     assert result.agreement.shape == (n, n) and np.allclose(np.diag(result.agreement), 1.0)
     np.testing.assert_allclose(result.agreement, result.agreement.T)
     support = result.support
-    assert result.chosen == int(np.argmax(support))
+    assert result.chosen == int(np.argmax(support))  # no candidate lost a class here
     # the noise network alone agrees least, and is not kept; the kept labels find the slabs
     noise_alone = [i for i, (s, _) in enumerate(result.candidates) if s == (1,)]
     assert support[noise_alone].max() < support.max() and result.chosen not in noise_alone
@@ -695,6 +697,35 @@ def test_consensus_keeps_the_candidate_that_agrees_with_the_others() -> None:
     np.testing.assert_array_equal(result.labels, expected)  # the chosen candidate's own labels
     again = consensus_segment([good, noise, good], volume, 3, seed=0)
     np.testing.assert_array_equal(again.labels, result.labels)
+
+
+def test_choose_candidate_passes_over_a_class_that_vanished() -> None:
+    """The medoid by NMI favours a split into k - 1 classes plus a speck; such candidates are left out."""
+    rng = np.random.default_rng(0)
+    n, tissue = 3000, np.repeat([0, 1, 2], [1400, 1100, 500])
+    speck = int(MIN_CLASS_SHARE * n) - 1  # one position short of the share
+    merged = np.where(tissue == 2, 1, tissue)
+    merged[rng.choice(n, speck, replace=False)] = 2  # candidate 0: two classes and a speck
+
+    def noisy(labels: np.ndarray, p: float) -> np.ndarray:
+        out = labels.copy()
+        flip = rng.random(n) < p
+        out[flip] = rng.integers(0, 3, flip.sum())
+        return out
+
+    labels = [merged, noisy(tissue, 0.3), noisy(tissue, 0.35), np.where(tissue == 2, 0, tissue)]
+    agreement = np.array([[nmi(a, b) for b in labels] for a in labels])
+    support = (agreement.sum(axis=1) - 1) / 3
+    assert int(np.argmax(support)) in (0, 3)  # the plain medoid keeps a two-class candidate
+    assert choose_candidate(agreement, labels, 3) == 1  # the medoid of candidates 1 and 2; tie to the first
+    # a speck of exactly the share counts as a class: candidates 0-2 take part
+    held = merged.copy()
+    held[np.flatnonzero(held != 2)[:1]] = 2
+    within = (agreement[:3, :3].sum(axis=1) - 1) / 2
+    assert choose_candidate(agreement, [held, *labels[1:]], 3) == int(np.argmax(within))
+    # no candidate keeps every class: the medoid of all of them
+    assert choose_candidate(agreement, [labels[0], labels[3], labels[0], labels[3]], 3) == int(np.argmax(support))
+    assert choose_candidate(agreement[:1, :1], labels[:1], 3) == 0
 
 
 def test_consensus_candidates_and_bad_weights() -> None:

@@ -585,5 +585,7 @@ def train_jule(
                 pass
             run.finish(state)
         features = run.trainer.features()
-    run.trainer.model.eval()
-    return JuleResult(run.trainer.model, state.labels, state.history, config, features)
+    # Trained in channels-last; handed back contiguous, as a saved model loads, so both give the same
+    # features bit for bit (the convolutions pick other kernels for other weight layouts).
+    model = run.trainer.model.to(memory_format=torch.contiguous_format).eval()
+    return JuleResult(model, state.labels, state.history, config, features)

@@ -153,17 +153,28 @@ class ClassModel:
         return int(self.group.max()) + 1
 
     def distances(self, joint: np.ndarray) -> np.ndarray:
-        """``(M, k)`` float32 data term of every row of joint features."""
-        from sklearn.metrics.pairwise import euclidean_distances
+        """``(M, k)`` float32 data term of every row of joint features.
 
+        Squared distances come from one float32 matrix product per ``ROWS`` rows,
+        ``|x - c|^2 = |x|^2 - 2 x.c + |c|^2``, after shifting rows and centres by the centres' mean so that the
+        norms are of the size of the distances (their rounding is then about 1e-7 of a distance, against
+        scikit-learn's float64-upcast ``euclidean_distances``, three to four times slower here).
+        """
         out = np.empty((len(joint), self.n_classes), dtype=np.float32)
+        shift = self.centers.mean(axis=0, dtype=np.float64).astype(np.float32)
+        centers = np.asarray(self.centers, dtype=np.float32) - shift
+        squares = np.einsum("ij,ij->i", centers, centers)
         single = np.array_equal(self.group, np.arange(len(self.group)))
+        order = np.argsort(self.group, kind="stable")
+        starts = np.searchsorted(self.group[order], np.arange(self.n_classes))
         for start in range(0, len(joint), ROWS):
-            d2 = np.square(euclidean_distances(np.asarray(joint[start:start + ROWS], dtype=np.float32),
-                                               self.centers))
-            if not single:
-                d2 = np.stack([d2[:, self.group == g].min(axis=1) for g in range(self.n_classes)], axis=1)
-            out[start:start + len(d2)] = d2
+            rows = np.asarray(joint[start:start + ROWS], dtype=np.float32) - shift
+            d2 = rows @ centers.T
+            d2 *= -2
+            d2 += squares
+            d2 += np.einsum("ij,ij->i", rows, rows)[:, None]
+            np.maximum(d2, 0, out=d2)
+            out[start:start + len(d2)] = d2 if single else np.minimum.reduceat(d2[:, order], starts, axis=1)
         if self.margin is not None and out.shape[1] > 1:
             out -= out.min(axis=1, keepdims=True)
             out += np.float32(self.margin)

@@ -197,6 +197,29 @@ def test_cluster_features_bounds_and_determinism() -> None:
     np.testing.assert_allclose(d2, cdist(feats, np.array(blob_means), "sqeuclidean"), rtol=1e-3, atol=1e-4)
 
 
+
+def test_class_distances_are_squared_distances_to_each_class_nearest_centre(monkeypatch) -> None:
+    """The float32 matrix-product form agrees with the exact distances far from the origin, in row blocks."""
+    import jule3d.clustering
+    from jule3d.clustering import ClassModel
+
+    monkeypatch.setattr(jule3d.clustering, "ROWS", 64)  # several row blocks
+    rng = np.random.default_rng(0)
+    rows = (rng.normal(size=(300, 9)) + 50).astype(np.float32)  # norms far above the distances
+    centers = (rng.normal(size=(7, 9)) + 50).astype(np.float32)
+    group = np.array([2, 0, 1, 0, 2, 2, 1])
+    exact = cdist(rows.astype(np.float64), centers.astype(np.float64), "sqeuclidean")
+    by_class = np.stack([exact[:, group == g].min(axis=1) for g in range(3)], axis=1)
+    d2 = ClassModel(centers, group, None, 0.0, 1.0).distances(rows)
+    assert d2.shape == (300, 3) and d2.dtype == np.float32
+    np.testing.assert_allclose(d2, by_class, rtol=1e-5, atol=1e-5 * by_class.mean())
+    np.testing.assert_array_equal(d2.argmin(axis=1), by_class.argmin(axis=1))
+    shifted = ClassModel(centers, group, 0.5, 0.0, 1.0).distances(rows)  # nearest class at the margin
+    np.testing.assert_allclose(shifted, by_class - by_class.min(axis=1, keepdims=True) + 0.5, rtol=1e-5, atol=1e-4)
+    one_each = ClassModel(centers, np.arange(7), None, 0.0, 1.0).distances(rows)
+    np.testing.assert_allclose(one_each, exact, rtol=1e-5, atol=1e-5 * exact.mean())
+
+
 # ------------------------------------------------------------------------------------------------
 # [ours] Potts smoothing of the grid labels
 

@@ -425,9 +425,10 @@ def fit_phase2(
     """
     from .segmentation import REFINE_FLOOR
 
-    scaling, classes, labels, candidates, agreement, chosen = fit_classes(
+    scaling, classes, candidate_labels, candidates, agreement, chosen = fit_classes(
         blocks, n_clusters, seed=seed, phase2=phase2, intensity_weight=intensity_weight, window=window,
         smoothing=smoothing, spacing=spacing, weights=weights)
+    labels = candidate_labels[chosen]
     kept = [b.kept for b in blocks]
     k = classes.n_classes
     splits = np.cumsum([int(b.selected.sum()) for b in blocks])[:-1]
@@ -463,7 +464,7 @@ def fit_classes(
     spacing: Sequence[float] = (1.0, 1.0, 1.0),
     weights: Sequence[float] | None = None,
     min_share: float | None = None,
-) -> tuple[FeatureScaling, ClassModel, np.ndarray, list, np.ndarray | None, int]:
+) -> tuple[FeatureScaling, ClassModel, list[np.ndarray], list, np.ndarray | None, int]:
     """The grid stage of :func:`fit_phase2`: the joint features and class model of the kept candidate.
 
     ``min_share`` is that of :func:`jule3d.segmentation.choose_candidate` (default its default).
@@ -471,9 +472,10 @@ def fit_classes(
     Returns
     -------
     tuple
-        ``(scaling, classes, labels, candidates, agreement, chosen)``: ``labels`` ``(M,)`` int32 of the blocks'
-        positions one block after the other; the last three describe the ``"consensus"`` candidates (empty,
-        ``None`` and 0 otherwise).
+        ``(scaling, classes, candidate_labels, candidates, agreement, chosen)``: ``scaling`` and ``classes``
+        of the kept candidate; ``candidate_labels`` every candidate's ``(M,)`` int32 labels of the blocks'
+        positions, one block after the other (one array for ``"kmeans"`` and ``"merge"``); ``candidates``,
+        ``agreement`` and ``chosen`` describe the ``"consensus"`` candidates (empty, ``None`` and 0 otherwise).
     """
     from .metrics import nmi
     from .segmentation import (
@@ -501,26 +503,26 @@ def fit_classes(
                                      centre=n_networks > 1)
         classes, labels = fit_kmeans(scaling.transform(features, local), selected, n_clusters, seed=seed,
                                      smoothing=smoothing, spacing=spacing)
-    else:
-        factors = [intensity_weight] if phase2 == "merge" else (
-            [0.0] if intensity_weight == 0 else [float(w) * intensity_weight for w in (weights or CONSENSUS_WEIGHTS)])
-        subsets = [tuple(range(n_networks))] if phase2 == "merge" else network_subsets(n_networks)
-        candidates = [(subset, w) for subset in subsets for w in factors]
-        fits = []
-        for subset, w in candidates:
-            scaling = FeatureScaling.fit(features, subset, local, channel_std, w / np.sqrt(n_channels))
-            fits.append((scaling, *fit_merge(scaling.transform(features, local), selected, n_clusters, seed=seed,
-                                             smoothing=smoothing, spacing=spacing,
-                                             n_init=3 if phase2 == "merge" else 1)))
-        agreement = np.eye(len(fits))
-        if len(fits) > 1:
-            for i in range(len(fits)):
-                for j in range(i + 1, len(fits)):
-                    agreement[i, j] = agreement[j, i] = nmi(fits[i][2], fits[j][2])
-            chosen = choose_candidate(agreement, [fit[2] for fit in fits], n_clusters,
-                                      MIN_CLASS_SHARE if min_share is None else min_share)
-        scaling, classes, labels = fits[chosen]
-    return scaling, classes, labels, candidates, agreement, chosen
+        return scaling, classes, [labels], candidates, agreement, chosen
+    factors = [intensity_weight] if phase2 == "merge" else (
+        [0.0] if intensity_weight == 0 else [float(w) * intensity_weight for w in (weights or CONSENSUS_WEIGHTS)])
+    subsets = [tuple(range(n_networks))] if phase2 == "merge" else network_subsets(n_networks)
+    candidates = [(subset, w) for subset in subsets for w in factors]
+    fits = []
+    for subset, w in candidates:
+        scaling = FeatureScaling.fit(features, subset, local, channel_std, w / np.sqrt(n_channels))
+        fits.append((scaling, *fit_merge(scaling.transform(features, local), selected, n_clusters, seed=seed,
+                                         smoothing=smoothing, spacing=spacing,
+                                         n_init=3 if phase2 == "merge" else 1)))
+    agreement = np.eye(len(fits))
+    if len(fits) > 1:
+        for i in range(len(fits)):
+            for j in range(i + 1, len(fits)):
+                agreement[i, j] = agreement[j, i] = nmi(fits[i][2], fits[j][2])
+        chosen = choose_candidate(agreement, [fit[2] for fit in fits], n_clusters,
+                                  MIN_CLASS_SHARE if min_share is None else min_share)
+    scaling, classes, _ = fits[chosen]
+    return scaling, classes, [fit[2] for fit in fits], candidates, agreement, chosen
 
 
 def _intensity_order(classes: np.ndarray, intensity: np.ndarray, k: int) -> np.ndarray:

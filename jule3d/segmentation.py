@@ -942,8 +942,8 @@ class Consensus:
 
     Attributes
     ----------
-    labels : numpy.ndarray
-        ``(M,)`` int32 labels of the featured grid positions: those of the chosen candidate.
+    candidate_labels : list of numpy.ndarray
+        ``(M,)`` int32 labels of the featured grid positions, one array per candidate (before refinement).
     candidates : list of tuple
         ``(networks, intensity_weight)`` of every candidate: which networks' features it clusters (indices
         into the grids) and the factor on the intensity block.
@@ -970,12 +970,19 @@ class Consensus:
     ('Consensus', (216,), 6, (6, 6))
     >>> consensus.candidates[:2], consensus.support.shape
     ([((0, 1), 0.5), ((0, 1), 1.0)], (6,))
+    >>> bool(np.array_equal(consensus.labels, consensus.candidate_labels[consensus.chosen]))
+    True
     """
 
-    labels: np.ndarray
+    candidate_labels: list[np.ndarray]
     candidates: list[tuple[tuple[int, ...], float]]
     agreement: np.ndarray
     chosen: int
+
+    @property
+    def labels(self) -> np.ndarray:
+        """``(M,)`` int32 labels of the featured grid positions: those of the chosen candidate."""
+        return self.candidate_labels[self.chosen]
 
     @property
     def support(self) -> np.ndarray:
@@ -1129,10 +1136,10 @@ def consensus_segment(
     check_weight("intensity_weight", intensity_weight)
     if not weights or any(isinstance(w, bool) or not np.isfinite(w) or w < 0 for w in weights):
         raise ValueError(f"weights must be a non-empty sequence of non-negative numbers, got {weights!r}")
-    _, _, labels, candidates, agreement, chosen = fit_classes(
+    _, _, candidate_labels, candidates, agreement, chosen = fit_classes(
         [whole_block(grids, volume)], n_clusters, seed=seed, phase2="consensus", intensity_weight=intensity_weight,
         window=window, smoothing=smoothing, spacing=volume.geometry.spacing_zyx, weights=weights, min_share=min_share)
-    return Consensus(labels, candidates, agreement, chosen)
+    return Consensus(candidate_labels, candidates, agreement, chosen)
 
 
 def whole_block(grids: Sequence[GridFeatures], volume: Volume) -> Block:

@@ -27,16 +27,19 @@ def bench():
         sys.path.remove(str(_DIR))
 
 
-def test_features_are_cached_once_and_scored_per_variant(bench, tmp_path: Path, monkeypatch, capsys) -> None:
-    trained = []
-
-    def fake_training(case, seed):
+def _fake_training(trained: list):
+    def train(case, seed):
         trained.append(seed)
         nets = [JuleNet3D(net_config("fast", patch_size=13, n_filters=4, feature_dim=8), seed=seed * 2 + i)
                 for i in range(2)]
         return JuleSegmenter(n_clusters=case.n_clusters, seed=seed).with_models(nets)
 
-    monkeypatch.setattr(bench, "train_default", fake_training)
+    return train
+
+
+def test_features_are_cached_once_and_scored_per_variant(bench, tmp_path: Path, monkeypatch, capsys) -> None:
+    trained: list = []
+    monkeypatch.setattr(bench, "train_default", _fake_training(trained))
     argv = ["--cases", "phantom-texture", "--seeds", "0", "--variants", "merge", "kmeans",
             "--cache", str(tmp_path / "cache"), "--out", str(tmp_path / "rows.json")]
     bench.main(argv)
@@ -51,3 +54,12 @@ def test_features_are_cached_once_and_scored_per_variant(bench, tmp_path: Path, 
     assert trained == [0]
     again = json.loads((tmp_path / "rows.json").read_text())
     assert [r["nmi"] for r in again] == [r["nmi"] for r in rows]
+
+
+def test_the_best_candidate_bounds_the_default_from_above(bench, tmp_path: Path, monkeypatch) -> None:
+    """The diagnostic reads the labels: no choice among the default's candidates scores above it."""
+    monkeypatch.setattr(bench, "train_default", _fake_training([]))
+    bench.main(["--cases", "phantom-texture", "--seeds", "0", "--variants", "default", "oracle-best-candidate",
+                "--cache", str(tmp_path / "cache"), "--out", str(tmp_path / "rows.json")])
+    score = {r["variant"]: r["nmi"] for r in json.loads((tmp_path / "rows.json").read_text())}
+    assert score["oracle-best-candidate"] >= score["default"] - 1e-12

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from scipy import ndimage
 
 from jule3d.volume import Volume
 
@@ -180,6 +181,10 @@ def test_real_iguana_case(shared_data: Path, monkeypatch) -> None:
     assert case.volume.shape == (179, 256, 210) and set(np.unique(case.ground_truth)) == {0, 1, 2, 3}
     shares = bq.structure_shares(case.ground_truth, case.ground_truth)
     assert shares["distinct"] == 3.0 and shares["bone_share"] == 1.0
+    depth = ndimage.distance_transform_edt(case.evaluation_mask)
+    cavities = case.ground_truth == 1
+    assert cavities.any() and depth[cavities].min() > bq.SURFACE_RIM  # the surface's dark rim is left out
+    assert not (case.ground_truth[~case.evaluation_mask]).any()
 
 
 def test_real_brats_case(shared_data: Path) -> None:

@@ -514,15 +514,16 @@ def fit_classes(
         fits.append((scaling, *fit_merge(scaling.transform(features, local), selected, n_clusters, seed=seed,
                                          smoothing=smoothing, spacing=spacing,
                                          n_init=3 if phase2 == "merge" else 1)))
+    candidate_labels = [fit[2] for fit in fits]
     agreement = np.eye(len(fits))
     if len(fits) > 1:
         for i in range(len(fits)):
             for j in range(i + 1, len(fits)):
-                agreement[i, j] = agreement[j, i] = nmi(fits[i][2], fits[j][2])
-        chosen = choose_candidate(agreement, [fit[2] for fit in fits], n_clusters,
+                agreement[i, j] = agreement[j, i] = nmi(candidate_labels[i], candidate_labels[j])
+        chosen = choose_candidate(agreement, candidate_labels, n_clusters,
                                   MIN_CLASS_SHARE if min_share is None else min_share)
     scaling, classes, _ = fits[chosen]
-    return scaling, classes, [fit[2] for fit in fits], candidates, agreement, chosen
+    return scaling, classes, candidate_labels, candidates, agreement, chosen
 
 
 def _intensity_order(classes: np.ndarray, intensity: np.ndarray, k: int) -> np.ndarray:

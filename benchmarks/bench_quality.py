@@ -25,8 +25,9 @@ Datasets
 
 ``--suite visible``
     Every visible case of ``benchmarks.md``: the texture, intensity and lung phantoms (96³, seed 0), BraTS-ROI
-    (4 cases) and the Iguana micro-CT (no labels: the share of multi-Otsu's bone, soft-tissue and cavity voxels,
-    the cavities' away from the surface (:data:`SURFACE_RIM`), that fall in one class, and whether the three fall in different classes), every method with its defaults
+    (4 cases) and the Iguana micro-CT (no labels: the share of multi-Otsu's bone, soft-tissue and cavity voxels
+    that fall in one class, cavities counted away from the surface (:data:`SURFACE_RIM`), and whether the three
+    fall in different classes), every method with its defaults
     (``jule3d`` = ``jule3d.segment()`` with nothing set, ``jule3d-paper`` = the ``paper`` preset, and every
     peer), seeds 0-4 (methods that ignore the seed run once). One table: mean, sd and worst seed per case and
     method, with seconds and peak memory; ``suite_visible.json`` beside it. ``--cases`` and ``--methods``

@@ -184,7 +184,7 @@ def test_real_iguana_case(shared_data: Path, monkeypatch) -> None:
     depth = ndimage.distance_transform_edt(case.evaluation_mask)
     cavities = case.ground_truth == 1
     assert cavities.any() and depth[cavities].min() > bq.SURFACE_RIM  # the surface's dark rim is left out
-    assert not (case.ground_truth[~case.evaluation_mask]).any()
+    assert not case.ground_truth[~case.evaluation_mask].any()
 
 
 def test_real_brats_case(shared_data: Path) -> None:

@@ -197,7 +197,6 @@ def test_cluster_features_bounds_and_determinism() -> None:
     np.testing.assert_allclose(d2, cdist(feats, np.array(blob_means), "sqeuclidean"), rtol=1e-3, atol=1e-4)
 
 
-
 def test_class_distances_are_squared_distances_to_each_class_nearest_centre(monkeypatch) -> None:
     """The float32 matrix-product form agrees with the exact distances far from the origin, in row blocks."""
     import jule3d.clustering

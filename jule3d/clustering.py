@@ -108,17 +108,33 @@ class FeatureScaling:
         return self.local_center is not None
 
     def transform(self, features: Sequence[np.ndarray], local: np.ndarray | None) -> np.ndarray:
-        """``(M, D')`` float32 joint features of rows of every network's features and their raw local means."""
-        blocks = []
-        for i, mean, scale in zip(self.networks, self.means, self.scales):
-            block = np.asarray(features[i], dtype=np.float32) - mean
-            blocks.append(block / scale if scale > 0 else block)
+        """``(M, D')`` float32 joint features of rows of every network's features and their raw local means.
+
+        Every block is written in place into the one output array: a block-wise ``hstack`` held each block twice
+        (at a chunk's 10⁵–10⁶ rows, 100–500 MB more at the peak), and the values are the same to the bit.
+        """
+        blocks = [np.asarray(features[i], dtype=np.float32) for i in self.networks]
         if self.local_center is not None:
             local = np.asarray(local, dtype=np.float32)
-            columns = [(local[:, c] - self.local_center[c]) / self.local_divisor[c] if self.local_divisor[c] > 0
-                       else np.zeros(len(local), dtype=np.float32) for c in range(local.shape[1])]
-            blocks.append(np.float32(self.local_factor) * np.stack(columns, axis=1).astype(np.float32))
-        return np.hstack(blocks).astype(np.float32, copy=False)
+        width = sum(b.shape[1] for b in blocks) + (0 if self.local_center is None else local.shape[1])
+        out = np.empty((len(blocks[0]), width), dtype=np.float32)
+        start = 0
+        for block, mean, scale in zip(blocks, self.means, self.scales):
+            view = out[:, start:start + block.shape[1]]
+            np.subtract(block, mean, out=view)
+            if scale > 0:
+                np.divide(view, scale, out=view)
+            start += block.shape[1]
+        if self.local_center is not None:
+            for c in range(local.shape[1]):
+                column = out[:, start + c]
+                if self.local_divisor[c] > 0:
+                    np.subtract(local[:, c], self.local_center[c], out=column)
+                    np.divide(column, self.local_divisor[c], out=column)
+                    np.multiply(column, np.float32(self.local_factor), out=column)
+                else:
+                    column[:] = 0
+        return out
 
 
 @dataclass

@@ -219,6 +219,28 @@ def test_class_distances_are_squared_distances_to_each_class_nearest_centre(monk
     np.testing.assert_allclose(one_each, exact, rtol=1e-5, atol=1e-5 * exact.mean())
 
 
+def test_joint_features_are_the_scaled_blocks_side_by_side() -> None:
+    """Each used network's block centred and divided by its scale, then the intensity block times its factor
+    (a divisor of 0 gives a zero column), in the order of ``networks``."""
+    from jule3d.clustering import FeatureScaling
+
+    rng = np.random.default_rng(0)
+    features = [(rng.normal(size=(200, d)) * 3 + 1).astype(np.float32) for d in (4, 5, 6)]
+    local = (rng.normal(size=(200, 2)) * 100).astype(np.float32)
+    scaling = FeatureScaling.fit(features, (2, 0), local, np.array([7.0, 0.0], np.float32), 0.37)
+    joint = scaling.transform(features, local)
+    assert joint.shape == (200, 6 + 4 + 2) and joint.dtype == np.float32
+    expected = np.hstack([(features[2] - scaling.means[0]) / scaling.scales[0],
+                          (features[0] - scaling.means[1]) / scaling.scales[1],
+                          np.float32(0.37) * ((local[:, :1] - scaling.local_center[0]) / np.float32(7.0)),
+                          np.zeros((200, 1), np.float32)])
+    np.testing.assert_array_equal(joint, expected)
+    # the learnt part has total variance 1, split evenly between the networks
+    assert np.isclose(joint[:, :10].var(axis=0).sum(), 1.0, rtol=1e-4)
+    plain = FeatureScaling.fit(features, (1,), None, None, 0.0, centre=False).transform(features, None)
+    np.testing.assert_array_equal(plain, features[1])
+
+
 # ------------------------------------------------------------------------------------------------
 # [ours] Potts smoothing of the grid labels
 

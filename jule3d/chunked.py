@@ -45,6 +45,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
 
 import numpy as np
 
+from .allocator import retained_heap
 from .grid import Grid
 from .volume import Geometry, Volume
 
@@ -1022,6 +1023,7 @@ def _phase1(segmenter: Any, volume: ChunkedVolume, model: Any, work: WorkDir, re
     segmenter.save(saved, overwrite=True)
 
 
+@retained_heap()
 def _phase2(segmenter: Any, volume: ChunkedVolume, layout: Grid, work: WorkDir, chunk: int, fit_positions: int,
             device: Any, client: Any, bars: _Progress, log: Callable[[str], None]) -> None:
     import zarr

@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 import numpy as np
 import torch
 
+from .allocator import retained_heap
 from .grid import Grid
 from .models import JuleNet3D
 from .parameters import PARAMETERS
@@ -140,6 +141,7 @@ def _feature_store(n: int, dim: int) -> np.ndarray:
     return store
 
 
+@retained_heap()
 def grid_features(
     model: JuleNet3D,
     volume: Volume,
@@ -1324,6 +1326,7 @@ def _phase2_options(phase2: str, intensity_weight: float | None, smoothing: floa
     return intensity_weight, smoothing
 
 
+@retained_heap()
 def label_grids(
     grids: Sequence[GridFeatures],
     volume: Volume,

@@ -117,7 +117,7 @@ class FeatureScaling:
         if self.local_center is not None:
             local = np.asarray(local, dtype=np.float32)
         width = sum(b.shape[1] for b in blocks) + (0 if self.local_center is None else local.shape[1])
-        out = np.empty((len(blocks[0]), width), dtype=np.float32)
+        out = np.empty((len(blocks[0]) if blocks else len(local), width), dtype=np.float32)
         start = 0
         for block, mean, scale in zip(blocks, self.means, self.scales):
             view = out[:, start:start + block.shape[1]]

@@ -239,6 +239,8 @@ def test_joint_features_are_the_scaled_blocks_side_by_side() -> None:
     assert np.isclose(joint[:, :10].var(axis=0).sum(), 1.0, rtol=1e-4)
     plain = FeatureScaling.fit(features, (1,), None, None, 0.0, centre=False).transform(features, None)
     np.testing.assert_array_equal(plain, features[1])
+    alone = FeatureScaling.fit([], (), local, None, 1.0).transform([], local)  # the intensity block by itself
+    np.testing.assert_allclose(alone, (local - local.mean(axis=0)) / local.std(axis=0), rtol=1e-5, atol=1e-5)
 
 
 # ------------------------------------------------------------------------------------------------

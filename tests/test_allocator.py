@@ -18,8 +18,11 @@ SIZE = 64 << 20  # above glibc's largest mmap threshold (32 MiB)
 
 
 def _faults(make, repeats: int = 4) -> int:
-    """Minor page faults of ``repeats`` allocate-touch-free cycles of ``SIZE`` bytes, after one to warm up."""
-    make()
+    """Minor page faults of ``repeats`` allocate-touch-free cycles of ``SIZE`` bytes, after eight to warm up (a
+    heap already fragmented by earlier tests takes a few cycles to hold a free block that an aligned request of
+    the size fits)."""
+    for _ in range(8):
+        make()
     start = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     for _ in range(repeats):
         make()
@@ -44,7 +47,7 @@ def test_freed_memory_is_reused_inside_and_returned_outside(make):
     # every cycle faults its pages in afresh (at least one fault per 2 MiB huge page) ...
     assert plain >= 4 * SIZE // (2 << 20) and after >= 4 * SIZE // (2 << 20)
     # ... except inside the block, where the second cycle on reuses the first one's pages
-    assert kept <= plain // 20
+    assert kept <= plain // 20, (plain, kept, after)
 
 
 @glibc

@@ -36,7 +36,7 @@ from bench_quality import BRATS_CASES, PHANTOM_CASES, SUITE_SEEDS, suite_loaders
 from jule3d import segmentation as seg  # noqa: E402
 from jule3d.estimator import JuleSegmenter, segment  # noqa: E402
 from jule3d.grid import Grid  # noqa: E402
-from jule3d.metrics import nmi  # noqa: E402
+from jule3d.metrics import match_labels, nmi  # noqa: E402
 
 Variant = Callable[[Sequence[seg.GridFeatures], Case, int], np.ndarray]
 
@@ -63,9 +63,25 @@ def _best_candidate(grids: Sequence[seg.GridFeatures], case: Case, seed: int) ->
     return max(refined, key=lambda labels: nmi(truth, labels[case.evaluation_mask]))
 
 
+def _vote(grids: Sequence[seg.GridFeatures], case: Case, seed: int) -> np.ndarray:
+    """Tried, not adopted: a plurality vote of the consensus candidates that keep every class (all of them where
+    none does), each renamed to the kept candidate's classes (Hungarian matching), then refined; ties go to the
+    lower class."""
+    consensus = seg.consensus_segment(grids, case.volume, case.n_clusters, seed=seed)
+    k, kept = case.n_clusters, consensus.labels + 1
+    voters = [labels for labels in consensus.candidate_labels
+              if np.bincount(labels, minlength=k).min() >= seg.MIN_CLASS_SHARE * len(labels)]
+    votes = np.zeros((len(kept), k))
+    for labels in voters or consensus.candidate_labels:
+        votes[np.arange(len(kept)), match_labels(labels + 1, kept) - 1] += 1
+    labels = seg.project_labels(grids[0], votes.argmax(axis=1), case.volume)
+    return seg.refine_labels(labels, case.volume, grids[0].stride)
+
+
 #: Phase 2 variants on the same two networks: ``default`` is ``label_volume``'s default (``label_grids``, the
-#: same code); ``no-refine-*`` are consensus variants before :func:`refine_labels`; ``oracle-best-candidate``
-#: is a diagnostic that uses the labels.
+#: same code); ``no-refine-*`` are consensus variants before :func:`refine_labels`; ``vote-of-candidates``
+#: replaces the choice of one candidate by a vote of them; ``oracle-best-candidate`` is a diagnostic that uses
+#: the labels.
 VARIANTS: dict[str, Variant] = {
     "default": _label,
     "consensus-no-refine": lambda g, c, s: _consensus(g, c, s, refine=False),
@@ -80,6 +96,7 @@ VARIANTS: dict[str, Variant] = {
     "merge-refined": lambda g, c, s: seg.refine_labels(_label(g, c, s, phase2="merge"), c.volume, g[0].stride),
     "merge-no-intensity": lambda g, c, s: _label(g, c, s, phase2="merge", intensity_weight=0.0),
     "kmeans": lambda g, c, s: _label(g, c, s, phase2="kmeans"),
+    "vote-of-candidates": _vote,
     "oracle-best-candidate": _best_candidate,
 }
 

@@ -63,3 +63,28 @@ def test_the_best_candidate_bounds_the_default_from_above(bench, tmp_path: Path,
                 "--cache", str(tmp_path / "cache"), "--out", str(tmp_path / "rows.json")])
     score = {r["variant"]: r["nmi"] for r in json.loads((tmp_path / "rows.json").read_text())}
     assert score["oracle-best-candidate"] >= score["default"] - 1e-12
+
+
+def test_the_vote_takes_each_positions_majority_class_across_renamed_candidates(bench, tmp_path: Path,
+                                                                                 monkeypatch) -> None:
+    """Two candidates that are the kept one with its classes renamed outvote a third that moved 20 % of the
+    positions, and a candidate that lost a class has no vote."""
+    import numpy as np
+
+    from jule3d import segmentation as seg
+
+    monkeypatch.setattr(bench, "train_default", _fake_training([]))
+    case = bench.suite_loaders(["phantom-texture"], "zero-background")[0]()
+    grids = bench.cached_grids(case, 0, tmp_path / "cache")
+    m, k = int(grids[0].selected.sum()), case.n_clusters
+    rng = np.random.default_rng(0)
+    kept = rng.integers(0, k, m).astype(np.int32)
+    moved = kept.copy()
+    moved[rng.random(m) < 0.2] = 0
+    lost = np.zeros(m, np.int32)  # one class: below the share every class must hold
+    candidates = [kept, (kept + 1) % k, (kept + 2) % k, moved, lost, lost, lost]
+    consensus = seg.Consensus(candidates, [((0,), 1.0)] * len(candidates), np.eye(len(candidates)), 0)
+    monkeypatch.setattr(seg, "consensus_segment", lambda *args, **kwargs: consensus)
+    voted = bench.VARIANTS["vote-of-candidates"](grids, case, 0)
+    expected = seg.refine_labels(seg.project_labels(grids[0], kept, case.volume), case.volume, grids[0].stride)
+    np.testing.assert_array_equal(voted, expected)

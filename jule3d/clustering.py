@@ -111,7 +111,8 @@ class FeatureScaling:
         """``(M, D')`` float32 joint features of rows of every network's features and their raw local means.
 
         Every block is written in place into the one output array: a block-wise ``hstack`` held each block twice
-        (at a chunk's 10⁵–10⁶ rows, 100–500 MB more at the peak), and the values are the same to the bit.
+        (at a chunk's 10⁵–10⁶ rows of 129 columns, 50–500 MB more at the peak); the values are the same to the
+        bit.
         """
         blocks = [np.asarray(features[i], dtype=np.float32) for i in self.networks]
         if self.local_center is not None:

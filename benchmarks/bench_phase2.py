@@ -69,11 +69,9 @@ def _vote(grids: Sequence[seg.GridFeatures], case: Case, seed: int) -> np.ndarra
     lower class."""
     consensus = seg.consensus_segment(grids, case.volume, case.n_clusters, seed=seed)
     k, kept = case.n_clusters, consensus.labels + 1
-    voters = [labels for labels in consensus.candidate_labels
-              if np.bincount(labels, minlength=k).min() >= seg.MIN_CLASS_SHARE * len(labels)]
     votes = np.zeros((len(kept), k))
-    for labels in voters or consensus.candidate_labels:
-        votes[np.arange(len(kept)), match_labels(labels + 1, kept) - 1] += 1
+    for i in seg.complete_candidates(consensus.candidate_labels, k):
+        votes[np.arange(len(kept)), match_labels(consensus.candidate_labels[i] + 1, kept) - 1] += 1
     labels = seg.project_labels(grids[0], votes.argmax(axis=1), case.volume)
     return seg.refine_labels(labels, case.volume, grids[0].stride)
 

@@ -1046,10 +1046,26 @@ def choose_candidate(agreement: np.ndarray, labels: Sequence[np.ndarray], n_clus
     >>> choose_candidate(agreement, labels, 3), choose_candidate(agreement, labels[:1] * 3, 3)
     (1, 0)
     """
+    pool = complete_candidates(labels, n_clusters, min_share)
+    return int(pool[np.argmax(_support(agreement[np.ix_(pool, pool)]))])
+
+
+def complete_candidates(labels: Sequence[np.ndarray], n_clusters: int,
+                        min_share: float = MIN_CLASS_SHARE) -> np.ndarray:
+    """[ours] Indices of the candidates whose every class holds ``min_share`` of the positions (all of them
+    where none does): the pool :func:`choose_candidate` chooses from.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from jule3d.segmentation import complete_candidates
+    >>> labels = [np.repeat([0, 1, 2], [500, 499, 1]), np.repeat([0, 1, 2], [500, 400, 100])]
+    >>> complete_candidates(labels, 3).tolist(), complete_candidates(labels[:1], 3).tolist()
+    ([1], [0])
+    """
     complete = np.array([np.bincount(np.asarray(lab), minlength=n_clusters).min() >= min_share * len(lab)
                          for lab in labels])
-    pool = np.flatnonzero(complete) if complete.any() else np.arange(len(labels))
-    return int(pool[np.argmax(_support(agreement[np.ix_(pool, pool)]))])
+    return np.flatnonzero(complete) if complete.any() else np.arange(len(labels))
 
 
 def network_subsets(n_networks: int) -> list[tuple[int, ...]]:

@@ -82,6 +82,7 @@ def _vote(grids: Sequence[seg.GridFeatures], case: Case, seed: int) -> np.ndarra
 #: the labels.
 VARIANTS: dict[str, Variant] = {
     "default": _label,
+    "consensus-one-restart": lambda g, c, s: _consensus(g, c, s, restarts=1),
     "consensus-no-refine": lambda g, c, s: _consensus(g, c, s, refine=False),
     "no-refine-plain-medoid": lambda g, c, s: _consensus(g, c, s, refine=False, min_share=0.0),
     "no-refine-weights-0.5-2": lambda g, c, s: _consensus(g, c, s, refine=False, weights=(0.5, 1.0, 2.0)),

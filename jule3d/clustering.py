@@ -481,10 +481,12 @@ def fit_classes(
     spacing: Sequence[float] = (1.0, 1.0, 1.0),
     weights: Sequence[float] | None = None,
     min_share: float | None = None,
+    restarts: int | None = None,
 ) -> tuple[FeatureScaling, ClassModel, list[np.ndarray], list, np.ndarray | None, int]:
     """The grid stage of :func:`fit_phase2`: the joint features and class model of the kept candidate.
 
-    ``min_share`` is that of :func:`jule3d.segmentation.choose_candidate` (default its default).
+    ``min_share`` is that of :func:`jule3d.segmentation.choose_candidate` (default its default); ``restarts``
+    the k-means restarts of every consensus candidate (default :data:`jule3d.segmentation.CONSENSUS_RESTARTS`).
 
     Returns
     -------
@@ -496,13 +498,16 @@ def fit_classes(
     """
     from .metrics import nmi
     from .segmentation import (
+        CONSENSUS_RESTARTS,
         CONSENSUS_WEIGHTS,
         MIN_CLASS_SHARE,
+        RESTART_SEED_STEP,
         choose_candidate,
         fit_kmeans,
         fit_merge,
         network_subsets,
     )
+    from .validation import check_int
 
     n_networks = len(blocks[0].features)
     features = [_stacked(blocks, i) for i in range(n_networks)]
@@ -524,11 +529,15 @@ def fit_classes(
     factors = [intensity_weight] if phase2 == "merge" else (
         [0.0] if intensity_weight == 0 else [float(w) * intensity_weight for w in (weights or CONSENSUS_WEIGHTS)])
     subsets = [tuple(range(n_networks))] if phase2 == "merge" else network_subsets(n_networks)
-    candidates = [(subset, w) for subset in subsets for w in factors]
+    n_restarts = 1 if phase2 == "merge" else CONSENSUS_RESTARTS if restarts is None else restarts
+    check_int("restarts", n_restarts, 1)
+    candidates = [(subset, w, r) for subset in subsets for w in factors for r in range(n_restarts)]
     fits = []
-    for subset, w in candidates:
-        scaling = FeatureScaling.fit(features, subset, local, channel_std, w / np.sqrt(n_channels))
-        fits.append((scaling, *fit_merge(scaling.transform(features, local), selected, n_clusters, seed=seed,
+    for subset, w, r in candidates:
+        if r == 0:
+            scaling = FeatureScaling.fit(features, subset, local, channel_std, w / np.sqrt(n_channels))
+            joint = scaling.transform(features, local)
+        fits.append((scaling, *fit_merge(joint, selected, n_clusters, seed=seed + RESTART_SEED_STEP * r,
                                          smoothing=smoothing, spacing=spacing,
                                          n_init=3 if phase2 == "merge" else 1)))
     candidate_labels = [fit[2] for fit in fits]

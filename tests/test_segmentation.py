@@ -21,8 +21,10 @@ from jule3d.models import JuleNet3D, net_config
 from jule3d.normalize import normalize_intensity
 from jule3d.phantom import make_phantom
 from jule3d.segmentation import (
+    CONSENSUS_RESTARTS,
     CONSENSUS_WEIGHTS,
     MIN_CLASS_SHARE,
+    RESTART_SEED_STEP,
     GridFeatures,
     choose_candidate,
     cluster_features,
@@ -727,22 +729,44 @@ def test_consensus_keeps_the_candidate_that_agrees_with_the_others() -> None:
     result = consensus_segment([good, noise, good], volume, 3, seed=0)
     subsets = network_subsets(3)
     assert subsets == [(0, 1, 2), (0,), (1,), (2,)]
-    assert result.candidates == [(s, w) for s in subsets for w in CONSENSUS_WEIGHTS]
-    n = 4 * len(CONSENSUS_WEIGHTS)
+    assert result.candidates == [(s, w, r) for s in subsets for w in CONSENSUS_WEIGHTS
+                                 for r in range(CONSENSUS_RESTARTS)]
+    n = 4 * len(CONSENSUS_WEIGHTS) * CONSENSUS_RESTARTS
     assert result.agreement.shape == (n, n) and np.allclose(np.diag(result.agreement), 1.0)
     np.testing.assert_allclose(result.agreement, result.agreement.T)
     support = result.support
     assert result.chosen == int(np.argmax(support))  # no candidate lost a class here
     # the noise network alone agrees least, and is not kept; the kept labels find the slabs
-    noise_alone = [i for i, (s, _) in enumerate(result.candidates) if s == (1,)]
+    noise_alone = [i for i, (s, _, _) in enumerate(result.candidates) if s == (1,)]
     assert support[noise_alone].max() < support.max() and result.chosen not in noise_alone
     assert nmi(truth, result.labels) > 0.9
-    subset, weight = result.candidates[result.chosen]
+    subset, weight, restart = result.candidates[result.chosen]
     expected = merge_segment(joint_features([[good, noise, good][i] for i in subset], volume, weight), good, 3,
-                             seed=0, spacing=volume.geometry.spacing_zyx, n_init=1)
+                             seed=RESTART_SEED_STEP * restart, spacing=volume.geometry.spacing_zyx, n_init=1)
     np.testing.assert_array_equal(result.labels, expected)  # the chosen candidate's own labels
     again = consensus_segment([good, noise, good], volume, 3, seed=0)
     np.testing.assert_array_equal(again.labels, result.labels)
+
+
+def test_consensus_restarts_are_members_of_one_ensemble() -> None:
+    """Every (networks, weight) pair is clustered from ``restarts`` k-means seeds; restart 0 is the one-restart
+    consensus's candidate, and the medoid is taken over all restarts together."""
+    volume, good, noise, _ = _blocks_case(seed=1)
+    one = consensus_segment([good, noise], volume, 3, seed=4, weights=(0.5, 2.0), restarts=1)
+    three = consensus_segment([good, noise], volume, 3, seed=4, weights=(0.5, 2.0), restarts=3)
+    assert len(three.candidates) == 3 * len(one.candidates) == 18
+    first = [i for i, (_, _, r) in enumerate(three.candidates) if r == 0]
+    assert [three.candidates[i][:2] for i in first] == [c[:2] for c in one.candidates]
+    for i, j in zip(first, range(len(one.candidates))):
+        np.testing.assert_array_equal(three.candidate_labels[i], one.candidate_labels[j])
+    np.testing.assert_allclose(three.agreement[np.ix_(first, first)], one.agreement)
+    assert three.chosen == choose_candidate(three.agreement, three.candidate_labels, 3)
+    # a restart is merge_segment from its own seed
+    subset, weight, restart = three.candidates[5]
+    assert restart == 2
+    expected = merge_segment(joint_features([[good, noise][i] for i in subset], volume, weight), good, 3,
+                             seed=4 + 2 * RESTART_SEED_STEP, spacing=volume.geometry.spacing_zyx, n_init=1)
+    np.testing.assert_array_equal(three.candidate_labels[5], expected)
 
 
 def test_choose_candidate_passes_over_a_class_that_vanished() -> None:
@@ -776,10 +800,13 @@ def test_choose_candidate_passes_over_a_class_that_vanished() -> None:
 
 def test_consensus_candidates_and_bad_weights() -> None:
     volume, good, _, _ = _blocks_case()
-    single = consensus_segment([good], volume, 3, seed=0, intensity_weight=0.0)
-    assert single.candidates == [((0,), 0.0)] and single.chosen == 0 and single.support.tolist() == [1.0]
-    doubled = consensus_segment([good], volume, 3, intensity_weight=2.0, weights=(0.5, 1.0, 2.0))
-    assert doubled.candidates == [((0,), 1.0), ((0,), 2.0), ((0,), 4.0)]
+    single = consensus_segment([good], volume, 3, seed=0, intensity_weight=0.0, restarts=1)
+    assert single.candidates == [((0,), 0.0, 0)] and single.chosen == 0 and single.support.tolist() == [1.0]
+    doubled = consensus_segment([good], volume, 3, intensity_weight=2.0, weights=(0.5, 1.0, 2.0), restarts=1)
+    assert doubled.candidates == [((0,), 1.0, 0), ((0,), 2.0, 0), ((0,), 4.0, 0)]
+    for bad in (0, 1.5, True):
+        with pytest.raises(ValueError, match="restarts"):
+            consensus_segment([good], volume, 3, restarts=bad)
     for bad in ((), (1.0, -1.0), (float("nan"),)):
         with pytest.raises(ValueError, match="weights"):
             consensus_segment([good], volume, 3, weights=bad)

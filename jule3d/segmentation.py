@@ -849,8 +849,12 @@ def _fit_kmeans(features: np.ndarray, n_clusters: int, seed: int, max_fit: int, 
     fit = features if n <= max_fit else features[np.sort(rng.choice(n, size=max_fit, replace=False))]
     # One thread (OpenMP and BLAS): on 2 cores shared with torch or other processes, sklearn's threaded Lloyd
     # iterations spin and ran 20x slower than one thread (measured: 7.7 s vs 0.38 s for 14k x 64).
+    # Elkan's algorithm: the same Lloyd iterations, with triangle-inequality bounds skipping most distances;
+    # 1.5x faster than plain Lloyd on 50,000 joint features and 32 centres (same iterations, labels equal but
+    # for rounding: 0.9998-1 of the rows).
     with threadpool_limits(limits=1):
-        km = KMeans(n_clusters=n_clusters, n_init=n_init, random_state=seed).fit(np.asarray(fit, dtype=np.float32))
+        km = KMeans(n_clusters=n_clusters, n_init=n_init, random_state=seed, algorithm="elkan").fit(
+            np.asarray(fit, dtype=np.float32))
     return km.cluster_centers_.astype(np.float32)
 
 

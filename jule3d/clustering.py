@@ -496,6 +496,12 @@ def fit_classes(
         positions, one block after the other (one array for ``"kmeans"`` and ``"merge"``); ``candidates``,
         ``agreement`` and ``chosen`` describe the ``"consensus"`` candidates (empty, ``None`` and 0 otherwise).
     """
+    from concurrent.futures import ThreadPoolExecutor
+    from contextlib import ExitStack
+
+    import torch
+    from threadpoolctl import threadpool_limits
+
     from .metrics import nmi
     from .segmentation import (
         CONSENSUS_RESTARTS,
@@ -533,13 +539,24 @@ def fit_classes(
     check_int("restarts", n_restarts, 1)
     candidates = [(subset, w, r) for subset in subsets for w in factors for r in range(n_restarts)]
     fits = []
-    for subset, w, r in candidates:
-        if r == 0:
+    # The restarts of one (networks, weight) pair share its joint features and run side by side, one core each
+    # (k-means, the bulk of the work, releases the GIL); each is seeded on its own, so the result does not
+    # depend on the number of workers.
+    workers = min(n_restarts, torch.get_num_threads())
+    with ExitStack() as stack:
+        pool = stack.enter_context(ThreadPoolExecutor(workers)) if workers > 1 else None
+        if pool is not None:  # one thread per worker: set here, so that no worker restores another's setting
+            stack.enter_context(threadpool_limits(limits=1))
+        for subset, w in dict.fromkeys((subset, w) for subset, w, _ in candidates):
             scaling = FeatureScaling.fit(features, subset, local, channel_std, w / np.sqrt(n_channels))
             joint = scaling.transform(features, local)
-        fits.append((scaling, *fit_merge(joint, selected, n_clusters, seed=seed + RESTART_SEED_STEP * r,
-                                         smoothing=smoothing, spacing=spacing,
-                                         n_init=3 if phase2 == "merge" else 1)))
+
+            def restart(r: int, joint: np.ndarray = joint) -> tuple:
+                return fit_merge(joint, selected, n_clusters, seed=seed + RESTART_SEED_STEP * r,
+                                 smoothing=smoothing, spacing=spacing, n_init=3 if phase2 == "merge" else 1)
+
+            runs = pool.map(restart, range(n_restarts)) if pool is not None else map(restart, range(n_restarts))
+            fits.extend((scaling, *run) for run in runs)
     candidate_labels = [fit[2] for fit in fits]
     agreement = np.eye(len(fits))
     if len(fits) > 1:

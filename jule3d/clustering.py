@@ -515,6 +515,8 @@ def fit_classes(
     )
     from .validation import check_int
 
+    n_restarts = 1 if phase2 == "merge" else check_int(
+        "restarts", CONSENSUS_RESTARTS if restarts is None else restarts, 1)
     n_networks = len(blocks[0].features)
     features = [_stacked(blocks, i) for i in range(n_networks)]
     selected = _composite([b.selected for b in blocks])
@@ -535,9 +537,8 @@ def fit_classes(
     factors = [intensity_weight] if phase2 == "merge" else (
         [0.0] if intensity_weight == 0 else [float(w) * intensity_weight for w in (weights or CONSENSUS_WEIGHTS)])
     subsets = [tuple(range(n_networks))] if phase2 == "merge" else network_subsets(n_networks)
-    n_restarts = 1 if phase2 == "merge" else CONSENSUS_RESTARTS if restarts is None else restarts
-    check_int("restarts", n_restarts, 1)
-    candidates = [(subset, w, r) for subset in subsets for w in factors for r in range(n_restarts)]
+    pairs = [(subset, w) for subset in subsets for w in factors]
+    candidates = [(subset, w, r) for subset, w in pairs for r in range(n_restarts)]
     fits = []
     # The restarts of one (networks, weight) pair share its joint features and run side by side, one core each
     # (k-means, the bulk of the work, releases the GIL); each is seeded on its own, so the result does not
@@ -547,7 +548,7 @@ def fit_classes(
         pool = stack.enter_context(ThreadPoolExecutor(workers)) if workers > 1 else None
         if pool is not None:  # one thread per worker: set here, so that no worker restores another's setting
             stack.enter_context(threadpool_limits(limits=1))
-        for subset, w in dict.fromkeys((subset, w) for subset, w, _ in candidates):
+        for subset, w in pairs:
             scaling = FeatureScaling.fit(features, subset, local, channel_std, w / np.sqrt(n_channels))
             joint = scaling.transform(features, local)
 

@@ -83,7 +83,7 @@ def test_the_vote_takes_each_positions_majority_class_across_renamed_candidates(
     moved[rng.random(m) < 0.2] = 0
     lost = np.zeros(m, np.int32)  # one class: below the share every class must hold
     candidates = [kept, (kept + 1) % k, (kept + 2) % k, moved, lost, lost, lost]
-    consensus = seg.Consensus(candidates, [((0,), 1.0)] * len(candidates), np.eye(len(candidates)), 0)
+    consensus = seg.Consensus(candidates, [((0,), 1.0, 0)] * len(candidates), np.eye(len(candidates)), 0)
     monkeypatch.setattr(seg, "consensus_segment", lambda *args, **kwargs: consensus)
     voted = bench.VARIANTS["vote-of-candidates"](grids, case, 0)
     expected = seg.refine_labels(seg.project_labels(grids[0], kept, case.volume), case.volume, grids[0].stride)

@@ -1,15 +1,17 @@
-"""Keep freed memory in the process while chunks are computed one after another (glibc only).
+"""Keep freed memory in the process while the same work is repeated step after step (glibc only).
 
-Phase 2 repeats the same work chunk after chunk: the network's activations, the feature block, the joint
-features and their distances are tens to hundreds of MiB each, allocated and freed once per chunk. glibc
-serves allocations above its mmap threshold (at most 32 MiB) from fresh anonymous mappings and returns them
-to the kernel on ``free``, so every chunk faults in and zeroes its whole working set again: about 10⁶ page
-faults per 256³ volume, a third to a half of pass A's time on a virtual machine (``benchmarks/bench_scale.py``
-measures it). :func:`retained_heap` serves large allocations from the heap and keeps what is freed, so a
-chunk reuses the previous chunk's pages; on leaving, the settings go back to glibc's defaults and the kept
-memory is returned (``malloc_trim``). The resident memory then stays flat over the chunks, at what the
-largest of them needed: 0.25-0.7 GiB above glibc's way in ``jule3d segment`` at 256³ and 512 x 1024 x 1024,
-for a pass A 1.7 times as fast.
+Phase 1 and Phase 2 repeat the same work: a training step's activations and gradients, and in Phase 2 a
+chunk's activations, feature block, joint features and their distances, tens to hundreds of MiB each, are
+allocated and freed once per step or chunk. glibc serves allocations above its mmap threshold (at most
+32 MiB) from fresh anonymous mappings and returns them to the kernel on ``free``, so every step faults in and
+zeroes its whole working set again: about 10⁶ page faults per 256³ volume in Phase 2, a third to a half of
+pass A's time on a virtual machine (``benchmarks/bench_scale.py`` measures it), and 16-25 million in the
+Phase 1 of the default's two networks on the 96³ texture phantom, a quarter to half of its time.
+:func:`retained_heap` serves large allocations from the heap and keeps what is freed, so a step reuses the
+previous step's pages; on leaving, the settings go back to glibc's defaults and the kept memory is returned
+(``malloc_trim``). The resident memory then stays flat over the chunks, at what the largest of them needed:
+0.25-0.7 GiB above glibc's way in ``jule3d segment`` at 256³ and 512 x 1024 x 1024, for a pass A 1.7 times
+as fast. :func:`jule3d.jule.train_jule` and the Phase 2 stages run inside it.
 
 This is what the PyTorch CPU tuning guide gets by preloading jemalloc or tcmalloc, without a dependency.
 Elsewhere (macOS, Windows, musl) the context does nothing.

@@ -57,6 +57,7 @@ import torch
 from tqdm.auto import tqdm
 
 from jule3d import agdl
+from jule3d.allocator import retained_heap
 from jule3d.checkpoint import (
     CHECKPOINT_FORMAT,
     CHECKPOINT_NAME,
@@ -503,6 +504,7 @@ def _checkpoint_path(checkpoint_dir: str | os.PathLike | None, resume: bool) -> 
     return path
 
 
+@retained_heap()
 def train_jule(
     patches: Any,
     config: JuleConfig | None = None,

@@ -65,3 +65,19 @@ def test_elsewhere_it_does_nothing(monkeypatch):
     with retained_heap():
         _numpy()
     assert allocator._depth == 0
+
+
+def test_jule_training_runs_inside_the_block():
+    """Phase 1 allocates and frees the same activations every step: train_jule holds the heap throughout."""
+    from jule3d.config import jule_config
+    from jule3d.jule import train_jule
+    from jule3d.patches import sample_patches
+    from jule3d.phantom import make_phantom
+
+    phantom = make_phantom(shape=(24, 24, 24), seed=0)
+    patches = sample_patches(phantom.volume, 40, patch_size=13, seed=0)
+    config = jule_config("fast", epochs_per_period=1, final_epochs=1, k_s=3,
+                         net_overrides={"n_filters": 4, "feature_dim": 8})
+    depths: list[int] = []
+    train_jule(patches, config, progress=False, callback=lambda record: depths.append(allocator._depth))
+    assert depths and set(depths) == {1} and allocator._depth == 0

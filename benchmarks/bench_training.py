@@ -8,13 +8,27 @@ backward, SGD step) on random patches, for each network preset, with and without
 
 "GFLOP/s" counts 3× the forward FLOPs per patch (forward + backward) and is compared with the
 ``torch.mm`` 2048² fp32 rate, the practical ceiling on a CPU.
+
+``--phase1 SEED`` instead times the default's whole Phase 1 (``JuleSegmenter.fit`` on the 96³ texture
+phantom, two networks) with glibc's allocator settings and inside :func:`jule3d.allocator.retained_heap` (what
+:func:`jule3d.jule.train_jule` does), alternately, each run in a fresh process (glibc's mmap threshold depends
+on the process's history): seconds, minor page faults, system time, peak RSS, whether the networks are
+identical, and the ratio::
+
+    .venv/bin/python benchmarks/bench_training.py --phase1 0 --repeats 3
 """
 
 from __future__ import annotations
 
 import argparse
+import resource
+import sys
+import threading
 import time
+from pathlib import Path
 
+import numpy as np
+import psutil
 import torch
 
 from jule3d.config import jule_config
@@ -61,13 +75,83 @@ def training_rate(preset: str, channels_last: bool, batch_size: int, iters: int)
     return batch_size / times[len(times) // 2]
 
 
+def phase1_run(way: str, seed: int) -> dict:
+    """One Phase 1 of the default on the texture phantom, in this (fresh) process, ``way`` being
+    ``"retained_heap"`` or ``"glibc"`` (``train_jule`` without its context): seconds, minor faults, system CPU
+    seconds, peak RSS and a digest of the trained networks."""
+    import hashlib
+
+    import jule3d.jule
+    from jule3d.estimator import JuleSegmenter
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from bench_quality import phantom_case
+
+    case = phantom_case("texture")
+    if way == "glibc":
+        jule3d.jule.train_jule = jule3d.jule.train_jule.__wrapped__
+    process, stop = psutil.Process(), threading.Event()
+    peak = [process.memory_info().rss]
+
+    def sample() -> None:
+        while not stop.wait(0.1):
+            peak[0] = max(peak[0], process.memory_info().rss)
+
+    threading.Thread(target=sample, daemon=True).start()
+    before, start = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
+    fitted = JuleSegmenter(n_clusters=case.n_clusters, seed=seed).fit(case.volume)
+    seconds, after = time.perf_counter() - start, resource.getrusage(resource.RUSAGE_SELF)
+    stop.set()
+    digest = hashlib.sha256()
+    for model in fitted.models_:
+        for value in model.state_dict().values():
+            digest.update(value.detach().numpy().tobytes())
+    return {"way": way, "seed": seed, "seconds": seconds, "faults": after.ru_minflt - before.ru_minflt,
+            "system": after.ru_stime - before.ru_stime, "peak_gib": peak[0] / 2**30,
+            "networks": digest.hexdigest()}
+
+
+def phase1_allocator(seed: int, repeats: int) -> None:
+    """``phase1_run`` of both ways, alternately, each in a process of its own (glibc's mmap threshold adapts
+    to the process's history, and ``retained_heap`` fixes it, so the two cannot share a process)."""
+    import json
+    import subprocess
+
+    runs = []
+    for _ in range(repeats):
+        for way in ("glibc", "retained_heap"):
+            out = subprocess.run([sys.executable, __file__, "--phase1-run", way, str(seed)], check=True,
+                                 capture_output=True, text=True).stdout
+            runs.append(json.loads(out.strip().splitlines()[-1]))
+            run = runs[-1]
+            print(f"{way}: {run['seconds']:.1f} s, {run['faults'] / 1e6:.2f} M minor faults, system "
+                  f"{run['system']:.1f} s, peak RSS {run['peak_gib']:.2f} GiB", flush=True)
+    base, new = ([r["seconds"] for r in runs if r["way"] == way] for way in ("glibc", "retained_heap"))
+    print(f"\nPhase 1 of the default (seed {seed}) on the 96³ texture phantom, {repeats} processes each: glibc's "
+          f"way {np.mean(base):.1f} s ({min(base):.1f}-{max(base):.1f}), retained_heap {np.mean(new):.1f} s "
+          f"({min(new):.1f}-{max(new):.1f}), ratio {np.mean(new) / np.mean(base):.2f}; identical networks: "
+          f"{len({r['networks'] for r in runs}) == 1}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--iters", type=int, default=5, help="timed steps per configuration")
     parser.add_argument("--batch-size", type=int, default=100)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--presets", nargs="+", default=sorted(PRESETS), choices=sorted(PRESETS))
+    parser.add_argument("--phase1", type=int, metavar="SEED",
+                        help="time the default's Phase 1 with and without retained_heap instead (see above)")
+    parser.add_argument("--repeats", type=int, default=3, help="processes of each way for --phase1")
+    parser.add_argument("--phase1-run", nargs=2, metavar=("WAY", "SEED"), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.phase1_run:
+        import json
+
+        print(json.dumps(phase1_run(args.phase1_run[0], int(args.phase1_run[1]))))
+        return
+    if args.phase1 is not None:
+        phase1_allocator(args.phase1, args.repeats)
+        return
     if args.threads:
         torch.set_num_threads(args.threads)
     peak = matmul_gflops()

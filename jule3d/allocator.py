@@ -5,8 +5,9 @@ chunk's activations, feature block, joint features and their distances, tens to 
 allocated and freed once per step or chunk. glibc serves allocations above its mmap threshold (at most
 32 MiB) from fresh anonymous mappings and returns them to the kernel on ``free``, so every step faults in and
 zeroes its whole working set again: about 10⁶ page faults per 256³ volume in Phase 2, a third to a half of
-pass A's time on a virtual machine (``benchmarks/bench_scale.py`` measures it), and 16-25 million in the
-Phase 1 of the default's two networks on the 96³ texture phantom, a quarter to half of its time.
+pass A's time on a virtual machine (``benchmarks/bench_scale.py`` measures it), and 1.5 to 25 million in the
+Phase 1 of the default's two networks on the 96³ texture phantom, as many as glibc's history in the process
+makes it map afresh: up to half of Phase 1's time (``benchmarks/bench_training.py --phase1``).
 :func:`retained_heap` serves large allocations from the heap and keeps what is freed, so a step reuses the
 previous step's pages; on leaving, the settings go back to glibc's defaults and the kept memory is returned
 (``malloc_trim``). The resident memory then stays flat over the chunks, at what the largest of them needed:

@@ -18,7 +18,7 @@ from jule3d.validation import check_int, check_range
 
 __all__ = ["JULE_PRESETS", "RAW_FEATURES", "JuleConfig", "jule_config"]
 
-RAW_FEATURES: tuple[str, ...] = ("l2", "standardize", "untrained", "spectrum")
+RAW_FEATURES: tuple[str, ...] = ("l2", "standardize", "untrained", "spectrum", "spectrum+mean")
 """Valid :attr:`JuleConfig.raw_features` (period-0 features); ``"l2"`` is JULE's."""
 
 
@@ -72,7 +72,7 @@ class JuleConfig:
         ``benchmarks/bench_training.py``).
     feature_batch_size : int
         Patches per forward pass when computing features.
-    raw_features : {"l2", "standardize", "untrained", "spectrum"}
+    raw_features : {"l2", "standardize", "untrained", "spectrum", "spectrum+mean"}
         Features of period 0, from which the first ``W`` and the initial clusters come. ``"l2"`` [jule]:
         the L2-normalised raw patches. The others are [ours]: ``"standardize"`` removes each patch's
         mean and scales it to unit variance before the L2 normalisation (so brightness and contrast
@@ -81,6 +81,9 @@ class JuleConfig:
         ``"spectrum"`` uses the L2-normalised amplitude spectrum ``|FFT|`` of each standardised patch, a
         shift-invariant texture descriptor (raw voxels of two patches of one random texture are
         nearly uncorrelated unless the patches overlap, their spectra are alike).
+        ``"spectrum+mean"`` puts each patch's mean intensity beside its spectrum, each block weighing as
+        much as it varies (:func:`jule3d.jule.period0_features`): the spectrum discards brightness, the
+        first cue where tissues differ in intensity or, as in lung, in their share of air.
     seed : int
         Seed of the weight initialisation and of the minibatch / negative sampling.
     device : str

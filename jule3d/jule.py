@@ -64,7 +64,7 @@ from jule3d.checkpoint import (
     load_checkpoint,
     write_atomic,
 )
-from jule3d.config import JuleConfig
+from jule3d.config import RAW_FEATURES, JuleConfig
 from jule3d.loss import sample_triplets, weighted_triplet_loss
 from jule3d.metrics import nmi
 from jule3d.models import JuleNet3D
@@ -164,6 +164,10 @@ def _l2_rows(x: np.ndarray) -> np.ndarray:
     return x / np.maximum(norms, 1e-12)
 
 
+#: The ``kind`` of :func:`period0_features` (every :attr:`JuleConfig.raw_features` but ``"untrained"``).
+PERIOD0_KINDS: tuple[str, ...] = tuple(kind for kind in RAW_FEATURES if kind != "untrained")
+
+
 def period0_features(patches: np.ndarray, kind: str = "l2", chunk: int = 1024) -> np.ndarray:
     """Period-0 features of patches computed from their voxels (see :attr:`JuleConfig.raw_features`).
 
@@ -171,17 +175,23 @@ def period0_features(patches: np.ndarray, kind: str = "l2", chunk: int = 1024) -
     ----------
     patches : numpy.ndarray
         ``(N, C, w, w, w)`` patches.
-    kind : {"l2", "standardize", "spectrum"}
+    kind : {"l2", "standardize", "spectrum", "spectrum+mean"}
         ``"l2"``: the flattened patch, L2-normalised [jule]. ``"standardize"``: zero mean and unit
         variance per patch (all channels together), then L2 [ours]. ``"spectrum"``: the amplitude of
-        the 3D real FFT of each standardised channel, L2-normalised [ours].
+        the 3D real FFT of each standardised channel, L2-normalised [ours]. ``"spectrum+mean"`` [ours]:
+        the spectra, centred over the patches and scaled to a mean squared norm of 1, beside each
+        channel's patch mean, centred and divided by ``sqrt(C)`` but not re-standardised. The patches
+        come from a volume normalised to unit voxel variance, so the mean block's variance is the share
+        of the voxel variance that survives averaging over a patch: it weighs as much as brightness
+        varies at the scale of a patch (as in :func:`jule3d.segmentation.joint_features`), little
+        where every class has the same intensity distribution.
     chunk : int
         Patches per FFT call (bounds the memory of ``"spectrum"``).
 
     Returns
     -------
     numpy.ndarray
-        ``(N, F)`` float32 rows of unit norm (zero rows stay zero).
+        ``(N, F)`` float32 rows, of unit norm (zero rows stay zero) but for ``"spectrum+mean"``.
 
     Raises
     ------
@@ -202,8 +212,8 @@ def period0_features(patches: np.ndarray, kind: str = "l2", chunk: int = 1024) -
     x = np.asarray(patches, dtype=np.float32)
     if x.ndim != 5:
         raise ValueError(f"patches must be an (N, C, w, w, w) array, got shape {x.shape}")
-    if kind not in ("l2", "standardize", "spectrum"):
-        raise ValueError(f"kind must be 'l2', 'standardize' or 'spectrum', got {kind!r}")
+    if kind not in PERIOD0_KINDS:
+        raise ValueError(f"kind must be one of {PERIOD0_KINDS}, got {kind!r}")
     flat = x.reshape(x.shape[0], -1)
     if kind == "l2":
         return _l2_rows(flat)
@@ -216,7 +226,14 @@ def period0_features(patches: np.ndarray, kind: str = "l2", chunk: int = 1024) -
         np.abs(np.fft.rfftn(cubes[i : i + chunk], axes=(2, 3, 4))).reshape(min(chunk, len(x) - i), -1)
         for i in range(0, len(x), chunk)
     ]
-    return _l2_rows(np.concatenate(parts).astype(np.float32))
+    spectra = _l2_rows(np.concatenate(parts).astype(np.float32))
+    if kind == "spectrum":
+        return spectra
+    centred = spectra - spectra.mean(axis=0)
+    spread = float(np.sqrt(np.mean(np.einsum("ij,ij->i", centred, centred))))
+    means = x.mean(axis=(2, 3, 4))
+    return np.concatenate([centred / max(spread, 1e-12), (means - means.mean(axis=0)) / np.sqrt(x.shape[1])],
+                          axis=1).astype(np.float32)
 
 
 def _fingerprint(config: JuleConfig, data: np.ndarray) -> dict[str, Any]:

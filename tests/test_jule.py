@@ -389,7 +389,29 @@ def test_period0_features_kinds() -> None:
         jule.period0_features(x[0], "l2")
 
 
-@pytest.mark.parametrize("kind", ["standardize", "untrained", "spectrum"])
+def test_period0_spectrum_and_mean_weigh_as_they_vary() -> None:
+    """The spectra's block has mean squared norm 1 and is the centred spectrum up to one factor; each channel's
+    patch mean sits beside it, centred, divided by sqrt(C) but not re-standardised."""
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((40, 2, 5, 5, 5)).astype(np.float32)
+    x[:20] += 1.5  # half of the patches are brighter in both channels
+    both = jule.period0_features(x, "spectrum+mean")
+    spectra = jule.period0_features(x, "spectrum")
+    assert both.shape == (40, spectra.shape[1] + 2) and both.dtype == np.float32
+    block, means = both[:, :-2], both[:, -2:]
+    np.testing.assert_allclose(np.mean(np.sum(block**2, axis=1)), 1.0, rtol=1e-4)
+    centred = spectra - spectra.mean(axis=0)
+    np.testing.assert_allclose(block, centred * (block[:, 0] @ centred[:, 0]) / (centred[:, 0] @ centred[:, 0]),
+                               atol=1e-5)
+    expected = (x.mean(axis=(2, 3, 4)) - x.mean(axis=(2, 3, 4)).mean(axis=0)) / np.sqrt(2)
+    np.testing.assert_allclose(means, expected, atol=1e-5)
+    # brightness is invisible to the spectrum of standardised patches, and the mean block separates it
+    assert (means[:20].mean(axis=1) > 0.3).all() and (means[20:].mean(axis=1) < -0.3).all()  # ±0.75 / sqrt(2)
+    gap = np.linalg.norm(spectra[:20].mean(axis=0) - spectra[20:].mean(axis=0))
+    assert gap < 0.1 * np.linalg.norm(means[:20].mean(axis=0) - means[20:].mean(axis=0))
+
+
+@pytest.mark.parametrize("kind", ["standardize", "untrained", "spectrum", "spectrum+mean"])
 def test_raw_feature_options_train_and_change_period_zero(data, kind: str) -> None:
     x, gt = data
     base = train_jule(x, _tiny(epochs_per_period=0, final_epochs=0), ground_truth=gt, progress=False)

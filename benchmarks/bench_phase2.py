@@ -17,11 +17,16 @@ Usage::
     python benchmarks/bench_phase2.py --cases phantom-texture phantom-lung --seeds 0 1 2 3 4
     python benchmarks/bench_phase2.py --variants default kmeans --out results/phase2.json
     python benchmarks/bench_phase2.py --cost --seeds 0 1
+    python benchmarks/bench_phase2.py --variants default --jule-options '{"raw_features": "spectrum+mean"}'
+
+``--jule-options`` trains every network with these :class:`jule3d.config.JuleConfig` fields instead (a Phase 1
+ablation; its features are cached under a name of their own).
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import sys
 import time
@@ -100,20 +105,30 @@ VARIANTS: dict[str, Variant] = {
 }
 
 
-def train_default(case: Case, seed: int) -> JuleSegmenter:
-    """Phase 1 of the default (``segment()`` with nothing set) on one case."""
-    return JuleSegmenter(n_clusters=case.n_clusters, seed=seed).fit(case.volume)
+def train_default(case: Case, seed: int, jule_options: dict | None = None) -> JuleSegmenter:
+    """Phase 1 of the default (``segment()`` with nothing set, or with these ``jule_options``) on one case."""
+    return JuleSegmenter(n_clusters=case.n_clusters, seed=seed, jule_options=jule_options).fit(case.volume)
 
 
-def cached_grids(case: Case, seed: int, cache: Path) -> list[seg.GridFeatures]:
-    """The default's networks' grid features for one case and seed: from ``cache`` or trained and stored."""
-    path = cache / f"{case.name}_s{seed}.npz"
+def cache_name(case: Case, seed: int, jule_options: dict | None = None) -> str:
+    """File name of a case's and seed's cached features; Phase 1 options other than the default's add a tag
+    of their own, so that networks trained another way never stand in for the default's."""
+    if not jule_options:
+        return f"{case.name}_s{seed}.npz"
+    tag = hashlib.sha256(json.dumps(jule_options, sort_keys=True).encode()).hexdigest()[:10]
+    return f"{case.name}_s{seed}_{tag}.npz"
+
+
+def cached_grids(case: Case, seed: int, cache: Path, jule_options: dict | None = None) -> list[seg.GridFeatures]:
+    """The networks' grid features for one case and seed (the default's, or trained with ``jule_options``):
+    from ``cache`` or trained and stored."""
+    path = cache / cache_name(case, seed, jule_options)
     if path.is_file():
         with np.load(path) as data:
             n = int(data["n_networks"])
             grid = Grid(case.volume.shape, 2 * int(data["offset"]) + 1, int(data["stride"]))
             return [seg.GridFeatures(data[f"features_{i}"], grid, data["selected"]) for i in range(n)]
-    grids = train_default(case, seed).transform(case.volume)
+    grids = train_default(case, seed, jule_options).transform(case.volume)
     cache.mkdir(parents=True, exist_ok=True)
     partial = path.with_suffix(".part.npz")
     np.savez(partial, n_networks=len(grids), grid_shape=grids[0].grid_shape, selected=grids[0].selected,
@@ -151,6 +166,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--cache", type=Path, default=Path("results/phase2_cache"),
                         help="folder of the cached grid features (default results/phase2_cache)")
     parser.add_argument("--out", type=Path, default=None, help="write every row as JSON to this file")
+    parser.add_argument("--jule-options", type=json.loads, default=None, metavar="JSON",
+                        help='Phase 1 ablation: JuleConfig fields for every network, e.g. '
+                             '\'{"raw_features": "spectrum+mean"}\' (cached apart from the default\'s)')
     parser.add_argument("--train-only", action="store_true", help="fill the cache, score nothing")
     parser.add_argument("--cost", action="store_true", help="time segment() instead (see above)")
     args = parser.parse_args(argv)
@@ -161,7 +179,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     for load in suite_loaders(args.cases, "zero-background"):
         case = load()
         for seed in args.seeds:
-            grids = cached_grids(case, seed, args.cache)
+            grids = cached_grids(case, seed, args.cache, args.jule_options)
             if args.train_only:
                 print(f"{case.name} seed {seed}: cached", flush=True)
                 continue

@@ -28,8 +28,8 @@ def bench():
 
 
 def _fake_training(trained: list):
-    def train(case, seed):
-        trained.append(seed)
+    def train(case, seed, jule_options=None):
+        trained.append(seed if jule_options is None else (seed, jule_options))
         nets = [JuleNet3D(net_config("fast", patch_size=13, n_filters=4, feature_dim=8), seed=seed * 2 + i)
                 for i in range(2)]
         return JuleSegmenter(n_clusters=case.n_clusters, seed=seed).with_models(nets)
@@ -54,6 +54,21 @@ def test_features_are_cached_once_and_scored_per_variant(bench, tmp_path: Path, 
     assert trained == [0]
     again = json.loads((tmp_path / "rows.json").read_text())
     assert [r["nmi"] for r in again] == [r["nmi"] for r in rows]
+
+
+def test_phase1_options_train_apart_and_are_cached_under_their_own_name(bench, tmp_path: Path, monkeypatch) -> None:
+    trained: list = []
+    monkeypatch.setattr(bench, "train_default", _fake_training(trained))
+    options = {"raw_features": "spectrum+mean"}
+    argv = ["--cases", "phantom-texture", "--seeds", "1", "--train-only", "--cache", str(tmp_path)]
+    bench.main(argv)
+    bench.main([*argv, "--jule-options", json.dumps(options)])
+    bench.main([*argv, "--jule-options", json.dumps(options)])  # cached: not trained again
+    assert trained == [1, (1, options)]
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert len(names) == 2 and "phantom-texture_s1.npz" in names
+    case = bench.suite_loaders(["phantom-texture"], "zero-background")[0]()
+    assert bench.cache_name(case, 1, options) in names
 
 
 def test_the_best_candidate_bounds_the_default_from_above(bench, tmp_path: Path, monkeypatch) -> None:

@@ -104,12 +104,11 @@ def _tree_rss(process: psutil.Process) -> int:
     return total
 
 
-def run_segment(image: Path, out: Path, extra: Sequence[str] = ()) -> dict:
-    """``jule3d segment`` in a subprocess: wall seconds and the peak RSS of its process tree (sampled)."""
-    command = [sys.executable, "-m", "jule3d.app.cli", "segment", str(image), "--out", str(out),
-               "--n-clusters", "3", *extra]
+def run_sampled(command: Sequence[str], interval: float = 0.2) -> dict:
+    """Run ``command`` in a subprocess, sampling the RSS of its process tree every ``interval`` seconds: wall
+    seconds, peak RSS, return code, stdout and stderr."""
     start = time.perf_counter()
-    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(list(command), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     ps, peak, done = psutil.Process(proc.pid), [0], threading.Event()
 
     def sample() -> None:
@@ -118,17 +117,24 @@ def run_segment(image: Path, out: Path, extra: Sequence[str] = ()) -> dict:
                 peak[0] = max(peak[0], _tree_rss(ps))
             except psutil.NoSuchProcess:
                 return
-            done.wait(0.2)
+            done.wait(interval)
 
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
-    _, err = proc.communicate()
+    out, err = proc.communicate()
     done.set()
     sampler.join()
-    seconds = time.perf_counter() - start
-    if proc.returncode != 0:
-        raise RuntimeError(f"jule3d segment failed ({proc.returncode}): {err.strip().splitlines()[-1:]}")
-    return {"seconds": seconds, "peak_rss_bytes": peak[0], "log": stage_lines(err)}
+    return {"seconds": time.perf_counter() - start, "peak_rss_bytes": peak[0], "returncode": proc.returncode,
+            "stdout": out, "stderr": err}
+
+
+def run_segment(image: Path, out: Path, extra: Sequence[str] = ()) -> dict:
+    """``jule3d segment`` in a subprocess: wall seconds and the peak RSS of its process tree (sampled)."""
+    run = run_sampled([sys.executable, "-m", "jule3d.app.cli", "segment", str(image), "--out", str(out),
+                       "--n-clusters", "3", *extra])
+    if run["returncode"] != 0:
+        raise RuntimeError(f"jule3d segment failed ({run['returncode']}): {run['stderr'].strip().splitlines()[-1:]}")
+    return {"seconds": run["seconds"], "peak_rss_bytes": run["peak_rss_bytes"], "log": stage_lines(run["stderr"])}
 
 
 def stage_lines(stderr: str) -> list[str]:

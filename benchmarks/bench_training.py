@@ -12,8 +12,8 @@ backward, SGD step) on random patches, for each network preset, with and without
 ``--phase1 SEED`` instead times the default's whole Phase 1 (``JuleSegmenter.fit`` on the 96³ texture
 phantom, two networks) with glibc's allocator settings and inside :func:`jule3d.allocator.retained_heap` (what
 :func:`jule3d.jule.train_jule` does), alternately, each run in a fresh process (glibc's mmap threshold depends
-on the process's history): seconds, minor page faults, system time, peak RSS, whether the networks are
-identical, and the ratio::
+on the process's history): seconds, minor page faults, system time, the peak RSS of the process sampled
+from outside, whether the networks are identical, and the ratio::
 
     .venv/bin/python benchmarks/bench_training.py --phase1 0 --repeats 3
 """
@@ -23,17 +23,17 @@ from __future__ import annotations
 import argparse
 import resource
 import sys
-import threading
 import time
 from pathlib import Path
 
 import numpy as np
-import psutil
 import torch
 
 from jule3d.config import jule_config
 from jule3d.loss import sample_triplets, weighted_triplet_loss
 from jule3d.models import PRESETS, JuleNet3D
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench_quality's phantom, bench_scale's sampler
 
 
 def matmul_gflops(n: int = 2048, repeats: int = 5) -> float:
@@ -78,52 +78,45 @@ def training_rate(preset: str, channels_last: bool, batch_size: int, iters: int)
 def phase1_run(way: str, seed: int) -> dict:
     """One Phase 1 of the default on the texture phantom, in this (fresh) process, ``way`` being
     ``"retained_heap"`` or ``"glibc"`` (``train_jule`` without its context): seconds, minor faults, system CPU
-    seconds, peak RSS and a digest of the trained networks."""
+    seconds and a digest of the trained networks."""
     import hashlib
+
+    from bench_quality import phantom_case
 
     import jule3d.jule
     from jule3d.estimator import JuleSegmenter
 
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from bench_quality import phantom_case
-
     case = phantom_case("texture")
     if way == "glibc":
         jule3d.jule.train_jule = jule3d.jule.train_jule.__wrapped__
-    process, stop = psutil.Process(), threading.Event()
-    peak = [process.memory_info().rss]
-
-    def sample() -> None:
-        while not stop.wait(0.1):
-            peak[0] = max(peak[0], process.memory_info().rss)
-
-    threading.Thread(target=sample, daemon=True).start()
     before, start = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
     fitted = JuleSegmenter(n_clusters=case.n_clusters, seed=seed).fit(case.volume)
     seconds, after = time.perf_counter() - start, resource.getrusage(resource.RUSAGE_SELF)
-    stop.set()
     digest = hashlib.sha256()
     for model in fitted.models_:
         for value in model.state_dict().values():
             digest.update(value.detach().numpy().tobytes())
     return {"way": way, "seed": seed, "seconds": seconds, "faults": after.ru_minflt - before.ru_minflt,
-            "system": after.ru_stime - before.ru_stime, "peak_gib": peak[0] / 2**30,
-            "networks": digest.hexdigest()}
+            "system": after.ru_stime - before.ru_stime, "networks": digest.hexdigest()}
 
 
 def phase1_allocator(seed: int, repeats: int) -> None:
     """``phase1_run`` of both ways, alternately, each in a process of its own (glibc's mmap threshold adapts
-    to the process's history, and ``retained_heap`` fixes it, so the two cannot share a process)."""
+    to the process's history, and ``retained_heap`` fixes it, so the two cannot share a process), with the
+    peak RSS of that process sampled from outside (:func:`bench_scale.run_sampled`)."""
     import json
-    import subprocess
+
+    from bench_scale import run_sampled
 
     runs = []
     for _ in range(repeats):
         for way in ("glibc", "retained_heap"):
-            out = subprocess.run([sys.executable, __file__, "--phase1-run", way, str(seed)], check=True,
-                                 capture_output=True, text=True).stdout
-            runs.append(json.loads(out.strip().splitlines()[-1]))
-            run = runs[-1]
+            sampled = run_sampled([sys.executable, __file__, "--phase1-run", way, str(seed)])
+            if sampled["returncode"] != 0:
+                raise RuntimeError(f"--phase1-run {way} failed: {sampled['stderr'].strip().splitlines()[-1:]}")
+            run = json.loads(sampled["stdout"].strip().splitlines()[-1])
+            run["peak_gib"] = sampled["peak_rss_bytes"] / 2**30
+            runs.append(run)
             print(f"{way}: {run['seconds']:.1f} s, {run['faults'] / 1e6:.2f} M minor faults, system "
                   f"{run['system']:.1f} s, peak RSS {run['peak_gib']:.2f} GiB", flush=True)
     base, new = ([r["seconds"] for r in runs if r["way"] == way] for way in ("glibc", "retained_heap"))

@@ -46,6 +46,16 @@ def test_flops_per_position_follow_the_stride(bench) -> None:
     assert bench.flops_per_position(model, 1) == pytest.approx(native * model.stride**3)
 
 
+def test_run_sampled_sees_a_child_process_memory_and_output(bench) -> None:
+    """The sampler reads the resident memory of the whole process tree, a grandchild's included."""
+    child = ("import subprocess, sys; subprocess.run([sys.executable, '-c', "
+             "'import numpy, time; a = numpy.ones(200 << 17); time.sleep(1.5)'], check=True); "
+             "print('done'); sys.exit(3)")
+    run = bench.run_sampled([sys.executable, "-c", child], interval=0.1)
+    assert run["returncode"] == 3 and run["stdout"].strip() == "done" and run["seconds"] >= 1.5
+    assert run["peak_rss_bytes"] >= 200 * 2**20  # 200 MiB of ones in the grandchild
+
+
 @pytest.mark.slow
 def test_main_runs_segment_and_reports(bench, tmp_path: Path, capsys) -> None:
     out = tmp_path / "scale.json"

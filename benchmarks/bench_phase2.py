@@ -18,9 +18,15 @@ Usage::
     python benchmarks/bench_phase2.py --variants default kmeans --out results/phase2.json
     python benchmarks/bench_phase2.py --cost --seeds 0 1
     python benchmarks/bench_phase2.py --variants default --jule-options '{"raw_features": "spectrum+mean"}'
+    python benchmarks/bench_phase2.py --variants default consensus-no-refine --borders
 
 ``--jule-options`` trains every network with these :class:`jule3d.config.JuleConfig` fields instead (a Phase 1
 ablation; its features are cached under a name of their own).
+
+``--borders`` adds where each variant's errors lie (:func:`border_profile`): the error rate of the voxels at each
+distance from the true border between two classes, the share of all errors within :data:`BORDER_BANDS` ``[1]``
+voxels of it, and the share of the errors that the most over-predicted class takes (1/k when errors run every
+way, near 1 when one class grows into its neighbours).
 """
 
 from __future__ import annotations
@@ -42,6 +48,9 @@ from jule3d import segmentation as seg  # noqa: E402
 from jule3d.estimator import JuleSegmenter, segment  # noqa: E402
 from jule3d.grid import Grid  # noqa: E402
 from jule3d.metrics import match_labels, nmi  # noqa: E402
+
+#: Upper edges (voxels) of the distance bands of :func:`border_profile`; the last band is everything farther.
+BORDER_BANDS: tuple[int, ...] = (2, 4, 8)
 
 Variant = Callable[[Sequence[seg.GridFeatures], Case, int], np.ndarray]
 
@@ -103,6 +112,48 @@ VARIANTS: dict[str, Variant] = {
     "vote-of-candidates": _vote,
     "oracle-best-candidate": _best_candidate,
 }
+
+
+def border_distance(truth: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """Distance (voxels) of every voxel of ``mask`` to the nearest voxel of another class of ``truth`` (> 0)."""
+    from scipy import ndimage
+
+    distance = np.full(truth.shape, np.inf)
+    for c in np.unique(truth[mask]):
+        if c > 0:
+            elsewhere = (truth > 0) & (truth != c)
+            if elsewhere.any():
+                distance = np.where(truth == c, ndimage.distance_transform_edt(~elsewhere), distance)
+    return distance[mask]
+
+
+def border_profile(labels: np.ndarray, case: Case, distance: np.ndarray | None = None) -> dict[str, float]:
+    """Where the errors of ``labels`` lie (a diagnosis: it reads the ground truth).
+
+    The labels are renamed to the classes they match (Hungarian, :func:`jule3d.metrics.match_labels`) and
+    compared voxel by voxel on the evaluation mask. Returns the error rate (``error``), the error rate of the
+    voxels in each band of distance to the true border (``error_<=2``, ``error_<=4``, ``error_<=8``,
+    ``error_>8``), the share of all errors within ``BORDER_BANDS[1]`` voxels of it (``near_share``), and the
+    share of the errors whose predicted class is the one that takes the most errors (``one_way``).
+    ``distance`` is :func:`border_distance` of the case, when already computed.
+    """
+    mask = case.evaluation_mask
+    truth = case.ground_truth[mask]
+    distance = border_distance(case.ground_truth, mask) if distance is None else distance
+    wrong = match_labels(labels[mask], truth) != truth
+    out = {"error": float(wrong.mean())}
+    lower = 0.0
+    for upper in (*BORDER_BANDS, np.inf):
+        band = (distance > lower) & (distance <= upper)
+        key = f"error_<={upper}" if np.isfinite(upper) else f"error_>{lower:g}"
+        out[key] = float(wrong[band].mean()) if band.any() else float("nan")
+        lower = upper
+    n_wrong = int(wrong.sum())
+    near = distance <= BORDER_BANDS[1]
+    out["near_share"] = float((wrong & near).sum() / n_wrong) if n_wrong else float("nan")
+    taken = np.bincount(match_labels(labels[mask], truth)[wrong])
+    out["one_way"] = float(taken.max() / n_wrong) if n_wrong else float("nan")
+    return out
 
 
 def train_default(case: Case, seed: int, jule_options: dict | None = None) -> JuleSegmenter:
@@ -171,6 +222,8 @@ def main(argv: Sequence[str] | None = None) -> None:
                              '\'{"raw_features": "spectrum+mean"}\' (cached apart from the default\'s)')
     parser.add_argument("--train-only", action="store_true", help="fill the cache, score nothing")
     parser.add_argument("--cost", action="store_true", help="time segment() instead (see above)")
+    parser.add_argument("--borders", action="store_true",
+                        help="also report where the errors lie: by distance to the true border (see above)")
     args = parser.parse_args(argv)
     if args.cost:
         cost(args.seeds)
@@ -178,6 +231,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     rows = []
     for load in suite_loaders(args.cases, "zero-background"):
         case = load()
+        distance = border_distance(case.ground_truth, case.evaluation_mask) if args.borders else None
         for seed in args.seeds:
             grids = cached_grids(case, seed, args.cache, args.jule_options)
             if args.train_only:
@@ -190,6 +244,8 @@ def main(argv: Sequence[str] | None = None) -> None:
                 rows.append({"case": case.name, "seed": seed, "variant": name, "nmi": float(score),
                              "seconds": time.perf_counter() - start})
                 print(f"{case.name} s{seed} {name}: {score:.3f}", flush=True)
+                if args.borders:
+                    rows[-1]["borders"] = border_profile(labels, case, distance)
     if args.train_only:
         return
     print("\n| variant | " + " | ".join(args.cases) + " | BraTS mean | Phase 2 seconds |")
@@ -204,6 +260,16 @@ def main(argv: Sequence[str] | None = None) -> None:
         mean = f"{np.mean(np.stack(brats).mean(axis=0)):.3f}" if brats else ""
         seconds = np.mean([r["seconds"] for r in rows if r["variant"] == name])
         print(f"| {name} | " + " | ".join(cells) + f" | {mean} | {seconds:.1f} |")
+    if args.borders:
+        keys = list(rows[0]["borders"])
+        print("\nWhere the errors lie (mean over the seeds; distances in voxels to the true border):\n")
+        print("| variant | case | " + " | ".join(keys) + " |")
+        print("|---|---|" + "---|" * len(keys))
+        for name in args.variants:
+            for case in args.cases:
+                profiles = [r["borders"] for r in rows if r["variant"] == name and r["case"] == case]
+                cells = [f"{np.nanmean([p[k] for p in profiles]):.3f}" for k in keys]
+                print(f"| {name} | {case} | " + " | ".join(cells) + " |")
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(rows, indent=1))

@@ -103,3 +103,24 @@ def test_the_vote_takes_each_positions_majority_class_across_renamed_candidates(
     voted = bench.VARIANTS["vote-of-candidates"](grids, case, 0)
     expected = seg.refine_labels(seg.project_labels(grids[0], kept, case.volume), case.volume, grids[0].stride)
     np.testing.assert_array_equal(voted, expected)
+
+
+def test_border_profile_sees_one_class_grow_into_its_neighbour(bench) -> None:
+    """Two slabs of a 20-voxel bar: labels whose border is 3 voxels into class 1 err only within 3 voxels of the
+    true border, and every error is class 2's."""
+    import numpy as np
+
+    from jule3d.volume import Volume
+
+    truth = np.zeros((4, 4, 20), dtype=np.uint8)
+    truth[..., :10], truth[..., 10:] = 1, 2
+    mask = truth > 0
+    case = bench.Case("bar", Volume.from_array(truth.astype(np.float32), mask=mask), truth, mask, 2)
+    distance = bench.border_distance(truth, mask)
+    assert distance[:20].tolist() == [*range(10, 0, -1), *range(1, 11)]  # the first row along x
+    grown = truth.copy()
+    grown[..., 7:10] = 2
+    profile = bench.border_profile(3 - grown, case)  # renamed classes: matched back before counting
+    assert profile["error"] == 3 / 20 and profile["near_share"] == 1.0 and profile["one_way"] == 1.0
+    assert profile["error_<=2"] == 2 / 4 and profile["error_<=4"] == 1 / 4 and profile["error_>8"] == 0.0
+    assert bench.border_profile(truth, case, distance)["error"] == 0.0

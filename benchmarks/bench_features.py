@@ -18,11 +18,19 @@ Two numbers per representation:
 A high probe with a low k-means NMI means the information is in the features but is not where k-means looks
 (the largest directions of variance belong to something else, e.g. normal tissue's own structure).
 
+``--ceiling`` asks instead how well *any* method that reads local statistics could do, with the labels to learn
+from: :func:`supervised_ceiling` trains a gradient-boosted classifier on every voxel's :func:`local_statistics`
+(the mean and standard deviation of every channel in boxes of :data:`CEILING_WINDOWS` voxels) with the ground
+truth of one half of the case, and scores voxel NMI on the other half (both ways round, averaged). No network is
+trained. An unsupervised method that describes a voxel by its neighbourhood is not expected to beat it; a target
+above it asks for more than the neighbourhood holds.
+
 Usage::
 
     python benchmarks/bench_features.py                          # BraTS-ROI, 4 cases, seed 0
     python benchmarks/bench_features.py --dataset phantom --seeds 0 1
     python benchmarks/bench_features.py --out results/features.json
+    python benchmarks/bench_features.py --ceiling --dataset phantom
 """
 
 from __future__ import annotations
@@ -46,6 +54,8 @@ from jule3d.patches import sample_patches
 from jule3d.segmentation import cluster_features, grid_features, local_intensity
 
 REPRESENTATIONS = ("features", "intensity", "both")
+#: Box sides (voxels) of :func:`local_statistics`: from a few voxels to about the extent of a ``fast`` patch and beyond.
+CEILING_WINDOWS: tuple[int, ...] = (3, 5, 7, 9, 13, 17, 25)
 
 
 def probe_accuracy(x: np.ndarray, y: np.ndarray, seed: int, n_max: int = 8000) -> float:
@@ -60,6 +70,49 @@ def probe_accuracy(x: np.ndarray, y: np.ndarray, seed: int, n_max: int = 8000) -
         scores = cross_val_score(LogisticRegression(max_iter=1000, class_weight="balanced"), x[idx], y[idx],
                                  cv=3, scoring="balanced_accuracy")
     return float(scores.mean())
+
+
+def local_statistics(case: Case, windows: Sequence[int] = CEILING_WINDOWS) -> np.ndarray:
+    """``(V, C·(1 + 2·len(windows)))`` float32 statistics of the ``V`` evaluation voxels of ``case``: every
+    channel's intensity, and its mean and standard deviation over the foreground voxels of each ``w``³ box."""
+    from scipy import ndimage
+
+    inside = case.volume.foreground().astype(np.float32)
+    columns = []
+    for channel in case.volume.data:
+        v = np.asarray(channel, dtype=np.float32) * inside
+        columns.append(v[case.evaluation_mask])
+        for w in windows:
+            count = np.maximum(ndimage.uniform_filter(inside, w), 1e-6)
+            mean = ndimage.uniform_filter(v, w) / count
+            sd = np.sqrt(np.maximum(ndimage.uniform_filter(v * v, w) / count - mean ** 2, 0.0))
+            columns += [mean[case.evaluation_mask], sd[case.evaluation_mask]]
+    return np.stack(columns, axis=1)
+
+
+def supervised_ceiling(case: Case, seed: int = 0, n_train: int = 40_000,
+                       windows: Sequence[int] = CEILING_WINDOWS) -> dict[str, float]:
+    """NMI of a classifier of the truth from :func:`local_statistics`, trained on one half of the case and scored
+    on the other (a diagnosis, not a method: it learns from the labels).
+
+    The halves are the evaluation voxels below and above the median of the first axis. A
+    ``HistGradientBoostingClassifier`` is fitted on a seeded sample of ``n_train`` voxels of one half and scored on
+    every voxel of the other, then the other way round; ``nmi`` is the mean of the two, ``accuracy`` likewise.
+    """
+    from sklearn.ensemble import HistGradientBoostingClassifier
+
+    x, y = local_statistics(case, windows), case.ground_truth[case.evaluation_mask]
+    z = np.nonzero(case.evaluation_mask)[0]
+    lower = z < np.median(z)
+    rng = np.random.default_rng(seed)
+    scores, accuracies = [], []
+    for train in (lower, ~lower):
+        rows = rng.choice(np.flatnonzero(train), size=min(n_train, int(train.sum())), replace=False)
+        model = HistGradientBoostingClassifier(random_state=seed).fit(x[rows], y[rows])
+        predicted = model.predict(x[~train])
+        scores.append(nmi(y[~train], predicted))
+        accuracies.append(float(np.mean(predicted == y[~train])))
+    return {"nmi": float(np.mean(scores)), "accuracy": float(np.mean(accuracies))}
 
 
 def diagnose(case: Case, seed: int, n_patches: int = 2000, preset: str = "fast") -> dict[str, dict[str, float]]:
@@ -92,6 +145,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--seeds", nargs="+", type=int, default=[0])
     p.add_argument("--n-patches", type=int, default=2000)
     p.add_argument("--out", type=Path, help="JSON file for the rows (not overwritten)")
+    p.add_argument("--ceiling", action="store_true",
+                   help="the supervised local-statistics ceiling of each case instead (see above)")
     args = p.parse_args(argv)
     if args.out is not None and args.out.exists():
         p.error(f"--out {args.out} exists")
@@ -101,7 +156,10 @@ def main(argv: Sequence[str] | None = None) -> None:
             p.error(f"BraTS data folder {root} does not exist (set JULE3D_SHARED_DATA)")
         loads = [lambda c=c: load_brats_case(root / c) for c in args.cases]
     else:
-        loads = [lambda v=v: phantom_case(v) for v in ("texture", "intensity")]
+        loads = [lambda v=v: phantom_case(v) for v in ("texture", "intensity", "lung")]
+    if args.ceiling:
+        ceiling(loads, args.seeds, args.out, argv)
+        return
     rows = []
     print("| case | seed | " + " | ".join(f"{r} probe | {r} k-means NMI" for r in REPRESENTATIONS) + " | s |")
     print("|---|---:|" + "---:|" * (2 * len(REPRESENTATIONS) + 1))
@@ -120,6 +178,24 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps({"argv": list(argv or sys.argv[1:]), "rows": rows}, indent=1), encoding="utf-8")
+
+
+def ceiling(loads: Sequence, seeds: Sequence[int], out: Path | None, argv: Sequence[str] | None) -> None:
+    """Print (and with ``out`` write) :func:`supervised_ceiling` of every case and seed."""
+    rows = []
+    print("| case | seed | supervised local-statistics NMI | accuracy | s |")
+    print("|---|---:|---:|---:|---:|")
+    for load in loads:
+        case = load()
+        for seed in seeds:
+            start = time.perf_counter()
+            result = supervised_ceiling(case, seed)
+            rows.append({"case": case.name, "seed": seed, **result, "seconds": time.perf_counter() - start})
+            print(f"| {case.name} | {seed} | {result['nmi']:.3f} | {result['accuracy']:.4f} | "
+                  f"{rows[-1]['seconds']:.0f} |", flush=True)
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps({"argv": list(argv or sys.argv[1:]), "rows": rows}, indent=1), encoding="utf-8")
 
 
 if __name__ == "__main__":

@@ -208,3 +208,22 @@ def test_feature_probe_separates_informative_from_random_features(monkeypatch) -
     informative = np.eye(3)[y - 1] + rng.normal(0, 0.3, size=(900, 3))
     assert bf.probe_accuracy(informative, y, seed=0) > 0.9
     assert abs(bf.probe_accuracy(rng.normal(size=(900, 3)), y, seed=0) - 1 / 3) < 0.1
+
+
+def test_supervised_ceiling_reads_what_local_statistics_hold(monkeypatch) -> None:
+    """Classes that differ in brightness are read almost perfectly from local statistics; classes that differ in
+    nothing (two halves of one noise field, split along an axis the halves do not see) are not."""
+    monkeypatch.syspath_prepend(str(_PATH.parent))
+    spec = importlib.util.spec_from_file_location("bench_features", _PATH.parent / "bench_features.py")
+    bf = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bf)
+    rng = np.random.default_rng(0)
+    truth = np.ones((24, 24, 24), dtype=np.uint8)
+    truth[:, :, 12:] = 2
+    noise = rng.normal(size=truth.shape).astype(np.float32)
+    mask = np.ones(truth.shape, dtype=bool)
+    bright = bq.Case("bright", Volume.from_array(noise * 0.2 + truth, mask=mask), truth, mask, 2)
+    alike = bq.Case("alike", Volume.from_array(noise, mask=mask), truth, mask, 2)
+    assert bf.local_statistics(bright, (3, 5)).shape == (truth.size, 5)
+    assert bf.supervised_ceiling(bright, windows=(3, 5))["nmi"] > 0.8
+    assert bf.supervised_ceiling(alike, windows=(3, 5))["nmi"] < 0.1

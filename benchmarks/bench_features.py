@@ -18,7 +18,7 @@ Two numbers per representation:
 A high probe with a low k-means NMI means the information is in the features but is not where k-means looks
 (the largest directions of variance belong to something else, e.g. normal tissue's own structure).
 
-``--ceiling`` asks instead how well *any* method that reads local statistics could do, with the labels to learn
+``--ceiling`` asks instead how well a classifier of local statistics does when it is given the labels to learn
 from: :func:`supervised_ceiling` trains a gradient-boosted classifier on every voxel's :func:`local_statistics`
 (the mean and standard deviation of every channel in boxes of :data:`CEILING_WINDOWS` voxels) with the ground
 truth of one half of the case, and scores voxel NMI on the other half (both ways round, averaged). No network is

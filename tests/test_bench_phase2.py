@@ -124,3 +124,14 @@ def test_border_profile_sees_one_class_grow_into_its_neighbour(bench) -> None:
     assert profile["error"] == 3 / 20 and profile["near_share"] == 1.0 and profile["one_way"] == 1.0
     assert profile["error_<=2"] == 2 / 4 and profile["error_<=4"] == 1 / 4 and profile["error_>8"] == 0.0
     assert bench.border_profile(truth, case, distance)["error"] == 0.0
+
+
+def test_phase1_options_reach_the_config_as_parameters_or_jule_options(bench, monkeypatch) -> None:
+    """``--jule-options`` may name a JuleSegmenter parameter (which ``jule_options`` refuses) or a JuleConfig
+    field; both end up in every network's config."""
+    monkeypatch.setattr(JuleSegmenter, "fit", lambda self, volume: self)
+    case = bench.Case("c", None, None, None, 3)
+    segmenter = bench.train_default(case, 4, {"final_epochs": 0, "raw_features": "spectrum+mean"})
+    config = segmenter.jule_config(1)
+    assert (config.final_epochs, config.raw_features, config.n_clusters) == (0, "spectrum+mean", 3)
+    assert segmenter.jule_options == {"raw_features": "spectrum+mean"} and segmenter.seed == 4

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import inspect
 import json
 import sys
 import time
@@ -45,9 +46,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_quality import BRATS_CASES, PHANTOM_CASES, SUITE_SEEDS, suite_loaders, Case  # noqa: E402
 from jule3d import segmentation as seg  # noqa: E402
-from jule3d.estimator import JULE_FIELDS, JuleSegmenter, segment  # noqa: E402
+from jule3d.estimator import JuleSegmenter, segment  # noqa: E402
 from jule3d.grid import Grid  # noqa: E402
 from jule3d.metrics import match_labels, nmi  # noqa: E402
+
+#: :class:`JuleSegmenter` parameters that ``--jule-options`` may set (all but the case's ``n_clusters`` or the run's seed).
+SEGMENTER_PARAMETERS = tuple(sorted(set(inspect.signature(JuleSegmenter).parameters)
+                                     - {"n_clusters", "seed", "jule_options"}))
 
 #: Upper edges (voxels) of the distance bands of :func:`border_profile`; the last band is everything farther.
 BORDER_BANDS: tuple[int, ...] = (2, 4, 8)
@@ -159,11 +164,11 @@ def border_profile(labels: np.ndarray, case: Case, distance: np.ndarray | None =
 def train_default(case: Case, seed: int, jule_options: dict | None = None) -> JuleSegmenter:
     """Phase 1 of the default (``segment()`` with nothing set, or with these ``jule_options``) on one case.
 
-    Options that are :class:`~jule3d.estimator.JuleSegmenter` parameters (``final_epochs``, ``eta``, ...; see
-    ``JULE_FIELDS``) are passed as such, the other :class:`~jule3d.config.JuleConfig` fields as ``jule_options``.
+    Options that are :class:`~jule3d.estimator.JuleSegmenter` parameters (``n_networks``, ``final_epochs``,
+    ``eta``, ...) are passed as such, the other :class:`~jule3d.config.JuleConfig` fields as ``jule_options``.
     """
     options = dict(jule_options or {})
-    direct = {name: options.pop(name) for name in JULE_FIELDS if name in options}
+    direct = {name: options.pop(name) for name in SEGMENTER_PARAMETERS if name in options}
     return JuleSegmenter(n_clusters=case.n_clusters, seed=seed, jule_options=options or None,
                          **direct).fit(case.volume)
 

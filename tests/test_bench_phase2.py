@@ -131,7 +131,7 @@ def test_phase1_options_reach_the_config_as_parameters_or_jule_options(bench, mo
     field; both end up in every network's config."""
     monkeypatch.setattr(JuleSegmenter, "fit", lambda self, volume: self)
     case = bench.Case("c", None, None, None, 3)
-    segmenter = bench.train_default(case, 4, {"final_epochs": 0, "raw_features": "spectrum+mean"})
-    config = segmenter.jule_config(1)
-    assert (config.final_epochs, config.raw_features, config.n_clusters) == (0, "spectrum+mean", 3)
-    assert segmenter.jule_options == {"raw_features": "spectrum+mean"} and segmenter.seed == 4
+    segmenter = bench.train_default(case, 4, {"final_epochs": 0, "n_networks": 3, "raw_features": "spectrum+mean"})
+    config = segmenter.jule_config(2)
+    assert (config.final_epochs, config.raw_features, config.n_clusters, config.seed) == (0, "spectrum+mean", 3, 14)
+    assert segmenter.jule_options == {"raw_features": "spectrum+mean"} and segmenter.resolved_networks() == 3

@@ -95,7 +95,7 @@ def _vote(grids: Sequence[seg.GridFeatures], case: Case, seed: int) -> np.ndarra
     return seg.refine_labels(labels, case.volume, grids[0].stride)
 
 
-#: Phase 2 variants on the same networks: ``default`` is ``label_volume``'s default (``label_grids``, the
+#: Phase 2 variants on the same two networks: ``default`` is ``label_volume``'s default (``label_grids``, the
 #: same code); ``no-refine-*`` are consensus variants before :func:`refine_labels`; ``vote-of-candidates``
 #: replaces the choice of one candidate by a vote of them; ``oracle-best-candidate`` is a diagnostic that uses
 #: the labels.

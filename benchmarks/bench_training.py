@@ -10,7 +10,7 @@ backward, SGD step) on random patches, for each network preset, with and without
 ``torch.mm`` 2048² fp32 rate, the practical ceiling on a CPU.
 
 ``--phase1 SEED`` instead times the default's whole Phase 1 (``JuleSegmenter.fit`` on the 96³ texture
-phantom, every network of the default) with glibc's allocator settings and inside :func:`jule3d.allocator.retained_heap` (what
+phantom, two networks) with glibc's allocator settings and inside :func:`jule3d.allocator.retained_heap` (what
 :func:`jule3d.jule.train_jule` does), alternately, each run in a fresh process (glibc's mmap threshold depends
 on the process's history): seconds, minor page faults, system time, the peak RSS of the process sampled
 from outside, whether the networks are identical, and the ratio::

@@ -201,15 +201,13 @@ class JuleConfig:
 JULE_PRESETS: dict[str, JuleConfig] = {
     "paper": JuleConfig(net="paper"),
     "fast": JuleConfig(
-        net="fast", epochs_per_period=3, final_epochs=0, eta=0.5, raw_features="spectrum", stop_clusters=6
+        net="fast", epochs_per_period=3, final_epochs=10, eta=0.5, raw_features="spectrum", stop_clusters=6
     ),
 }
 """Named training configurations; ``net`` names the :data:`jule3d.models.PRESETS` entry of the same name.
 
 ``"paper"`` is the spec's JULE (``docs/method.md``). ``"fast"`` [ours] is tuned on the texture phantom
-(``benchmarks/bench_phantom_jule.py``): 3 epochs per period, no final update (``final_epochs=0``: the
-time of 10 final epochs, about a third of a network's training, pays for the third network of the default;
-``bench_phase2.py`` measured no loss from dropping it), ``eta=0.5``, period-0 features
+(``benchmarks/bench_phantom_jule.py``): 3 epochs per period, 10 final epochs, ``eta=0.5``, period-0 features
 from the amplitude spectrum, merging stopped at 6 clusters. The spectrum and the stop were both needed: with
 JULE's raw L2 features the first graph is worse and one cluster soon holds most patches, and merging on to
 ``n_clusters`` let one cluster swallow two classes in the last period. ``docs/method.md`` gives the

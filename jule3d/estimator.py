@@ -33,7 +33,7 @@ from .volume import Volume
 __all__ = ["JuleSegmenter", "PRESET_PHASE2", "network_seeds", "segment"]
 
 #: Networks trained by default, and the Phase 2 method, per preset [ours for ``fast``].
-PRESET_PHASE2: dict[str, tuple[int, str]] = {"fast": (3, "consensus"), "paper": (1, "kmeans")}
+PRESET_PHASE2: dict[str, tuple[int, str]] = {"fast": (2, "consensus"), "paper": (1, "kmeans")}
 
 #: Parameters that are fields of :class:`jule3d.config.JuleConfig` (``None``: the preset's value).
 JULE_FIELDS = tuple(name for name, p in PARAMETERS.items() if p.stage == "phase1"
@@ -67,7 +67,7 @@ class JuleSegmenter(BaseEstimator):
         Number of tissue classes ``k`` (also JULE's target cluster count).
     preset : {"fast", "paper"}
         Network, schedule and Phase 2 preset: ``paper`` is the published method (one network, k-means);
-        ``fast`` [ours] trains three small networks and uses the ``"consensus"`` Phase 2.
+        ``fast`` [ours] trains two small networks and uses the ``"consensus"`` Phase 2.
     seed : int
         Seed of everything random; network ``i`` of ``n`` uses :func:`network_seeds`.
     n_patches, patch_size, min_foreground : int, int or None, float

@@ -88,7 +88,7 @@ def test_get_set_params_and_clone() -> None:
 
 def test_resolved_fills_the_preset_values() -> None:
     fast, paper = JuleSegmenter().resolved(), JuleSegmenter(preset="paper").resolved()
-    assert (fast["n_networks"], fast["phase2"]) == (3, "consensus")
+    assert (fast["n_networks"], fast["phase2"]) == (2, "consensus")
     assert (paper["n_networks"], paper["phase2"], paper["patch_size"]) == (1, "kmeans", 27)
     assert paper["intensity_weight"] == paper["smoothing"] == 0.0
     assert JuleSegmenter(preset="paper", phase2="merge", smoothing=0.0).resolved()["smoothing"] == 0.0

@@ -80,12 +80,12 @@ def local_statistics(case: Case, windows: Sequence[int] = CEILING_WINDOWS) -> np
     from scipy import ndimage
 
     inside = case.volume.foreground().astype(np.float32)
+    counts = {w: np.maximum(ndimage.uniform_filter(inside, w), 1e-6) for w in windows}
     columns = []
     for channel in case.volume.data:
         v = np.asarray(channel, dtype=np.float32) * inside
         columns.append(v[case.evaluation_mask])
-        for w in windows:
-            count = np.maximum(ndimage.uniform_filter(inside, w), 1e-6)
+        for w, count in counts.items():
             mean = ndimage.uniform_filter(v, w) / count
             sd = np.sqrt(np.maximum(ndimage.uniform_filter(v * v, w) / count - mean ** 2, 0.0))
             columns += [mean[case.evaluation_mask], sd[case.evaluation_mask]]

@@ -145,7 +145,8 @@ def border_profile(labels: np.ndarray, case: Case, distance: np.ndarray | None =
     mask = case.evaluation_mask
     truth = case.ground_truth[mask]
     distance = border_distance(case.ground_truth, mask) if distance is None else distance
-    wrong = match_labels(labels[mask], truth) != truth
+    matched = match_labels(labels[mask], truth)
+    wrong = matched != truth
     out = {"error": float(wrong.mean())}
     lower = 0.0
     for upper in (*BORDER_BANDS, np.inf):
@@ -156,7 +157,7 @@ def border_profile(labels: np.ndarray, case: Case, distance: np.ndarray | None =
     n_wrong = int(wrong.sum())
     near = distance <= BORDER_BANDS[1]
     out["near_share"] = float((wrong & near).sum() / n_wrong) if n_wrong else float("nan")
-    taken = np.bincount(match_labels(labels[mask], truth)[wrong])
+    taken = np.bincount(matched[wrong])
     out["one_way"] = float(taken.max() / n_wrong) if n_wrong else float("nan")
     return out
 

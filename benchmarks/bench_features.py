@@ -76,20 +76,20 @@ def probe_accuracy(x: np.ndarray, y: np.ndarray, seed: int, n_max: int = 8000) -
 
 def local_statistics(case: Case, windows: Sequence[int] = CEILING_WINDOWS) -> np.ndarray:
     """``(V, C·(1 + 2·len(windows)))`` float32 statistics of the ``V`` evaluation voxels of ``case``: every
-    channel's intensity, and its mean and standard deviation over the foreground voxels of each ``w``³ box."""
-    from scipy import ndimage
+    channel's intensity, and its mean and standard deviation over the foreground voxels of each ``w``³ box
+    (:func:`jule3d.labels.masked_box_mean`, the boxes of Phase 2's local intensity)."""
+    from jule3d.labels import masked_box_mean
 
-    inside = case.volume.foreground().astype(np.float32)
-    counts = {w: np.maximum(ndimage.uniform_filter(inside, w), 1e-6) for w in windows}
-    columns = []
-    for channel in case.volume.data:
-        v = np.asarray(channel, dtype=np.float32) * inside
-        columns.append(v[case.evaluation_mask])
-        for w, count in counts.items():
-            mean = ndimage.uniform_filter(v, w) / count
-            sd = np.sqrt(np.maximum(ndimage.uniform_filter(v * v, w) / count - mean ** 2, 0.0))
-            columns += [mean[case.evaluation_mask], sd[case.evaluation_mask]]
-    return np.stack(columns, axis=1)
+    data = np.asarray(case.volume.data, dtype=np.float32)
+    positions = np.nonzero(case.evaluation_mask)
+    n_channels = len(data)
+    both = np.concatenate([data, data * data])
+    columns = [data[(slice(None), *positions)]]
+    for w in windows:
+        moments = masked_box_mean(both, case.volume.foreground(), w, positions)
+        mean = moments[:n_channels]
+        columns += [mean, np.sqrt(np.maximum(moments[n_channels:] - mean ** 2, 0.0))]
+    return np.concatenate(columns).T
 
 
 def supervised_ceiling(case: Case, seed: int = 0, n_train: int = 40_000,
@@ -139,6 +139,13 @@ def diagnose(case: Case, seed: int, n_patches: int = 2000, preset: str = "fast")
     return out
 
 
+def write_rows(out: Path | None, rows: list[dict], argv: Sequence[str] | None) -> None:
+    """Write ``rows`` and the command line as JSON to ``out`` (nothing when ``out`` is ``None``)."""
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps({"argv": list(argv or sys.argv[1:]), "rows": rows}, indent=1), encoding="utf-8")
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     """Run the diagnosis on the chosen cases and seeds; print one table, optionally write JSON."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -177,9 +184,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     means = " | ".join(f"{np.mean([r[k]['probe'] for r in rows]):.3f} | {np.mean([r[k]['kmeans_nmi'] for r in rows]):.3f}"
                        for k in REPRESENTATIONS)
     print(f"| mean | | {means} | |")
-    if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps({"argv": list(argv or sys.argv[1:]), "rows": rows}, indent=1), encoding="utf-8")
+    write_rows(args.out, rows, argv)
 
 
 def ceiling(loads: Sequence, seeds: Sequence[int], out: Path | None, argv: Sequence[str] | None) -> None:
@@ -195,9 +200,7 @@ def ceiling(loads: Sequence, seeds: Sequence[int], out: Path | None, argv: Seque
             rows.append({"case": case.name, "seed": seed, **result, "seconds": time.perf_counter() - start})
             print(f"| {case.name} | {seed} | {result['nmi']:.3f} | {result['accuracy']:.4f} | "
                   f"{rows[-1]['seconds']:.0f} |", flush=True)
-    if out is not None:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps({"argv": list(argv or sys.argv[1:]), "rows": rows}, indent=1), encoding="utf-8")
+    write_rows(out, rows, argv)
 
 
 if __name__ == "__main__":

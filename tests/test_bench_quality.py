@@ -224,6 +224,10 @@ def test_supervised_ceiling_reads_what_local_statistics_hold(monkeypatch) -> Non
     mask = np.ones(truth.shape, dtype=bool)
     bright = bq.Case("bright", Volume.from_array(noise * 0.2 + truth, mask=mask), truth, mask, 2)
     alike = bq.Case("alike", Volume.from_array(noise, mask=mask), truth, mask, 2)
-    assert bf.local_statistics(bright, (3, 5)).shape == (truth.size, 5)
+    stats = bf.local_statistics(bright, (3, 5))
+    assert stats.shape == (truth.size, 5)
+    corner = bright.volume.data[0][:2, :2, :2]  # the 3³ box of voxel (0, 0, 0) inside the volume
+    np.testing.assert_allclose(stats[0, :3], [bright.volume.data[0][0, 0, 0], corner.mean(), corner.std()],
+                               rtol=1e-4, atol=1e-5)
     assert bf.supervised_ceiling(bright, windows=(3, 5))["nmi"] > 0.8
     assert bf.supervised_ceiling(alike, windows=(3, 5))["nmi"] < 0.1

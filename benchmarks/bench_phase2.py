@@ -39,6 +39,7 @@ import sys
 import time
 from pathlib import Path
 from typing import Callable, Sequence
+from unittest import mock
 
 import numpy as np
 
@@ -95,12 +96,25 @@ def _vote(grids: Sequence[seg.GridFeatures], case: Case, seed: int) -> np.ndarra
     return seg.refine_labels(labels, case.volume, grids[0].stride)
 
 
+def _ward_merge(grids: Sequence[seg.GridFeatures], case: Case, seed: int) -> np.ndarray:
+    """The default with the merge of before: Ward's cost, and neither specks nor surface layers merged first
+    (:func:`jule3d.segmentation.merge_clusters` with ``linkage="ward", min_share=0`` and no surface)."""
+    merge = seg.merge_clusters
+
+    def ward(contacts, sizes, centroids, n_clusters, surface=None):
+        return merge(contacts, sizes, centroids, n_clusters, min_share=0.0, linkage="ward")
+
+    with mock.patch.object(seg, "merge_clusters", ward):
+        return _label(grids, case, seed)
+
+
 #: Phase 2 variants on the same two networks: ``default`` is ``label_volume``'s default (``label_grids``, the
-#: same code); ``no-refine-*`` are consensus variants before :func:`refine_labels`; ``vote-of-candidates``
-#: replaces the choice of one candidate by a vote of them; ``oracle-best-candidate`` is a diagnostic that uses
-#: the labels.
+#: same code); ``merge-ward`` is the default with the merge of before (Ward's cost); ``no-refine-*`` are
+#: consensus variants before :func:`refine_labels`; ``vote-of-candidates`` replaces the choice of one candidate
+#: by a vote of them; ``oracle-best-candidate`` is a diagnostic that uses the labels.
 VARIANTS: dict[str, Variant] = {
     "default": _label,
+    "merge-ward": _ward_merge,
     "consensus-one-restart": lambda g, c, s: _consensus(g, c, s, restarts=1),
     "consensus-no-refine": lambda g, c, s: _consensus(g, c, s, refine=False),
     "no-refine-plain-medoid": lambda g, c, s: _consensus(g, c, s, refine=False, min_share=0.0),

@@ -376,6 +376,14 @@ class Block:
         centers = self.grid.centers(np.argwhere(self.selected))
         return box_means(self.volume, window, tuple(centers.T))
 
+    def surface(self) -> np.ndarray:
+        """``(M,)`` bool: the featured positions within one grid step of the background
+        (:func:`jule3d.segmentation.surface_positions`); the block's voxels reach that far around every position."""
+        from .segmentation import surface_positions
+
+        centers = self.grid.centers(np.argwhere(self.selected))
+        return surface_positions(self.volume.foreground(), centers, self.grid.stride)
+
     @cached_property
     def kept(self) -> np.ndarray:
         """Bool voxels of ``volume``: the foreground voxels it owns (computed once)."""
@@ -521,6 +529,7 @@ def fit_classes(
     features = [_stacked(blocks, i) for i in range(n_networks)]
     selected = _composite([b.selected for b in blocks])
     local = np.concatenate([b.local(window) for b in blocks]) if intensity_weight > 0 else None
+    surface = np.concatenate([b.surface() for b in blocks]) if phase2 != "kmeans" else None
     n_channels = blocks[0].volume.n_channels
     channel_std = None  # the intensity block's divisor: only the merge candidates with intensity use it
     if phase2 != "kmeans" and intensity_weight > 0:
@@ -554,7 +563,8 @@ def fit_classes(
 
             def restart(r: int, joint: np.ndarray = joint) -> tuple:
                 return fit_merge(joint, selected, n_clusters, seed=seed + RESTART_SEED_STEP * r,
-                                 smoothing=smoothing, spacing=spacing, n_init=3 if phase2 == "merge" else 1)
+                                 smoothing=smoothing, spacing=spacing, n_init=3 if phase2 == "merge" else 1,
+                                 surface=surface)
 
             runs = pool.map(restart, range(n_restarts)) if pool is not None else map(restart, range(n_restarts))
             fits.extend((scaling, *run) for run in runs)

@@ -560,6 +560,18 @@ N_OVERCLUSTERS = 32
 #: (a face neighbour counts 1, of 19.1 in all). [ours]
 MERGE_SMOOTHING = 0.25
 
+#: Least share of the featured positions that a class must hold [ours]: :func:`merge_clusters` merges a smaller
+#: group before any other pair, and a consensus candidate takes part in the choice only when every class holds it
+#: (:func:`choose_candidate`). NMI does not see a class that has all but vanished: a candidate whose third class
+#: holds 0.1 % of the positions is in effect a split into two, agrees with the others on that split and was chosen
+#: (a 512 x 1024 x 1024 micro-CT specimen came out with classes of 0.1, 3001 and 6637 mm³).
+MIN_CLASS_SHARE = 0.01
+
+#: How :func:`merge_clusters` weighs the distance of two clusters: ``"centroid"`` [ours, the default] or
+#: ``"ward"`` (the default before; an ablation of ``benchmarks/bench_phase2.py``).
+MERGE_LINKAGES: tuple[str, ...] = ("centroid", "ward")
+
+
 def phase2_weights(phase2: str) -> tuple[float, float]:
     """The default ``(intensity_weight, smoothing)`` of a Phase 2 method.
 
@@ -689,25 +701,83 @@ def grid_contacts(grid: GridFeatures | np.ndarray, labels: np.ndarray, n_labels:
     return contacts + contacts.T
 
 
+def surface_positions(foreground: np.ndarray, centers: np.ndarray, depth: float) -> np.ndarray:
+    """Which positions lie on the surface of the foreground: their centre is within ``depth`` voxels of a
+    background voxel (the edges of the array are not background).
+
+    Parameters
+    ----------
+    foreground : numpy.ndarray
+        ``(Z, Y, X)`` bool foreground.
+    centers : numpy.ndarray
+        ``(M, 3)`` int voxel indices of the positions' centres.
+    depth : float
+        Largest distance (voxels) from a background voxel of a surface position.
+
+    Returns
+    -------
+    numpy.ndarray
+        ``(M,)`` bool.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from jule3d.segmentation import surface_positions
+    >>> foreground = np.ones((1, 1, 9), dtype=bool)
+    >>> foreground[0, 0, 0] = False  # one background voxel at the left end; the right end is the array's edge
+    >>> centers = np.array([[0, 0, x] for x in range(1, 9)])
+    >>> surface_positions(foreground, centers, 2).tolist()
+    [True, True, False, False, False, False, False, False]
+    """
+    from scipy import ndimage
+
+    foreground = np.asarray(foreground, dtype=bool)
+    if foreground.all():
+        return np.zeros(len(centers), dtype=bool)
+    depths = ndimage.distance_transform_edt(foreground)
+    return depths[tuple(np.asarray(centers).T)] <= depth
+
+
 def merge_clusters(
-    contacts: np.ndarray, sizes: np.ndarray, centroids: np.ndarray, n_clusters: int
+    contacts: np.ndarray,
+    sizes: np.ndarray,
+    centroids: np.ndarray,
+    n_clusters: int,
+    surface: np.ndarray | None = None,
+    min_share: float = MIN_CLASS_SHARE,
+    linkage: str = "centroid",
 ) -> np.ndarray:
-    """[ours] Merge an over-segmentation down to ``n_clusters`` clusters: Ward's cost, discounted by contact.
+    """[ours] Merge an over-segmentation down to ``n_clusters`` clusters by likeness, discounted by contact.
 
     Greedy agglomeration; at every step the pair with the smallest
 
-    ``cost(a, b) = [n_a n_b / (n_a + n_b) · |m_a - m_b|² / N] / (1 + c_ab / min(n_a, n_b))``
+    ``cost(a, b) = |m_a - m_b|² / (1 + c_ab / min(n_a, n_b))``
 
-    merges, where ``n`` are the clusters' sizes, ``m`` their centroids, ``N`` the number of positions and
-    ``c_ab`` the number of grid-neighbour pairs between the two clusters. The numerator is Ward's increase of
-    the within-cluster sum of squares (small for clusters that look alike); the discount is the share of the
-    smaller cluster that touches the other (up to about 3-5 for a thin band along a border, or for fragments of
-    one tissue that interleave; 0 for clusters that never meet). A band of border patches between two
-    tissues, whose features mix both and which k-means makes a class of its own, touches both sides everywhere
-    and joins the side it resembles; clusters that never touch can still merge when they look alike (air
-    cavities in different places). Dividing by the contact instead (``touch / ward``) chains tissues through
-    a partial-volume band and never joins separate cavities (seen on the Iguana micro-CT); the discount keeps
-    them apart.
+    merges, where ``n`` are the clusters' sizes, ``m`` their centroids and ``c_ab`` the number of grid-neighbour
+    pairs between the two clusters. The numerator is the squared distance of the centroids (small for clusters
+    that look alike); the discount is the share of the smaller cluster that touches the other (up to about 3-5
+    for a thin band along a border, or for fragments of one tissue that interleave; 0 for clusters that never
+    meet). A band of border patches between two tissues, whose features mix both and which k-means makes a class
+    of its own, touches both sides everywhere and joins the side it resembles; clusters that never touch can
+    still merge when they look alike (air cavities in different places). Dividing by the contact instead
+    (``touch / distance``) chains tissues through a partial-volume band and never joins separate cavities (seen
+    on the Iguana micro-CT); the discount keeps them apart.
+
+    Two kinds of group are not tissues, and merge before any pair of other groups does (as long as some group is
+    of neither kind):
+
+    * a group more than half of whose positions lie on the surface of the foreground (``surface``): the
+      partial-volume layer where the specimen meets the air, whose patches mix tissue and background, the border
+      class that k-means makes at the specimen's own border. It joins the group it touches most, the tissue
+      beneath it, and not the one it resembles (the darkest, where the background is air);
+    * a group holding less than ``min_share`` of the positions, a speck (:data:`MIN_CLASS_SHARE`, the least class
+      share the consensus accepts), which joins its cheapest partner.
+
+    The cost does not grow with the clusters' sizes. Ward's cost (``linkage="ward"``, the default before, with
+    neither rule) weighs the distance by ``n_a n_b / ((n_a + n_b) N)`` (``N`` positions in all), the increase of
+    the within-cluster sum of squares, and so shares k-means' preference for classes of equal size: a small
+    tissue that differs clearly from its neighbour (a tumour core of 3 % of a BraTS-ROI crop) merged into it
+    before two large parts of one tissue did. ``docs/method.md`` 5.5 has the measurements.
 
     Parameters
     ----------
@@ -719,6 +789,14 @@ def merge_clusters(
         ``(K, D)`` cluster means.
     n_clusters : int
         Clusters to keep.
+    surface : numpy.ndarray, optional
+        ``(K,)`` positions of every cluster on the surface of the foreground (:func:`surface_positions`);
+        ``None``: none.
+    min_share : float
+        Least share of the positions of a group that is not a speck (0: no specks).
+    linkage : {"centroid", "ward"}
+        The distance of the cost: the centroids' squared distance, or Ward's increase of the sum of squares
+        (:data:`MERGE_LINKAGES`).
 
     Returns
     -------
@@ -735,10 +813,25 @@ def merge_clusters(
     >>> contacts = np.array([[0, 5, 0], [5, 0, 1], [0, 1, 0]], dtype=float)
     >>> merge_clusters(contacts, np.array([10, 10, 10]), np.array([[0.0], [1.0], [1.0]]), 2).tolist()
     [0, 1, 1]
+
+    A small, distinct cluster (2: 3 % of the positions, inside cluster 1) stays a class, and the two large
+    halves of one tissue merge; Ward's cost merges the small cluster instead. Where most of its positions lie on
+    the surface, it is the specimen's border layer, and joins the cluster it touches.
+
+    >>> contacts = np.array([[0, 400, 0], [400, 0, 60], [0, 60, 0]], dtype=float)
+    >>> sizes, centroids = np.array([1000, 1000, 60]), np.array([[0.0], [0.6], [2.0]])
+    >>> merge_clusters(contacts, sizes, centroids, 2).tolist()
+    [0, 0, 1]
+    >>> merge_clusters(contacts, sizes, centroids, 2, linkage="ward").tolist()
+    [0, 1, 1]
+    >>> merge_clusters(contacts, sizes, centroids, 2, surface=np.array([50, 20, 40])).tolist()
+    [0, 1, 1]
     """
+    check_choice("linkage", linkage, MERGE_LINKAGES)
     contacts = np.array(contacts, dtype=np.float64)
     sizes = np.asarray(sizes, dtype=np.float64).copy()
     centroids = np.array(centroids, dtype=np.float64)
+    on_surface = np.zeros(len(sizes)) if surface is None else np.asarray(surface, dtype=np.float64).copy()
     n_total = sizes.sum()
     group = np.arange(len(sizes))
     alive = np.ones(len(sizes), dtype=bool)
@@ -746,14 +839,24 @@ def merge_clusters(
         idx = np.nonzero(alive)[0]
         n = sizes[idx]
         touch = contacts[np.ix_(idx, idx)] / np.minimum.outer(n, n)
-        d2 = ((centroids[idx, None, :] - centroids[None, idx, :]) ** 2).sum(-1)
-        ward = np.outer(n, n) / np.add.outer(n, n) * d2 / n_total
-        cost = ward / (1.0 + touch)
-        cost[np.tril_indices(len(idx))] = np.inf
-        i, j = np.unravel_index(int(np.argmin(cost)), cost.shape)
+        cost = ((centroids[idx, None, :] - centroids[None, idx, :]) ** 2).sum(-1) / (1.0 + touch)
+        if linkage == "ward":
+            cost *= np.outer(n, n) / np.add.outer(n, n) / n_total
+        layer = on_surface[idx] > 0.5 * n
+        marginal = (n < min_share * n_total) | layer
+        if marginal.any() and not marginal.all():
+            cost[~np.logical_or.outer(marginal, marginal)] = np.inf
+        layer_contacts = np.where(layer[:, None], contacts[np.ix_(idx, idx)], 0.0)
+        if not marginal.all() and layer_contacts.max() > 0:
+            # a border layer joins the group it touches most: the tissue beneath it, not the one it resembles
+            i, j = sorted(np.unravel_index(int(np.argmax(layer_contacts)), layer_contacts.shape))
+        else:
+            cost[np.tril_indices(len(idx))] = np.inf
+            i, j = np.unravel_index(int(np.argmin(cost)), cost.shape)
         a, b = idx[i], idx[j]
         centroids[a] = (centroids[a] * sizes[a] + centroids[b] * sizes[b]) / (sizes[a] + sizes[b])
         sizes[a] += sizes[b]
+        on_surface[a] += on_surface[b]
         contacts[a] += contacts[b]
         contacts[:, a] += contacts[:, b]
         contacts[a, a] = 0.0
@@ -775,6 +878,7 @@ def merge_segment(
     spacing: Sequence[float] = (1.0, 1.0, 1.0),
     max_fit: int = 50_000,
     n_init: int = 3,
+    surface: np.ndarray | None = None,
 ) -> np.ndarray:
     """[ours] Over-cluster, merge by spatial contact and likeness, then Potts-regularise: labels of the grid.
 
@@ -808,6 +912,9 @@ def merge_segment(
         Rows k-means is fitted on.
     n_init : int
         k-means restarts of step 1 (the one with the lowest inertia is kept).
+    surface : numpy.ndarray, optional
+        ``(M,)`` bool: the positions on the surface of the foreground (:func:`surface_positions`), for
+        :func:`merge_clusters`; ``None``: none.
 
     Returns
     -------
@@ -830,7 +937,8 @@ def merge_segment(
     ((216,), dtype('int32'), [0, 1, 2])
     """
     return fit_merge(features, grid.selected, n_clusters, seed=seed, smoothing=smoothing,
-                     n_overclusters=n_overclusters, spacing=spacing, max_fit=max_fit, n_init=n_init)[1]
+                     n_overclusters=n_overclusters, spacing=spacing, max_fit=max_fit, n_init=n_init,
+                     surface=surface)[1]
 
 
 def _check_clusters(n_clusters: int, n: int) -> None:
@@ -886,6 +994,7 @@ def fit_merge(
     spacing: Sequence[float] = (1.0, 1.0, 1.0),
     max_fit: int = 50_000,
     n_init: int = 3,
+    surface: np.ndarray | None = None,
 ) -> tuple[ClassModel, np.ndarray]:
     """:func:`merge_segment` as a model that labels other positions the same way.
 
@@ -913,7 +1022,9 @@ def fit_merge(
     nearest = nearest[:, used]
     sizes = np.bincount(over, minlength=len(used))
     means = np.stack([np.asarray(features[over == c], dtype=np.float64).mean(axis=0) for c in range(len(used))])
-    group = merge_clusters(grid_contacts(selected, over, len(used)), sizes, means, min(n_clusters, len(used)))
+    on_surface = None if surface is None else np.bincount(over, weights=surface, minlength=len(used))
+    group = merge_clusters(grid_contacts(selected, over, len(used)), sizes, means, min(n_clusters, len(used)),
+                           surface=on_surface)
     distances = np.stack([nearest[:, group == g].min(axis=1) for g in range(group.max() + 1)], axis=1)
     merged = group[over].astype(np.int32)
     margin = None
@@ -1011,13 +1122,6 @@ class Consensus:
 def _support(agreement: np.ndarray) -> np.ndarray:
     r = len(agreement)
     return (agreement.sum(axis=1) - 1.0) / (r - 1) if r > 1 else np.ones(1)
-
-
-#: Least share of the featured positions that every class of a consensus candidate must hold for the candidate
-#: to be kept [ours]. NMI does not see a class that has all but vanished: a candidate whose third class holds
-#: 0.1 % of the positions is in effect a split into two, agrees with the others on that split and was chosen
-#: (a 512 x 1024 x 1024 micro-CT specimen came out with classes of 0.1, 3001 and 6637 mm³).
-MIN_CLASS_SHARE = 0.01
 
 
 def choose_candidate(agreement: np.ndarray, labels: Sequence[np.ndarray], n_clusters: int,

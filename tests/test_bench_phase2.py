@@ -135,3 +135,21 @@ def test_phase1_options_reach_the_config_as_parameters_or_jule_options(bench, mo
     config = segmenter.jule_config(2)
     assert (config.final_epochs, config.raw_features, config.n_clusters, config.seed) == (0, "spectrum+mean", 3, 14)
     assert segmenter.jule_options == {"raw_features": "spectrum+mean"} and segmenter.resolved_networks() == 3
+
+
+def test_the_ward_ablation_merges_as_before_and_leaves_the_default_as_it_was(bench, monkeypatch) -> None:
+    """``merge-ward`` runs the default with Ward's cost and without the speck and surface rules."""
+    import numpy as np
+
+    from jule3d import segmentation as seg
+
+    default = seg.merge_clusters
+    contacts = np.array([[0, 400, 0], [400, 0, 60], [0, 60, 0]], float)
+    sizes, centroids = np.array([1000.0, 1000.0, 60.0]), np.array([[0.0], [0.6], [2.0]])
+    merged = []
+    monkeypatch.setattr(bench, "_label", lambda grids, case, seed: merged.append(
+        seg.merge_clusters(contacts, sizes, centroids, 2, surface=np.array([0.0, 0.0, 60.0])).tolist()) or "ok")
+    assert bench.VARIANTS["merge-ward"]([], None, 0) == "ok"
+    assert merged == [default(contacts, sizes, centroids, 2, min_share=0.0, linkage="ward").tolist()] == [[0, 1, 1]]
+    assert seg.merge_clusters is default
+    assert default(contacts, sizes, centroids, 2).tolist() == [0, 0, 1]

@@ -40,6 +40,8 @@ from jule3d.segmentation import (
     project_labels,
     refine_labels,
     smooth_labels,
+    surface_positions,
+    whole_block,
 )
 from jule3d.volume import Geometry, Volume
 
@@ -675,6 +677,54 @@ def test_merge_clusters_joins_a_border_band_to_the_side_it_resembles() -> None:
     contacts = np.array([[0, 0, 100], [0, 0, 100], [100, 100, 0]], float)
     centroids = np.array([[0.0], [0.05], [1.0]])
     np.testing.assert_array_equal(merge_clusters(contacts, sizes, centroids, 2), [0, 0, 1])
+
+
+def test_merge_clusters_keeps_a_small_distinct_class_but_not_a_speck_or_a_surface_layer() -> None:
+    # Two touching halves of one tissue (0, 1) and a small cluster (2, 3 % of the positions) inside half 1 that
+    # differs clearly from it, like a tumour core in a BraTS-ROI crop.
+    contacts = np.array([[0, 400, 0], [400, 0, 60], [0, 60, 0]], float)
+    centroids = np.array([[0.0], [0.6], [2.0]])
+    sizes = np.array([1000.0, 1000.0, 60.0])
+    np.testing.assert_array_equal(merge_clusters(contacts, sizes, centroids, 2), [0, 0, 1])
+    # Ward's cost weighs the distance by the sizes and merges the small cluster first (the default before)
+    np.testing.assert_array_equal(merge_clusters(contacts, sizes, centroids, 2, min_share=0.0, linkage="ward"),
+                                  [0, 1, 1])
+    # most of the small cluster on the surface of the foreground: the specimen's border layer, merged first
+    np.testing.assert_array_equal(merge_clusters(contacts, sizes, centroids, 2, surface=np.array([0, 0, 31])),
+                                  [0, 1, 1])
+    np.testing.assert_array_equal(merge_clusters(contacts, sizes, centroids, 2, surface=np.array([0, 0, 30])),
+                                  [0, 0, 1])
+    # a border layer (2) that resembles the air of a cavity (1) joins the tissue beneath it (0), which it touches
+    layer_contacts = np.array([[0, 50, 300], [50, 0, 10], [300, 10, 0]], float)
+    layer_sizes, layer_centroids = np.array([1000.0, 200.0, 300.0]), np.array([[0.0], [-2.0], [-1.6]])
+    np.testing.assert_array_equal(merge_clusters(layer_contacts, layer_sizes, layer_centroids, 2), [0, 1, 1])
+    np.testing.assert_array_equal(
+        merge_clusters(layer_contacts, layer_sizes, layer_centroids, 2, surface=np.array([0, 0, 250])), [0, 1, 0])
+    # every group mostly on the surface (a thin specimen): the rule cannot tell them apart and is left out
+    np.testing.assert_array_equal(
+        merge_clusters(contacts, sizes, centroids, 2, surface=np.array([600, 600, 40])), [0, 0, 1])
+    # the same small cluster with 0.5 % of the positions is a speck: it merges, with its cheapest partner, first
+    sizes = np.array([1000.0, 1000.0, 10.0])
+    np.testing.assert_array_equal(merge_clusters(contacts, sizes, centroids, 2), [0, 1, 1])
+    np.testing.assert_array_equal(merge_clusters(contacts, sizes, centroids, 2, min_share=0.0), [0, 0, 1])
+    with pytest.raises(ValueError, match="linkage must be one of"):
+        merge_clusters(contacts, sizes, centroids, 2, linkage="single")
+
+
+def test_surface_positions_are_those_within_a_grid_step_of_the_background() -> None:
+    foreground = np.zeros((9, 9, 9), dtype=bool)
+    foreground[1:8, 1:8, 1:8] = True
+    centers = np.array([[4, 4, 1], [4, 4, 2], [4, 4, 3], [4, 4, 4], [2, 2, 2]])
+    # depths 1, 2, 3, 4 and sqrt(3) voxels from the background
+    np.testing.assert_array_equal(surface_positions(foreground, centers, 2), [True, True, False, False, True])
+    assert not surface_positions(np.ones((5, 5, 5), bool), centers[:1] - 2, 2).any()  # no background at all
+    model = JuleNet3D(net_config("fast", patch_size=13, n_filters=4, feature_dim=8), seed=0)
+    cube = np.pad(np.ones((20, 20, 20), np.float32), 6)
+    volume = Volume.from_array(cube, mask=cube > 0)
+    grid = grid_features(model, volume, stride=2)
+    surface = whole_block([grid], volume).surface()
+    depth = surface_positions(volume.foreground(), grid.centers, 2)
+    assert surface.shape == (len(grid.features),) and np.array_equal(surface, depth) and 0 < surface.mean() < 1
 
 
 def test_joint_features_weighs_intensity_by_its_variance_at_label_scale() -> None:

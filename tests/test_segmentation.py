@@ -718,6 +718,12 @@ def test_surface_positions_are_those_within_a_grid_step_of_the_background() -> N
     # depths 1, 2, 3, 4 and sqrt(3) voxels from the background
     np.testing.assert_array_equal(surface_positions(foreground, centers, 2), [True, True, False, False, True])
     assert not surface_positions(np.ones((5, 5, 5), bool), centers[:1] - 2, 2).any()  # no background at all
+    rng = np.random.default_rng(0)  # the definition: a Euclidean distance to the background of at most depth
+    speckled = rng.random((12, 13, 14)) > 0.02
+    every = np.argwhere(speckled)
+    for depth in (1, 2, 2.5, 4):
+        expected = ndimage.distance_transform_edt(speckled)[tuple(every.T)] <= depth
+        np.testing.assert_array_equal(surface_positions(speckled, every, depth), expected)
     model = JuleNet3D(net_config("fast", patch_size=13, n_filters=4, feature_dim=8), seed=0)
     cube = np.pad(np.ones((20, 20, 20), np.float32), 6)
     volume = Volume.from_array(cube, mask=cube > 0)

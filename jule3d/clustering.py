@@ -371,18 +371,22 @@ class Block:
     grid: "Grid"
     owned: tuple[slice, slice, slice] = (slice(None),) * 3
 
+    @property
+    def centers(self) -> np.ndarray:
+        """``(M, 3)`` voxel indices of the featured positions' centres, in C order (of ``selected`` as it is now:
+        pass B of the chunked engine replaces it)."""
+        return self.grid.centers(np.argwhere(self.selected))
+
     def local(self, window: int) -> np.ndarray:
         """``(M, C)`` raw local mean intensity at the featured positions."""
-        centers = self.grid.centers(np.argwhere(self.selected))
-        return box_means(self.volume, window, tuple(centers.T))
+        return box_means(self.volume, window, tuple(self.centers.T))
 
     def surface(self) -> np.ndarray:
         """``(M,)`` bool: the featured positions within one grid step of the background
         (:func:`jule3d.segmentation.surface_positions`); the block's voxels reach that far around every position."""
         from .segmentation import surface_positions
 
-        centers = self.grid.centers(np.argwhere(self.selected))
-        return surface_positions(self.volume.foreground(), centers, self.grid.stride)
+        return surface_positions(self.volume.foreground(), self.centers, self.grid.stride)
 
     @cached_property
     def kept(self) -> np.ndarray:

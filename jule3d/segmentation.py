@@ -844,20 +844,20 @@ def merge_clusters(
     alive = np.ones(len(sizes), dtype=bool)
     while alive.sum() > n_clusters:
         idx = np.nonzero(alive)[0]
-        n = sizes[idx]
-        touch = contacts[np.ix_(idx, idx)] / np.minimum.outer(n, n)
-        cost = ((centroids[idx, None, :] - centroids[None, idx, :]) ** 2).sum(-1) / (1.0 + touch)
-        if linkage == "ward":
-            cost *= np.outer(n, n) / np.add.outer(n, n) / n_total
+        n, touching = sizes[idx], contacts[np.ix_(idx, idx)]
         layer = on_surface[idx] > 0.5 * n
         marginal = (n < min_share * n_total) | layer
-        if marginal.any() and not marginal.all():
-            cost[~np.logical_or.outer(marginal, marginal)] = np.inf
-        layer_contacts = np.where(layer[:, None], contacts[np.ix_(idx, idx)], 0.0)
+        layer_contacts = np.where(layer[:, None], touching, 0.0)
         if not marginal.all() and layer_contacts.max() > 0:
             # a border layer joins the group it touches most: the tissue beneath it, not the one it resembles
             i, j = sorted(np.unravel_index(int(np.argmax(layer_contacts)), layer_contacts.shape))
         else:
+            cost = ((centroids[idx, None, :] - centroids[None, idx, :]) ** 2).sum(-1)
+            cost /= 1.0 + touching / np.minimum.outer(n, n)
+            if linkage == "ward":
+                cost *= np.outer(n, n) / np.add.outer(n, n) / n_total
+            if marginal.any() and not marginal.all():
+                cost[~np.logical_or.outer(marginal, marginal)] = np.inf
             cost[np.tril_indices(len(idx))] = np.inf
             i, j = np.unravel_index(int(np.argmin(cost)), cost.shape)
         a, b = idx[i], idx[j]

@@ -23,7 +23,7 @@ from __future__ import annotations
 import os
 import tempfile
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any, Hashable, Sequence
 
 import numpy as np
 import torch
@@ -41,7 +41,7 @@ if TYPE_CHECKING:
 __all__ = [
     "PHASE2_METHODS", "GridFeatures", "grid_features", "cluster_features", "smooth_labels", "local_intensity",
     "joint_features", "grid_contacts", "merge_clusters", "merge_segment", "CONSENSUS_WEIGHTS", "CONSENSUS_RESTARTS",
-    "Consensus",
+    "Consensus", "support", "choose_candidate",
     "network_subsets", "consensus_segment", "REFINE_FLOOR", "refine_labels", "project_labels", "label_volume", "label_grids",
     "phase2_weights",
 ]
@@ -1087,7 +1087,7 @@ class Consensus:
         ``(R, R)`` NMI between every two candidates' labels (diagonal 1).
     chosen : int
         Index of the kept candidate (:func:`choose_candidate`): of the candidates that keep every class, the
-        one with the highest mean NMI to the others of them.
+        one with the highest mean NMI to the candidates of the other network subsets (:func:`support`).
 
     Examples
     --------
@@ -1122,22 +1122,67 @@ class Consensus:
 
     @property
     def support(self) -> np.ndarray:
-        """``(R,)`` mean NMI of every candidate to the other candidates (1 when there is one candidate)."""
-        return _support(self.agreement)
+        """``(R,)`` mean NMI of every candidate to the candidates of the other network subsets (to all the
+        other candidates where there is one subset; 1 when there is one candidate): :func:`support`."""
+        return support(self.agreement, [c[0] for c in self.candidates])
 
 
-def _support(agreement: np.ndarray) -> np.ndarray:
+def support(agreement: np.ndarray, groups: Sequence[Hashable] | None = None) -> np.ndarray:
+    """[ours] How well each consensus candidate is reproduced by the others: its mean NMI to the candidates of
+    the *other* groups (network subsets), or to all other candidates where there is one group (or ``groups``
+    is ``None``).
+
+    The candidates that cluster one feature space (one network subset, with several intensity factors and
+    k-means restarts) share that space's errors and agree with each other for that reason alone. Counted
+    among the supporters, they let whichever space yields the most self-consistent candidates win by its
+    numbers: on BraTS-ROI pat0003 seed 3 of the cached networks (with Ward's merge of then), 11 near-identical
+    candidates of the two-network space merged the tumour core into the oedema, and one of them was the medoid,
+    while most candidates of network 0 alone kept the core. Counting only the other
+    spaces' candidates asks which segmentation networks trained apart reproduce (``docs/method.md`` 5.5).
+
+    Parameters
+    ----------
+    agreement : numpy.ndarray
+        ``(R, R)`` NMI between every two candidates (diagonal 1).
+    groups : sequence, optional
+        ``R`` hashable group ids (the network subset of each candidate); ``None``: one group.
+
+    Returns
+    -------
+    numpy.ndarray
+        ``(R,)`` mean NMI; 1 where there is one candidate.
+
+    Examples
+    --------
+    Candidates 0 and 1 cluster one space and agree closely; candidate 2, of another space, agrees better with
+    candidate 1 than with candidate 0.
+
+    >>> import numpy as np
+    >>> from jule3d.segmentation import support
+    >>> agreement = np.array([[1.0, 0.9, 0.3], [0.9, 1.0, 0.7], [0.3, 0.7, 1.0]])
+    >>> support(agreement).round(2).tolist(), support(agreement, ["a", "a", "b"]).round(2).tolist()
+    ([0.6, 0.8, 0.5], [0.3, 0.7, 0.5])
+    """
+    agreement = np.asarray(agreement, dtype=np.float64)
     r = len(agreement)
-    return (agreement.sum(axis=1) - 1.0) / (r - 1) if r > 1 else np.ones(1)
+    if r == 1:
+        return np.ones(1)
+    index: dict[Hashable, int] = {}
+    ids = np.array([index.setdefault(g, len(index)) for g in (groups if groups is not None else [0] * r)])
+    counted = ids[:, None] != ids[None, :]
+    if not counted.any():
+        counted = ~np.eye(r, dtype=bool)
+    return (agreement * counted).sum(axis=1) / np.maximum(counted.sum(axis=1), 1)
 
 
 def choose_candidate(agreement: np.ndarray, labels: Sequence[np.ndarray], n_clusters: int,
-                     min_share: float = MIN_CLASS_SHARE) -> int:
+                     min_share: float = MIN_CLASS_SHARE, groups: Sequence[Hashable] | None = None) -> int:
     """[ours] The consensus candidate to keep: the medoid of the candidates that keep all ``n_clusters`` classes.
 
     A candidate keeps its classes when each holds at least ``min_share`` of its positions. Of
-    those, the one with the highest mean NMI to the others of them is kept (Strehl & Ghosh's "best of"
-    consensus); ties go to the first. Where no candidate keeps all its classes, the medoid of all of them.
+    those, the one with the highest :func:`support` among them is kept (Strehl & Ghosh's "best of"
+    consensus): the mean NMI to the candidates of the other ``groups``, or to all the others where there is one
+    group. Ties go to the first. Where no candidate keeps all its classes, the medoid of all of them.
 
     Parameters
     ----------
@@ -1149,6 +1194,9 @@ def choose_candidate(agreement: np.ndarray, labels: Sequence[np.ndarray], n_clus
         Number of classes asked for.
     min_share : float
         Least share of the positions in every class (default :data:`MIN_CLASS_SHARE`; 0: the plain medoid).
+    groups : sequence, optional
+        ``R`` hashable ids of the feature space (network subset) each candidate clusters (:func:`support`);
+        ``None``: one group, the medoid over all candidates.
 
     Returns
     -------
@@ -1172,9 +1220,16 @@ def choose_candidate(agreement: np.ndarray, labels: Sequence[np.ndarray], n_clus
            [0.84, 0.73, 1.  ]])
     >>> choose_candidate(agreement, labels, 3), choose_candidate(agreement, labels[:1] * 3, 3)
     (1, 0)
+
+    Where candidates 1 and 2 are of one group, each is judged by candidate 0 alone, and candidate 1's 0.85 beats
+    candidate 0's mean of 0.845.
+
+    >>> choose_candidate(agreement, labels, 3, min_share=0.0), choose_candidate(agreement, labels, 3, 0.0, "abb")
+    (0, 1)
     """
     pool = complete_candidates(labels, n_clusters, min_share)
-    return int(pool[np.argmax(_support(agreement[np.ix_(pool, pool)]))])
+    pool_groups = None if groups is None else [groups[i] for i in pool]
+    return int(pool[np.argmax(support(agreement[np.ix_(pool, pool)], pool_groups))])
 
 
 def complete_candidates(labels: Sequence[np.ndarray], n_clusters: int,
@@ -1218,6 +1273,7 @@ def consensus_segment(
     weights: Sequence[float] = CONSENSUS_WEIGHTS,
     min_share: float = MIN_CLASS_SHARE,
     restarts: int = CONSENSUS_RESTARTS,
+    cross_support: bool = True,
 ) -> Consensus:
     """[ours] Several :func:`merge_segment` candidates; keep the one that agrees best with the others.
 
@@ -1226,11 +1282,12 @@ def consensus_segment(
     no labels to decide, every combination of the networks (:func:`network_subsets`) with every factor of
     ``weights`` (times ``intensity_weight``) on the intensity block of :func:`joint_features` is segmented
     by :func:`merge_segment` ``restarts`` times, each from its own k-means initialisation (one k-means run
-    each: every restart is a member of the ensemble), and the candidate with the highest mean NMI to the other
-    candidates is kept: the medoid of the ensemble, the "best of" consensus of Strehl & Ghosh (2002, JMLR 3:
-    583-617). The restarts make the choice rest on the ensemble, not on one k-means initialisation. A
-    candidate that collapsed (a network that merged two tissues, an intensity factor that drowns a texture)
-    agrees little with the rest and is not chosen.
+    each: every restart is a member of the ensemble), and the candidate with the highest mean NMI to the
+    candidates of the *other* network subsets (:func:`support`) is kept: the medoid of the ensemble, the "best
+    of" consensus of Strehl & Ghosh (2002, JMLR 3: 583-617), counted across feature spaces so that a space's own
+    near-identical candidates do not outvote the others. The restarts make the choice rest on the ensemble, not
+    on one k-means initialisation. A candidate that collapsed (a network that merged two tissues, an intensity
+    factor that drowns a texture) agrees little with the rest and is not chosen.
     NMI does not see a class that has all but vanished, so only the candidates whose every class holds
     ``min_share`` of the positions take part (:func:`choose_candidate`).
 
@@ -1258,6 +1315,9 @@ def consensus_segment(
     restarts : int
         k-means restarts of every (networks, weight) pair (:data:`CONSENSUS_RESTARTS`; 1: one candidate each,
         an ablation).
+    cross_support : bool
+        Judge a candidate by its agreement with the candidates of the other network subsets only
+        (:func:`support`); ``False``: with all other candidates, the rule before (an ablation).
 
     Returns
     -------
@@ -1290,7 +1350,7 @@ def consensus_segment(
     _, _, candidate_labels, candidates, agreement, chosen = fit_classes(
         [whole_block(grids, volume)], n_clusters, seed=seed, phase2="consensus", intensity_weight=intensity_weight,
         window=window, smoothing=smoothing, spacing=volume.geometry.spacing_zyx, weights=weights, min_share=min_share,
-        restarts=restarts)
+        restarts=restarts, cross_support=cross_support)
     return Consensus(candidate_labels, candidates, agreement, chosen)
 
 
@@ -1417,8 +1477,7 @@ def label_volume(
         Potts regularisation (:func:`merge_segment`). It keeps a band of border patches from becoming a class
         of its own. ``"consensus"`` [ours, default]: ``"merge"`` on every combination of the networks with
         five weights of the intensity block, from three k-means initialisations each, keeping the candidate
-        that agrees best with the others
-        (:func:`consensus_segment`), so neither one network's training nor one balance of intensity and
+        that agrees best with those of the other network subsets (:func:`consensus_segment`), so neither one network's training nor one balance of intensity and
         structure decides the result; then voxel-level borders (:func:`refine_labels`). ``"kmeans"``: k-means with ``k`` clusters on the features, Moriya
         2018's Phase 2 (with ``intensity_weight`` and ``smoothing`` left at 0, the published method).
         ``benchmarks/README.md`` has the measured ablations.

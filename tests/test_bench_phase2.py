@@ -153,3 +153,11 @@ def test_the_ward_ablation_merges_as_before_and_leaves_the_default_as_it_was(ben
     assert merged == [default(contacts, sizes, centroids, 2, min_share=0.0, linkage="ward").tolist()] == [[0, 1, 1]]
     assert seg.merge_clusters is default
     assert default(contacts, sizes, centroids, 2).tolist() == [0, 0, 1]
+
+
+def test_the_support_ablation_judges_candidates_by_all_the_others(bench, monkeypatch) -> None:
+    """``support-all`` runs the consensus with the rule before: every other candidate counts in the support."""
+    calls = []
+    monkeypatch.setattr(bench, "_consensus", lambda grids, case, seed, **options: calls.append(options) or "ok")
+    assert bench.VARIANTS["support-all"]([], None, 0) == "ok"
+    assert calls == [{"cross_support": False}]

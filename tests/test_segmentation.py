@@ -28,6 +28,7 @@ from jule3d.segmentation import (
     GridFeatures,
     choose_candidate,
     cluster_features,
+    complete_candidates,
     consensus_segment,
     grid_contacts,
     grid_features,
@@ -43,6 +44,7 @@ from jule3d.segmentation import (
     surface_positions,
     whole_block,
 )
+from jule3d.segmentation import support as seg_support
 from jule3d.volume import Geometry, Volume
 
 TINY_TRAINING = dict(n_patches=150, epochs_per_period=1, final_epochs=1, k_s=5,
@@ -791,7 +793,11 @@ def test_consensus_keeps_the_candidate_that_agrees_with_the_others() -> None:
     assert result.agreement.shape == (n, n) and np.allclose(np.diag(result.agreement), 1.0)
     np.testing.assert_allclose(result.agreement, result.agreement.T)
     support = result.support
-    assert result.chosen == int(np.argmax(support))  # no candidate lost a class here
+    # the chosen candidate is judged by the other network subsets' candidates among those that keep every class
+    groups = [c[0] for c in result.candidates]
+    pool = complete_candidates(result.candidate_labels, 3)
+    assert result.chosen == pool[np.argmax(seg_support(result.agreement[np.ix_(pool, pool)],
+                                                       [groups[i] for i in pool]))]
     # the noise network alone agrees least, and is not kept; the kept labels find the slabs
     noise_alone = [i for i, (s, _, _) in enumerate(result.candidates) if s == (1,)]
     assert support[noise_alone].max() < support.max() and result.chosen not in noise_alone
@@ -852,6 +858,47 @@ def test_choose_candidate_passes_over_a_class_that_vanished() -> None:
     # no candidate keeps every class: the medoid of all of them
     assert choose_candidate(agreement, [labels[0], labels[3], labels[0], labels[3]], 3) == int(np.argmax(support))
     assert choose_candidate(agreement[:1, :1], labels[:1], 3) == 0
+
+
+def test_support_counts_only_the_other_subsets() -> None:
+    """Candidates of one feature space share its errors: counted only against the other spaces, a wrong split
+    that one space yields many times over no longer outvotes the split that two other spaces each find."""
+    rng = np.random.default_rng(1)
+    n, tissue = 3000, np.repeat([0, 1, 2], [1500, 1200, 300])
+    wrong = np.where(tissue == 2, 1, tissue)  # the small tissue merged into its neighbour ...
+    wrong[:700] = 2  # ... and the large one split in two
+
+    def noisy(labels: np.ndarray, p: float) -> np.ndarray:
+        out = labels.copy()
+        flip = rng.random(n) < p
+        out[flip] = rng.integers(0, 3, flip.sum())
+        return out
+
+    # the two-network space yields the wrong split four times over, identically; each network alone finds the
+    # tissues, with noise of its own in every candidate
+    labels = [wrong] * 4 + [noisy(tissue, 0.05) for _ in range(8)]
+    groups = [(0, 1)] * 4 + [(0,)] * 4 + [(1,)] * 4
+    agreement = np.array([[nmi(a, b) for b in labels] for a in labels])
+    plain, across = seg_support(agreement), seg_support(agreement, groups)
+    np.testing.assert_allclose(plain, (agreement.sum(axis=1) - 1) / 11)
+    np.testing.assert_allclose(across[4], np.mean(agreement[4, [0, 1, 2, 3, 8, 9, 10, 11]]))
+    assert choose_candidate(agreement, labels, 3) == 0  # the plain medoid: the first copy of the wrong split
+    chosen = choose_candidate(agreement, labels, 3, groups=groups)
+    assert chosen >= 4 and nmi(tissue, labels[chosen]) > 0.8 > nmi(tissue, wrong)
+    # one group: every other candidate counts; one candidate: support 1
+    np.testing.assert_allclose(seg_support(agreement, ["a"] * 10), plain)
+    assert seg_support(np.ones((1, 1)), ["a"]).tolist() == [1.0]
+
+
+def test_consensus_cross_support_ablation() -> None:
+    """``cross_support=False`` keeps the plain medoid of all candidates, the rule before."""
+    volume, good, noise, _ = _blocks_case(seed=1)
+    plain = consensus_segment([good, noise], volume, 3, seed=4, weights=(0.5, 2.0), cross_support=False)
+    assert plain.chosen == choose_candidate(plain.agreement, plain.candidate_labels, 3)
+    across = consensus_segment([good, noise], volume, 3, seed=4, weights=(0.5, 2.0))
+    groups = [c[0] for c in across.candidates]
+    assert across.chosen == choose_candidate(across.agreement, across.candidate_labels, 3, groups=groups)
+    np.testing.assert_allclose(plain.agreement, across.agreement)
 
 
 def test_consensus_candidates_and_bad_weights() -> None:

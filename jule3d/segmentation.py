@@ -1168,11 +1168,11 @@ def support(agreement: np.ndarray, groups: Sequence[Hashable] | None = None) -> 
     if r == 1:
         return np.ones(1)
     index: dict[Hashable, int] = {}
-    ids = np.array([index.setdefault(g, len(index)) for g in (groups if groups is not None else [0] * r)])
+    ids = np.array([index.setdefault(g, len(index)) for g in groups]) if groups is not None else np.zeros(r)
     counted = ids[:, None] != ids[None, :]
-    if not counted.any():
+    if not counted.any():  # one group: every other candidate counts
         counted = ~np.eye(r, dtype=bool)
-    return (agreement * counted).sum(axis=1) / np.maximum(counted.sum(axis=1), 1)
+    return (agreement * counted).sum(axis=1) / counted.sum(axis=1)
 
 
 def choose_candidate(agreement: np.ndarray, labels: Sequence[np.ndarray], n_clusters: int,
@@ -1477,8 +1477,9 @@ def label_volume(
         Potts regularisation (:func:`merge_segment`). It keeps a band of border patches from becoming a class
         of its own. ``"consensus"`` [ours, default]: ``"merge"`` on every combination of the networks with
         five weights of the intensity block, from three k-means initialisations each, keeping the candidate
-        that agrees best with those of the other network subsets (:func:`consensus_segment`), so neither one network's training nor one balance of intensity and
-        structure decides the result; then voxel-level borders (:func:`refine_labels`). ``"kmeans"``: k-means with ``k`` clusters on the features, Moriya
+        that agrees best with those of the other network subsets (:func:`consensus_segment`), so neither one
+        network's training nor one balance of intensity and structure decides the result; then voxel-level
+        borders (:func:`refine_labels`). ``"kmeans"``: k-means with ``k`` clusters on the features, Moriya
         2018's Phase 2 (with ``intensity_weight`` and ``smoothing`` left at 0, the published method).
         ``benchmarks/README.md`` has the measured ablations.
     intensity_weight : float, optional

@@ -366,9 +366,10 @@ def _check_arguments(
     bias: float,
     blur: float | None,
     regions_per_class: int,
-) -> tuple[tuple[int, int, int], float, float]:
-    """Validate :func:`make_phantom`'s arguments; returns the shape as a tuple of int, ``noise`` and ``blur``
-    (the variant's defaults where ``None``)."""
+    textures: Sequence[str] | None = None,
+) -> tuple[tuple[int, int, int], float, float, tuple[str, ...]]:
+    """Validate :func:`make_phantom`'s arguments; returns the shape as a tuple of int, ``noise``, ``blur`` and
+    ``textures`` (the variant's defaults where ``None``)."""
     if len(shape) != 3 or any(int(s) != s for s in shape) or min(shape) < 16:
         raise ValueError(f"shape must be 3 integers (Z, Y, X), each at least 16, got {tuple(shape)}")
     if isinstance(n_classes, bool) or int(n_classes) != n_classes or not 2 <= n_classes <= len(TEXTURE_NAMES):
@@ -388,7 +389,16 @@ def _check_arguments(
         raise ValueError(f"blur must be a finite number >= 0, got {blur!r}")
     if isinstance(regions_per_class, bool) or int(regions_per_class) != regions_per_class or regions_per_class < 1:
         raise ValueError(f"regions_per_class must be a positive integer, got {regions_per_class!r}")
-    return tuple(int(s) for s in shape), float(noise), float(blur)  # type: ignore[return-value]
+    if textures is None:
+        textures = TEXTURE_NAMES[:n_classes]
+    elif variant == "lung":
+        raise ValueError("textures applies to the 'texture' and 'intensity' variants, not to 'lung' (its classes "
+                         "are alveolar foams)")
+    elif isinstance(textures, str) or len(textures) != n_classes or len(set(textures)) != len(textures) \
+            or not set(textures) <= set(TEXTURE_NAMES):
+        raise ValueError(f"textures must be {n_classes} different names (one per class) of {TEXTURE_NAMES}, "
+                         f"got {textures!r}")
+    return tuple(int(s) for s in shape), float(noise), float(blur), tuple(textures)  # type: ignore[return-value]
 
 
 def _class_means(n_classes: int, variant: str) -> np.ndarray:
@@ -408,6 +418,7 @@ def make_phantom(
     spacing: Sequence[float] = DEFAULT_SPACING,
     regions_per_class: int = 1,
     blur: float | None = None,
+    textures: Sequence[str] | None = None,
 ) -> Phantom:
     """Generate a texture or lung-specimen phantom with its ground truth.
 
@@ -416,7 +427,7 @@ def make_phantom(
     shape : sequence of 3 int, default (96, 96, 96)
         Array shape ``(Z, Y, X)``; each side at least 16.
     n_classes : int, default 3
-        Number of tissue classes ``k`` (2 to 6); class ``i`` gets texture ``TEXTURE_NAMES[i - 1]``.
+        Number of tissue classes ``k`` (2 to 6); class ``i`` gets texture ``textures[i - 1]``.
         The ``"lung"`` variant has exactly 3 classes (``LUNG_CLASS_NAMES``) and refuses any other value.
     variant : {"texture", "intensity", "lung"}, default "texture"
         ``"texture"``: all classes share the same intensity distribution (mean ``1``, std ``0.2``,
@@ -440,6 +451,11 @@ def make_phantom(
         Standard deviation (voxels) of the Gaussian blur that models the partial-volume effect, applied
         before the bias field and the noise; ``0`` for none. Default (``None``): ``DEFAULT_BLUR[variant]``,
         0, or 0.7 for ``"lung"``.
+    textures : sequence of str, optional
+        The texture of each class, ``n_classes`` different names of ``TEXTURE_NAMES`` (``"texture"`` and
+        ``"intensity"`` variants). Default (``None``): the first ``n_classes`` of them, ``fine_grain``,
+        ``coarse_grain``, ``lamellae``, ... Another choice builds a phantom of the same kind from other
+        textures, for instance to check that a result does not hold for one set of textures only.
 
     Returns
     -------
@@ -468,8 +484,11 @@ def make_phantom(
     True
     >>> make_phantom(shape=(16, 16, 16), variant="lung").class_names
     ('normal_alveolar', 'lepidic_carcinoma', 'invasive_carcinoma')
+    >>> make_phantom(shape=(16, 16, 16), textures=("foam", "fibres", "oblique_lamellae")).class_names
+    ('foam', 'fibres', 'oblique_lamellae')
     """
-    shape, noise, blur = _check_arguments(shape, n_classes, variant, noise, bias, blur, regions_per_class)
+    shape, noise, blur, textures = _check_arguments(shape, n_classes, variant, noise, bias, blur, regions_per_class,
+                                                    textures)
     streams = [np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(5)]
     rng_specimen, rng_regions, rng_textures, rng_bias, rng_noise = streams
 
@@ -487,9 +506,9 @@ def make_phantom(
         texture_seeds = rng_textures.spawn(n_classes)
         for c in range(n_classes):
             inside = labels == c + 1
-            field = _texture_field(TEXTURE_NAMES[c], shape, texture_seeds[c])
+            field = _texture_field(textures[c], shape, texture_seeds[c])
             image[inside] = means[c] + TEXTURE_STD * _gaussianise(field[inside])
-        class_names = TEXTURE_NAMES[:n_classes]
+        class_names = textures
 
     if blur > 0:
         image = ndimage.gaussian_filter(image, blur)
@@ -519,7 +538,7 @@ def write_phantom(
     variant: str = "texture",
     seed: int = 0,
     overwrite: bool = False,
-    **kwargs: float | Sequence[float] | int,
+    **kwargs: float | Sequence[float] | Sequence[str] | int,
 ) -> Phantom:
     """Generate a phantom (:func:`make_phantom`) and write it, and optionally its labels, to files.
 
@@ -535,7 +554,7 @@ def write_phantom(
         Replace existing files. Without it, an existing file raises before anything is written.
     **kwargs
         Further :func:`make_phantom` arguments (``noise``, ``bias``, ``spacing``, ``regions_per_class``,
-        ``blur``).
+        ``blur``, ``textures``).
 
     Returns
     -------

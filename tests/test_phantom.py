@@ -163,11 +163,32 @@ def test_texture_features_separate_the_classes(default_phantom):
         ({"noise": -0.1}, "noise"),
         ({"bias": 1.0}, "bias"),
         ({"regions_per_class": 0}, "regions_per_class"),
+        ({"textures": ("foam", "fibres")}, "textures"),
+        ({"textures": ("foam", "foam", "fibres")}, "textures"),
+        ({"textures": ("foam", "fibres", "plaid")}, "textures"),
+        ({"textures": "foam"}, "textures"),
+        ({"variant": "lung", "textures": ("foam", "fibres", "lamellae")}, "textures"),
     ],
 )
 def test_bad_arguments_are_named(kwargs, name):
     with pytest.raises(ValueError, match=name):
         make_phantom(**kwargs)
+
+
+def test_textures_choose_each_class_texture():
+    """Other textures give a phantom of the same layout and intensity statistics whose classes hold those textures."""
+    default = make_phantom(shape=(32, 32, 32), seed=3)
+    chosen = ("fine_grain", "fibres", "foam")
+    other = make_phantom(shape=(32, 32, 32), seed=3, textures=chosen)
+    assert other.class_names == chosen
+    np.testing.assert_array_equal(other.labels, default.labels)
+    # Class 1 holds fine grain in both, drawn from its class's stream: the same voxels; the others differ.
+    inside = default.labels == 1
+    np.testing.assert_array_equal(other.volume.data[0][inside], default.volume.data[0][inside])
+    for c in (2, 3):
+        values = other.volume.data[0][other.labels == c]
+        assert not np.array_equal(values, default.volume.data[0][default.labels == c])
+        assert values.mean() == pytest.approx(1.0, abs=0.03) and values.std() == pytest.approx(0.2, abs=0.02)
 
 
 def test_several_regions_per_class():

@@ -45,7 +45,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_quality import BRATS_CASES, PHANTOM_CASES, SUITE_SEEDS, suite_loaders, Case  # noqa: E402
+from bench_quality import BRATS_CASES, CHECK_CASES, PHANTOM_CASES, SUITE_SEEDS, suite_loaders, Case  # noqa: E402
 from jule3d import segmentation as seg  # noqa: E402
 from jule3d.estimator import JuleSegmenter, segment  # noqa: E402
 from jule3d.grid import Grid  # noqa: E402
@@ -240,7 +240,8 @@ def cost(seeds: Sequence[int]) -> None:
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cases", nargs="+", default=[*PHANTOM_CASES, *BRATS_CASES],
-                        choices=[*PHANTOM_CASES, *BRATS_CASES], help="visible cases (default: all with labels)")
+                        choices=[*PHANTOM_CASES, *BRATS_CASES, *CHECK_CASES],
+                        help="visible cases (default: all with labels), or the check case phantom-texture-other")
     parser.add_argument("--seeds", nargs="+", type=int, default=list(SUITE_SEEDS), help="run seeds (default 0-4)")
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS),
                         help="Phase 2 variants to score (default: all)")

@@ -31,7 +31,9 @@ Datasets
     (``jule3d`` = ``jule3d.segment()`` with nothing set, ``jule3d-paper`` = the ``paper`` preset, and every
     peer), seeds 0-4 (methods that ignore the seed run once). One table: mean, sd and worst seed per case and
     method, with seconds and peak memory; ``suite_visible.json`` beside it. ``--cases`` and ``--methods``
-    narrow it (``--cases phantom-texture iguana``).
+    narrow it (``--cases phantom-texture iguana``). ``--cases phantom-texture-other`` runs a case outside the
+    suite: the texture phantom built from its other three textures (foam, fibres, oblique lamellae) with
+    generator seed 2, on which no default was chosen.
 
 Usage::
 
@@ -89,6 +91,13 @@ COLUMNS = (("nmi", "NMI"), ("nmi_sd", "NMI sd over seeds"), ("nmi_worst", "worst
 PHANTOM_CASES = ("phantom-texture", "phantom-intensity", "phantom-lung")
 IGUANA = "iguana"
 SUITE_CASES = (*PHANTOM_CASES, *BRATS_CASES, IGUANA)
+#: The texture phantom's construction with the other three textures (``make_phantom(textures=...)``) and another
+#: generator seed: no default was chosen on it, so it checks that the texture result is not one of the default
+#: textures only. Not in the visible suite; ``--cases`` runs it.
+OTHER_TEXTURES = ("foam", "fibres", "oblique_lamellae")
+OTHER_TEXTURE_CASE = "phantom-texture-other"
+OTHER_TEXTURE_SEED = 2
+CHECK_CASES = (OTHER_TEXTURE_CASE,)
 #: Every method of the visible suite: the two jule3d presets with their defaults and every peer.
 SUITE_METHODS = ("jule3d", "jule3d-paper", "kmeans", "otsu", "gmm", "slic", "localmean", "atropos", "hmrf",
                  "kanezaki")
@@ -225,11 +234,18 @@ def load_brats_case(case_dir: Path, intensity: str = "zero-background", margin: 
     return brats_roi(volume, np.asarray(labels), margin, name=case_dir.name)
 
 
-def phantom_case(variant: str = "texture", size: int = 96, seed: int = 0, n_classes: int = 3) -> Case:
-    """The phantom (z-scored inside the specimen), its labels, evaluated on the specimen."""
-    phantom = make_phantom(shape=(size,) * 3, n_classes=n_classes, variant=variant, seed=seed)
+def phantom_case(variant: str = "texture", size: int = 96, seed: int = 0, n_classes: int = 3,
+                 textures: Sequence[str] | None = None, name: str | None = None) -> Case:
+    """The phantom (z-scored inside the specimen), its labels, evaluated on the specimen; ``textures`` and the
+    case ``name`` (default ``phantom-<variant>``) as given."""
+    phantom = make_phantom(shape=(size,) * 3, n_classes=n_classes, variant=variant, seed=seed, textures=textures)
     volume = normalize_intensity(phantom.volume)
-    return Case(f"phantom-{variant}", volume, phantom.labels, phantom.labels > 0, n_classes)
+    return Case(name or f"phantom-{variant}", volume, phantom.labels, phantom.labels > 0, n_classes)
+
+
+def other_texture_case() -> Case:
+    """:data:`OTHER_TEXTURE_CASE`: the texture phantom of :data:`OTHER_TEXTURES`, generator seed 2."""
+    return phantom_case(seed=OTHER_TEXTURE_SEED, textures=OTHER_TEXTURES, name=OTHER_TEXTURE_CASE)
 
 
 #: Voxels inside the mask's border whose dark voxels are the specimen surface's partial volume, not cavities:
@@ -395,10 +411,12 @@ def write_report(out: Path, dataset: str, rows: list[dict[str, Any]], settings: 
 
 
 def suite_loaders(cases: Sequence[str], brats_intensity: str) -> list[Callable[[], Case]]:
-    """Loaders of the named visible-suite cases, in suite order (one case in memory at a time)."""
+    """Loaders of the named visible-suite (or check) cases, in the given order (one case in memory at a time)."""
     loads: list[Callable[[], Case]] = []
     for name in cases:
-        if name in PHANTOM_CASES:
+        if name == OTHER_TEXTURE_CASE:
+            loads.append(other_texture_case)
+        elif name in PHANTOM_CASES:
             loads.append(lambda v=name.split("-", 1)[1]: phantom_case(v))
         elif name in BRATS_CASES:
             loads.append(lambda c=name: load_brats_case(data_root() / "brats2015" / c, brats_intensity))
@@ -509,8 +527,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--phantom-variants", nargs="+", choices=("texture", "intensity", "lung"), default=["texture"])
     p.add_argument("--brats-intensity", choices=BRATS_INTENSITIES, default="zero-background")
     args = p.parse_args(argv)
-    valid = SUITE_CASES if args.suite else BRATS_CASES
-    args.cases = list(args.cases or valid)
+    valid = (*SUITE_CASES, *CHECK_CASES) if args.suite else BRATS_CASES
+    args.cases = list(args.cases or (SUITE_CASES if args.suite else BRATS_CASES))
     args.methods = list(args.methods or (SUITE_METHODS if args.suite else DEFAULT_METHODS))
     args.seeds = list(args.seeds or (SUITE_SEEDS if args.suite else (0,)))
     unknown = [c for c in args.cases if c not in valid]

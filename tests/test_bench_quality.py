@@ -141,6 +141,19 @@ def test_suite_arguments_default_to_every_case_method_and_seeds_0_to_4() -> None
     assert settings["jule3d (paper)"].options() == {"preset": "paper"} and settings["otsu"] == "otsu"
 
 
+def test_other_texture_case_is_a_check_case_outside_the_suite() -> None:
+    """``--cases phantom-texture-other`` is accepted, but the suite does not run it unless asked."""
+    assert bq.OTHER_TEXTURE_CASE not in bq.SUITE_CASES
+    args = bq.parse_args(["--suite", "visible", "--cases", bq.OTHER_TEXTURE_CASE])
+    assert args.cases == [bq.OTHER_TEXTURE_CASE]
+    (load,) = bq.suite_loaders(args.cases, "zero-background")
+    case = load()
+    assert case.name == bq.OTHER_TEXTURE_CASE and case.volume.shape == (96, 96, 96) and case.n_clusters == 3
+    default = bq.phantom_case("texture", seed=bq.OTHER_TEXTURE_SEED)
+    np.testing.assert_array_equal(case.ground_truth, default.ground_truth)  # the same layout, other textures
+    assert not np.array_equal(case.volume.data, default.volume.data)
+
+
 def test_suite_runs_seedless_methods_once_and_scores_structure(monkeypatch) -> None:
     case = bq.phantom_case("lung", size=32)
     monkeypatch.setattr(bq, "suite_loaders", lambda cases, intensity: [lambda: case])

@@ -527,8 +527,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--phantom-variants", nargs="+", choices=("texture", "intensity", "lung"), default=["texture"])
     p.add_argument("--brats-intensity", choices=BRATS_INTENSITIES, default="zero-background")
     args = p.parse_args(argv)
-    valid = (*SUITE_CASES, *CHECK_CASES) if args.suite else BRATS_CASES
-    args.cases = list(args.cases or (SUITE_CASES if args.suite else BRATS_CASES))
+    default = SUITE_CASES if args.suite else BRATS_CASES
+    valid = (*default, *CHECK_CASES) if args.suite else default
+    args.cases = list(args.cases or default)
     args.methods = list(args.methods or (SUITE_METHODS if args.suite else DEFAULT_METHODS))
     args.seeds = list(args.seeds or (SUITE_SEEDS if args.suite else (0,)))
     unknown = [c for c in args.cases if c not in valid]

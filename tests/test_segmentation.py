@@ -28,7 +28,6 @@ from jule3d.segmentation import (
     GridFeatures,
     choose_candidate,
     cluster_features,
-    complete_candidates,
     consensus_segment,
     grid_contacts,
     grid_features,
@@ -795,9 +794,7 @@ def test_consensus_keeps_the_candidate_that_agrees_with_the_others() -> None:
     support = result.support
     # the chosen candidate is judged by the other network subsets' candidates among those that keep every class
     groups = [c[0] for c in result.candidates]
-    pool = complete_candidates(result.candidate_labels, 3)
-    assert result.chosen == pool[np.argmax(seg_support(result.agreement[np.ix_(pool, pool)],
-                                                       [groups[i] for i in pool]))]
+    assert result.chosen == choose_candidate(result.agreement, result.candidate_labels, 3, groups=groups)
     # the noise network alone agrees least, and is not kept; the kept labels find the slabs
     noise_alone = [i for i, (s, _, _) in enumerate(result.candidates) if s == (1,)]
     assert support[noise_alone].max() < support.max() and result.chosen not in noise_alone

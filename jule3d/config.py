@@ -84,6 +84,15 @@ class JuleConfig:
         ``"spectrum+mean"`` puts each patch's mean intensity beside its spectrum, each block weighing as
         much as it varies (:func:`jule3d.jule.period0_features`): the spectrum discards brightness, the
         first cue where tissues differ in intensity or, as in lung, in their share of air.
+    anchor : float
+        [ours] Share ``a`` in ``[0, 1]`` of the period-0 features in the affinity of every later
+        period's merges: ``W`` is built on ``[sqrt(1 - a) · f_CNN, sqrt(a) · f_0]``, both L2-normalised
+        rows, so the squared distance is ``(1 - a)`` times the CNN's plus ``a`` times period 0's. 0 is
+        JULE (merges on the CNN features alone). The CNN is trained on few epochs per cluster set, and
+        the merges are decided on its features: a distinction the CNN has not yet learned (or has
+        unlearned while pulling its clusters apart) is then lost for good, though period 0 held it.
+        The anchor keeps what the fixed, untrained descriptor separates in every merge. Needs
+        ``raw_features`` computed from the voxels (not ``"untrained"``).
     seed : int
         Seed of the weight initialisation and of the minibatch / negative sampling.
     device : str
@@ -132,6 +141,7 @@ class JuleConfig:
     channels_last: bool = True
     feature_batch_size: int = 256
     raw_features: str = "l2"
+    anchor: float = 0.0
     seed: int = 0
     device: str = "auto"
 
@@ -149,6 +159,10 @@ class JuleConfig:
             check_range(f"JuleConfig.{name}", getattr(self, name), 0.0, math.inf)
         if self.raw_features not in RAW_FEATURES:
             raise ValueError(f"JuleConfig.raw_features must be one of {RAW_FEATURES}, got {self.raw_features!r}")
+        check_range("JuleConfig.anchor", self.anchor, 0.0, 1.0)
+        if self.anchor > 0 and self.raw_features == "untrained":
+            raise ValueError("JuleConfig.anchor > 0 needs period-0 features computed from the voxels; "
+                             "raw_features='untrained' has none (use 'spectrum', 'l2', ...)")
         if self.net not in NET_PRESETS:
             raise ValueError(f"JuleConfig.net must be one of {sorted(NET_PRESETS)}, got {self.net!r}")
         if not isinstance(self.net_overrides, Mapping):

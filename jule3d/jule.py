@@ -405,9 +405,21 @@ class _Run:
         self.callback = callback
         self.trainer = _Trainer(data, config, _resolve_device(config.device))
         self.fingerprint = _fingerprint(config, data)
+        self._anchor: np.ndarray | None = None
 
     def affinity(self, features: np.ndarray) -> Any:
         return agdl.knn_affinity(features, self.config.k_s, approximate=self.config.approximate_knn)
+
+    def merge_features(self) -> np.ndarray:
+        """Features of a later period's ``W``: the CNN's, or beside the period-0 ones (:attr:`JuleConfig.anchor`)."""
+        features = self.trainer.features()
+        share = self.config.anchor
+        if share == 0:
+            return features
+        if self._anchor is None:
+            self._anchor = _l2_rows(period0_features(self.data, self.config.raw_features))
+        return np.concatenate([math.sqrt(1 - share) * _l2_rows(features), math.sqrt(share) * self._anchor],
+                              axis=1).astype(np.float32)
 
     def start(self) -> _RunState:
         """Period 0: raw-patch features, initial clusters, first training."""
@@ -432,7 +444,7 @@ class _Run:
             n_merges = n_c - cfg.merge_target
         else:
             n_merges = agdl.unfolding_merges(n_c, cfg.eta, cfg.merge_target)
-        W = self.affinity(self.trainer.features())
+        W = self.affinity(self.merge_features())
         labels = agdl.agglomerate(W, state.labels, cfg.merge_target, n_merges=n_merges, K_c=cfg.k_c, lam=cfg.lam)
         state.period, state.labels = period, np.asarray(labels, dtype=np.int64)
         if _n_clusters(state.labels) <= cfg.merge_target:

@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import itertools
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from scipy.ndimage import gaussian_filter
+from sklearn.metrics import adjusted_rand_score
 
 import jule3d.jule as jule
+from jule3d import agdl
 from jule3d.checkpoint import CHECKPOINT_NAME, load_model, save_model
 from jule3d.config import jule_config, JULE_PRESETS, JuleConfig
 from jule3d.jule import train_jule
@@ -39,6 +42,7 @@ def _tiny(**overrides) -> JuleConfig:
     base = dict(
         eta=0.9,
         raw_features="l2",
+        anchor=0.0,
         stop_clusters=0,
         net_overrides={"n_filters": 8},
         k_s=8,
@@ -250,9 +254,10 @@ def _stop_after(n_records: int):
     return callback
 
 
-def test_resume_gives_identical_results(data, tmp_path: Path) -> None:
+@pytest.mark.parametrize("anchor", [0.0, 0.5])
+def test_resume_gives_identical_results(data, tmp_path: Path, anchor: float) -> None:
     x, gt = data
-    cfg = _tiny(eta=0.5)
+    cfg = _tiny(eta=0.5, anchor=anchor)  # the anchor's period-0 features are computed again after a resume
     full = train_jule(x, cfg, ground_truth=gt, checkpoint_dir=tmp_path / "full", progress=False)
     assert len(full.history) >= 4
     with pytest.raises(_Stop):
@@ -448,3 +453,24 @@ def test_jule_config_none_keeps_the_preset_value() -> None:
     config = jule_config("fast", eta=None, k_s=7, epochs_per_period=None)
     assert config.eta == JULE_PRESETS["fast"].eta and config.k_s == 7
     assert config.epochs_per_period == JULE_PRESETS["fast"].epochs_per_period
+
+
+def test_anchor_one_merges_on_the_period_zero_features_alone(data) -> None:
+    """With ``anchor=1`` every period's ``W`` is period 0's: the labels are AGDL's on the fixed spectra, whatever
+    the CNN learned."""
+    x, gt = data
+    config = _tiny(raw_features="spectrum", eta=0.3, anchor=1.0)
+    result = train_jule(x, config, ground_truth=gt, progress=False)
+    W = agdl.knn_affinity(jule.period0_features(x, "spectrum"), config.k_s)
+    expected = agdl.agglomerate(W, agdl.initial_clusters(W), config.merge_target, K_c=config.k_c, lam=config.lam)
+    assert len(result.history) >= 4  # several periods, each on a CNN trained further
+    assert adjusted_rand_score(expected, result.labels) == 1.0
+    other_seed = train_jule(x, replace(config, seed=5), ground_truth=gt, progress=False)
+    assert np.array_equal(other_seed.labels, result.labels)  # another CNN, the same merges
+    assert not np.allclose(other_seed.features, result.features)
+
+
+@pytest.mark.parametrize("bad", [{"anchor": -0.1}, {"anchor": 1.5}, {"anchor": 0.5, "raw_features": "untrained"}])
+def test_anchor_is_checked(bad: dict) -> None:
+    with pytest.raises(ValueError, match="anchor"):
+        _tiny(**bad)

@@ -7,7 +7,8 @@ The recurrent process follows the JULE reference code (``jwyang/JULE.torch``, ``
    :attr:`JuleConfig.raw_features`); ``W = knn_affinity(F, k_s)``; the initial
    clusters follow each sample's nearest neighbour (:func:`jule3d.agdl.initial_clusters`); the CNN is
    trained ``epochs_per_period`` epochs on those labels.
-2. Each later period: features from the CNN (eval mode, batched, no gradient); ``W`` rebuilt;
+2. Each later period: features from the CNN (eval mode, batched, no gradient); ``W`` rebuilt on them
+   ([ours] beside the period-0 features, with the share :attr:`JuleConfig.anchor`);
    ``T = unfolding_merges(n_c, eta, n_clusters)`` AGDL merges; if ``n_c`` is still above the target,
    the CNN is trained ``epochs_per_period`` epochs on the new labels. The loop stops when
    ``n_c <= n_clusters`` (after ``max_periods`` periods the last one merges straight to the target;

@@ -406,10 +406,20 @@ class _Run:
         self.callback = callback
         self.trainer = _Trainer(data, config, _resolve_device(config.device))
         self.fingerprint = _fingerprint(config, data)
-        self._anchor: np.ndarray | None = None
+        self._period0: np.ndarray | None = None
 
     def affinity(self, features: np.ndarray) -> Any:
         return agdl.knn_affinity(features, self.config.k_s, approximate=self.config.approximate_knn)
+
+    def period0(self) -> np.ndarray:
+        """The patches' period-0 features from their voxels (:func:`period0_features`); kept where later merges
+        are anchored to them, so they are computed once a run (once more after a resume)."""
+        if self._period0 is not None:
+            return self._period0
+        features = period0_features(self.data, self.config.raw_features)
+        if self.config.anchor > 0:
+            self._period0 = features
+        return features
 
     def merge_features(self) -> np.ndarray:
         """Features of a later period's ``W``: the CNN's, or beside the period-0 ones (:attr:`JuleConfig.anchor`)."""
@@ -417,18 +427,13 @@ class _Run:
         share = self.config.anchor
         if share == 0:
             return features
-        if self._anchor is None:
-            self._anchor = _l2_rows(period0_features(self.data, self.config.raw_features))
-        return np.concatenate([math.sqrt(1 - share) * _l2_rows(features), math.sqrt(share) * self._anchor],
-                              axis=1).astype(np.float32)
+        anchor = math.sqrt(share) * _l2_rows(self.period0())
+        return np.concatenate([math.sqrt(1 - share) * _l2_rows(features), anchor], axis=1).astype(np.float32)
 
     def start(self) -> _RunState:
         """Period 0: raw-patch features, initial clusters, first training."""
         t0 = time.perf_counter()
-        if self.config.raw_features == "untrained":
-            raw = self.trainer.features()
-        else:
-            raw = period0_features(self.data, self.config.raw_features)
+        raw = self.trainer.features() if self.config.raw_features == "untrained" else self.period0()
         labels = np.asarray(agdl.initial_clusters(self.affinity(raw)), dtype=np.int64)
         state = _RunState(period=0, stage="period", labels=labels, history=[])
         if _n_clusters(labels) > self.config.merge_target:

@@ -241,7 +241,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cases", nargs="+", default=[*PHANTOM_CASES, *BRATS_CASES],
                         choices=[*PHANTOM_CASES, *BRATS_CASES, *CHECK_CASES],
-                        help="visible cases (default: all with labels), or the check case phantom-texture-other")
+                        help=f"visible cases (default: all with labels), or the check cases {', '.join(CHECK_CASES)}")
     parser.add_argument("--seeds", nargs="+", type=int, default=list(SUITE_SEEDS), help="run seeds (default 0-4)")
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS),
                         help="Phase 2 variants to score (default: all)")

@@ -111,13 +111,15 @@ def _ward_merge(grids: Sequence[seg.GridFeatures], case: Case, seed: int) -> np.
 #: Phase 2 variants on the same two networks: ``default`` is ``label_volume``'s default (``label_grids``, the
 #: same code); ``merge-ward`` is the default with the merge of before (Ward's cost); ``support-all`` judges each
 #: candidate by its agreement with all the others, the rule before, not only with the other network subsets'
-#: candidates; ``no-refine-*`` are consensus variants before :func:`refine_labels`; ``vote-of-candidates``
+#: candidates; ``medoid-of-all-factors`` keeps the medoid of every intensity factor's candidates, the rule before
+#: the factor was chosen first; ``no-refine-*`` are consensus variants before :func:`refine_labels`; ``vote-of-candidates``
 #: replaces the choice of one candidate by a vote of them; ``oracle-best-candidate`` is a diagnostic that uses
 #: the labels.
 VARIANTS: dict[str, Variant] = {
     "default": _label,
     "merge-ward": _ward_merge,
     "support-all": lambda g, c, s: _consensus(g, c, s, cross_support=False),
+    "medoid-of-all-factors": lambda g, c, s: _consensus(g, c, s, factor_first=False),
     "consensus-one-restart": lambda g, c, s: _consensus(g, c, s, restarts=1),
     "consensus-no-refine": lambda g, c, s: _consensus(g, c, s, refine=False),
     "no-refine-plain-medoid": lambda g, c, s: _consensus(g, c, s, refine=False, min_share=0.0),

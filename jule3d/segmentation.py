@@ -41,7 +41,7 @@ if TYPE_CHECKING:
 __all__ = [
     "PHASE2_METHODS", "GridFeatures", "grid_features", "cluster_features", "smooth_labels", "local_intensity",
     "joint_features", "grid_contacts", "merge_clusters", "merge_segment", "CONSENSUS_WEIGHTS", "CONSENSUS_RESTARTS",
-    "Consensus", "support", "choose_candidate",
+    "Consensus", "support", "weight_agreement", "choose_candidate",
     "network_subsets", "consensus_segment", "REFINE_FLOOR", "refine_labels", "project_labels", "label_volume", "label_grids",
     "phase2_weights",
 ]
@@ -1086,8 +1086,9 @@ class Consensus:
     agreement : numpy.ndarray
         ``(R, R)`` NMI between every two candidates' labels (diagonal 1).
     chosen : int
-        Index of the kept candidate (:func:`choose_candidate`): of the candidates that keep every class, the
-        one with the highest mean NMI to the candidates of the other network subsets (:func:`support`).
+        Index of the kept candidate (:func:`choose_candidate`): of the candidates that keep every class and
+        are of the intensity factor that agrees best across networks (:func:`weight_agreement`), the one with
+        the highest mean NMI to the candidates of the other network subsets (:func:`support`).
 
     Examples
     --------
@@ -1167,22 +1168,91 @@ def support(agreement: np.ndarray, groups: Sequence[Hashable] | None = None) -> 
     r = len(agreement)
     if r == 1:
         return np.ones(1)
-    index: dict[Hashable, int] = {}
-    ids = np.array([index.setdefault(g, len(index)) for g in groups]) if groups is not None else np.zeros(r)
+    ids = _group_ids(groups, r)
     counted = ids[:, None] != ids[None, :]
     if not counted.any():  # one group: every other candidate counts
         counted = ~np.eye(r, dtype=bool)
     return (agreement * counted).sum(axis=1) / counted.sum(axis=1)
 
 
-def choose_candidate(agreement: np.ndarray, labels: Sequence[np.ndarray], n_clusters: int,
-                     min_share: float = MIN_CLASS_SHARE, groups: Sequence[Hashable] | None = None) -> int:
-    """[ours] The consensus candidate to keep: the medoid of the candidates that keep all ``n_clusters`` classes.
+def weight_agreement(agreement: np.ndarray, factors: Sequence[float],
+                     groups: Sequence[Hashable] | None = None) -> dict[float, float]:
+    """[ours] How well each intensity factor's candidates reproduce one another across feature spaces: for every
+    factor, the mean NMI between two of its candidates of *different* ``groups`` (network subsets), or between
+    any two of them where there is one group (``groups`` is ``None``).
 
-    A candidate keeps its classes when each holds at least ``min_share`` of its positions. Of
-    those, the one with the highest :func:`support` among them is kept (Strehl & Ghosh's "best of"
-    consensus): the mean NMI to the candidates of the other ``groups``, or to all the others where there is one
-    group. Ties go to the first. Where no candidate keeps all its classes, the medoid of all of them.
+    A factor that leaves the partition to what the networks learnt apart, or to the intensity they share, gives
+    the same segmentation from every network when that is what the volume holds, and a spread of them when
+    it is not: on the intensity phantom the factors 2 and 4 agree at about 0.93 across networks and the factors
+    up to 1, on networks that learnt texture, at 0.6-0.8 (``docs/method.md`` 5.6). This is clustering stability
+    (Lange et al. 2004, Neural Computation 16: 1299-1323) used to choose a parameter of the clustering, with
+    independently trained networks as the perturbation.
+
+    Parameters
+    ----------
+    agreement : numpy.ndarray
+        ``(R, R)`` NMI between every two candidates (diagonal 1).
+    factors : sequence of float
+        The ``R`` candidates' factors on the intensity block.
+    groups : sequence, optional
+        ``R`` hashable group ids (the network subset of each candidate); ``None``: one group.
+
+    Returns
+    -------
+    dict
+        Factor -> mean NMI, for the factors with at least one pair of candidates counted.
+
+    Examples
+    --------
+    Two networks' candidates at two factors: at factor 2 they agree (0.9), at factor 0.5 they do not (0.4).
+
+    >>> import numpy as np
+    >>> from jule3d.segmentation import weight_agreement
+    >>> agreement = np.array([[1.0, 0.4, 0.7, 0.6], [0.4, 1.0, 0.5, 0.6],
+    ...                       [0.7, 0.5, 1.0, 0.9], [0.6, 0.6, 0.9, 1.0]])
+    >>> weight_agreement(agreement, [0.5, 0.5, 2.0, 2.0], ["a", "b", "a", "b"])
+    {0.5: 0.4, 2.0: 0.9}
+    """
+    agreement = np.asarray(agreement, dtype=np.float64)
+    factors = np.asarray(factors, dtype=np.float64)
+    ids = _group_ids(groups, len(agreement))
+    counted = ids[:, None] != ids[None, :]
+    if not counted.any():
+        counted = ~np.eye(len(agreement), dtype=bool)
+    result = {}
+    for factor in np.unique(factors):
+        members = factors == factor
+        pairs = counted & members[:, None] & members[None, :]
+        if pairs.any():
+            result[float(factor)] = float(agreement[pairs].mean())
+    return result
+
+
+def _group_ids(groups: Sequence[Hashable] | None, r: int) -> np.ndarray:
+    """Integer ids of hashable group ids, in order of first appearance; zeros where ``groups`` is ``None``."""
+    if groups is None:
+        return np.zeros(r, dtype=np.int64)
+    index: dict[Hashable, int] = {}
+    return np.array([index.setdefault(g, len(index)) for g in groups], dtype=np.int64)
+
+
+def choose_candidate(agreement: np.ndarray, labels: Sequence[np.ndarray], n_clusters: int,
+                     min_share: float = MIN_CLASS_SHARE, groups: Sequence[Hashable] | None = None,
+                     factors: Sequence[float] | None = None) -> int:
+    """[ours] The consensus candidate to keep: the medoid of the candidates that keep all ``n_clusters`` classes,
+    of the intensity factor whose candidates agree best across networks.
+
+    A candidate keeps its classes when each holds at least ``min_share`` of its positions; the others take no
+    part. Where ``factors`` are given, the factor of the highest :func:`weight_agreement` among the remaining
+    candidates is chosen first. Of its candidates, the one with the highest :func:`support` among all the
+    remaining candidates is kept (Strehl & Ghosh's "best of" consensus): the mean NMI to the candidates of the
+    other ``groups``, or to all the others where there is one group. Ties go to the first. Where no candidate
+    keeps all its classes, all of them take part.
+
+    Choosing the factor first keeps the choice out of the gap between a tight group of candidates and a
+    spread of others: where the networks learnt texture and the classes differ in intensity, the candidates of
+    the large factors agree with one another and score 0.95, the small factors' spread over 0.6-0.9, and the
+    medoid of all of them was one of the middle factor's, at 0.86 (``docs/method.md`` 5.6).
 
     Parameters
     ----------
@@ -1197,6 +1267,9 @@ def choose_candidate(agreement: np.ndarray, labels: Sequence[np.ndarray], n_clus
     groups : sequence, optional
         ``R`` hashable ids of the feature space (network subset) each candidate clusters (:func:`support`);
         ``None``: one group, the medoid over all candidates.
+    factors : sequence of float, optional
+        The ``R`` candidates' factors on the intensity block (:func:`weight_agreement`); ``None``: the medoid of
+        all the candidates, whatever their factor (the rule before, an ablation).
 
     Returns
     -------
@@ -1226,10 +1299,30 @@ def choose_candidate(agreement: np.ndarray, labels: Sequence[np.ndarray], n_clus
 
     >>> choose_candidate(agreement, labels, 3, min_share=0.0), choose_candidate(agreement, labels, 3, 0.0, "abb")
     (0, 1)
+
+    Six candidates, one per network (``"a"``, ``"b"``) and factor (0.5, 1, 2): the two of factor 2 reproduce each
+    other across the networks (0.95), those of factor 1 agree moderately with everything (0.7-0.75), and the
+    medoid of all six is one of the middle factor's. The factor is chosen first, and the choice is among factor
+    2's.
+
+    >>> agreement = np.array([[1.0, 0.6, 0.75, 0.75, 0.4, 0.4], [0.6, 1.0, 0.75, 0.75, 0.4, 0.4],
+    ...                       [0.75, 0.75, 1.0, 0.7, 0.75, 0.75], [0.75, 0.75, 0.7, 1.0, 0.75, 0.75],
+    ...                       [0.4, 0.4, 0.75, 0.75, 1.0, 0.95], [0.4, 0.4, 0.75, 0.75, 0.95, 1.0]])
+    >>> labels, groups, factors = [np.repeat([0, 1, 2], 10)] * 6, "ababab", [0.5, 0.5, 1, 1, 2, 2]
+    >>> choose_candidate(agreement, labels, 3, groups=groups), choose_candidate(agreement, labels, 3,
+    ...                                                                         groups=groups, factors=factors)
+    (2, 4)
     """
     pool = complete_candidates(labels, n_clusters, min_share)
     pool_groups = None if groups is None else [groups[i] for i in pool]
-    return int(pool[np.argmax(support(agreement[np.ix_(pool, pool)], pool_groups))])
+    scores = support(agreement[np.ix_(pool, pool)], pool_groups)
+    if factors is not None:
+        pool_factors = np.asarray(factors, dtype=np.float64)[pool]
+        stability = weight_agreement(agreement[np.ix_(pool, pool)], pool_factors, pool_groups)
+        if stability:
+            best = max(stability, key=lambda f: (stability[f], -f))  # ties: the smaller factor
+            scores = np.where(pool_factors == best, scores, -np.inf)
+    return int(pool[np.argmax(scores)])
 
 
 def complete_candidates(labels: Sequence[np.ndarray], n_clusters: int,
@@ -1274,6 +1367,7 @@ def consensus_segment(
     min_share: float = MIN_CLASS_SHARE,
     restarts: int = CONSENSUS_RESTARTS,
     cross_support: bool = True,
+    factor_first: bool = True,
 ) -> Consensus:
     """[ours] Several :func:`merge_segment` candidates; keep the one that agrees best with the others.
 
@@ -1282,12 +1376,14 @@ def consensus_segment(
     no labels to decide, every combination of the networks (:func:`network_subsets`) with every factor of
     ``weights`` (times ``intensity_weight``) on the intensity block of :func:`joint_features` is segmented
     by :func:`merge_segment` ``restarts`` times, each from its own k-means initialisation (one k-means run
-    each: every restart is a member of the ensemble), and the candidate with the highest mean NMI to the
-    candidates of the *other* network subsets (:func:`support`) is kept: the medoid of the ensemble, the "best
-    of" consensus of Strehl & Ghosh (2002, JMLR 3: 583-617), counted across feature spaces so that a space's own
-    near-identical candidates do not outvote the others. The restarts make the choice rest on the ensemble, not
-    on one k-means initialisation. A candidate that collapsed (a network that merged two tissues, an intensity
-    factor that drowns a texture) agrees little with the rest and is not chosen.
+    each: every restart is a member of the ensemble). The factor whose candidates reproduce one another best
+    across the network subsets is chosen (:func:`weight_agreement`), and of its candidates the one with the
+    highest mean NMI to the candidates of the *other* network subsets (:func:`support`) is kept: the medoid of
+    the ensemble, the "best of" consensus of Strehl & Ghosh (2002, JMLR 3: 583-617), counted across feature
+    spaces so that a space's own near-identical candidates do not outvote the others. The restarts make the
+    choice rest on the ensemble, not on one k-means initialisation. A candidate that collapsed (a network that
+    merged two tissues, an intensity factor that drowns a texture) agrees little with the rest and is not
+    chosen.
     NMI does not see a class that has all but vanished, so only the candidates whose every class holds
     ``min_share`` of the positions take part (:func:`choose_candidate`).
 
@@ -1318,6 +1414,9 @@ def consensus_segment(
     cross_support : bool
         Judge a candidate by its agreement with the candidates of the other network subsets only
         (:func:`support`); ``False``: with all other candidates, the rule before (an ablation).
+    factor_first : bool
+        Choose the intensity factor first, by :func:`weight_agreement`, then the candidate among its own;
+        ``False``: the medoid of all the factors' candidates, the rule before (an ablation).
 
     Returns
     -------
@@ -1350,7 +1449,7 @@ def consensus_segment(
     _, _, candidate_labels, candidates, agreement, chosen = fit_classes(
         [whole_block(grids, volume)], n_clusters, seed=seed, phase2="consensus", intensity_weight=intensity_weight,
         window=window, smoothing=smoothing, spacing=volume.geometry.spacing_zyx, weights=weights, min_share=min_share,
-        restarts=restarts, cross_support=cross_support)
+        restarts=restarts, cross_support=cross_support, factor_first=factor_first)
     return Consensus(candidate_labels, candidates, agreement, chosen)
 
 

@@ -161,3 +161,11 @@ def test_the_support_ablation_judges_candidates_by_all_the_others(bench, monkeyp
     monkeypatch.setattr(bench, "_consensus", lambda grids, case, seed, **options: calls.append(options) or "ok")
     assert bench.VARIANTS["support-all"]([], None, 0) == "ok"
     assert calls == [{"cross_support": False}]
+
+
+def test_the_factor_ablation_keeps_the_medoid_of_every_factor(bench, monkeypatch) -> None:
+    """``medoid-of-all-factors`` runs the consensus with the rule before: no intensity factor is chosen first."""
+    calls = []
+    monkeypatch.setattr(bench, "_consensus", lambda grids, case, seed, **options: calls.append(options) or "ok")
+    assert bench.VARIANTS["medoid-of-all-factors"]([], None, 0) == "ok"
+    assert calls == [{"factor_first": False}]

@@ -41,6 +41,7 @@ from jule3d.segmentation import (
     refine_labels,
     smooth_labels,
     surface_positions,
+    weight_agreement,
     whole_block,
 )
 from jule3d.segmentation import support as seg_support
@@ -794,7 +795,9 @@ def test_consensus_keeps_the_candidate_that_agrees_with_the_others() -> None:
     support = result.support
     # the chosen candidate is judged by the other network subsets' candidates among those that keep every class
     groups = [c[0] for c in result.candidates]
-    assert result.chosen == choose_candidate(result.agreement, result.candidate_labels, 3, groups=groups)
+    factors = [c[1] for c in result.candidates]
+    assert result.chosen == choose_candidate(result.agreement, result.candidate_labels, 3, groups=groups,
+                                             factors=factors)
     # the noise network alone agrees least, and is not kept; the kept labels find the slabs
     noise_alone = [i for i, (s, _, _) in enumerate(result.candidates) if s == (1,)]
     assert support[noise_alone].max() < support.max() and result.chosen not in noise_alone
@@ -819,7 +822,9 @@ def test_consensus_restarts_are_members_of_one_ensemble() -> None:
     for i, j in zip(first, range(len(one.candidates))):
         np.testing.assert_array_equal(three.candidate_labels[i], one.candidate_labels[j])
     np.testing.assert_allclose(three.agreement[np.ix_(first, first)], one.agreement)
-    assert three.chosen == choose_candidate(three.agreement, three.candidate_labels, 3)
+    groups, factors = [c[0] for c in three.candidates], [c[1] for c in three.candidates]
+    assert three.chosen == choose_candidate(three.agreement, three.candidate_labels, 3, groups=groups,
+                                            factors=factors)
     # a restart is merge_segment from its own seed
     subset, weight, restart = three.candidates[5]
     assert restart == 2
@@ -891,11 +896,72 @@ def test_consensus_cross_support_ablation() -> None:
     """``cross_support=False`` keeps the plain medoid of all candidates, the rule before."""
     volume, good, noise, _ = _blocks_case(seed=1)
     plain = consensus_segment([good, noise], volume, 3, seed=4, weights=(0.5, 2.0), cross_support=False)
-    assert plain.chosen == choose_candidate(plain.agreement, plain.candidate_labels, 3)
+    factors = [c[1] for c in plain.candidates]
+    assert plain.chosen == choose_candidate(plain.agreement, plain.candidate_labels, 3, factors=factors)
     across = consensus_segment([good, noise], volume, 3, seed=4, weights=(0.5, 2.0))
     groups = [c[0] for c in across.candidates]
-    assert across.chosen == choose_candidate(across.agreement, across.candidate_labels, 3, groups=groups)
+    assert across.chosen == choose_candidate(across.agreement, across.candidate_labels, 3, groups=groups,
+                                             factors=factors)
     np.testing.assert_allclose(plain.agreement, across.agreement)
+
+
+def _tight_and_spread() -> tuple[np.ndarray, list[int], list[float]]:
+    """The agreement of 30 candidates shaped as the anchored networks' on the intensity phantom (seed 2): two
+    networks x factors 0.25-4 x 3 restarts; the factors 2 and 4 agree at 0.93 with each other and 0.6 with the
+    small factors; the small factors spread (0.55-0.75 among each other); factor 1 lies between everything
+    (0.8)."""
+    factors = [f for _ in range(2) for f in CONSENSUS_WEIGHTS for _ in range(3)]
+    groups = [net for net in range(2) for _ in range(15)]
+    f = np.array(factors)
+    large, middle = f >= 2, f == 1
+    rng = np.random.default_rng(3)
+    agreement = rng.uniform(0.55, 0.75, (30, 30))
+    agreement[np.ix_(large, large)] = 0.93
+    agreement[np.ix_(large, ~large)] = agreement[np.ix_(~large, large)] = 0.6
+    agreement[middle, :] = agreement[:, middle] = 0.8
+    agreement = np.triu(agreement, 1) + np.triu(agreement, 1).T + np.eye(30)
+    return agreement, groups, factors
+
+
+def test_weight_agreement_is_the_mean_over_pairs_of_other_subsets() -> None:
+    agreement, groups, factors = _tight_and_spread()
+    stability = weight_agreement(agreement, factors, groups)
+    assert list(stability) == list(CONSENSUS_WEIGHTS)
+    f, g = np.array(factors), np.array(groups)
+    for factor, value in stability.items():
+        members = np.flatnonzero(f == factor)
+        pairs = [agreement[i, j] for i in members for j in members if g[i] != g[j]]
+        assert len(pairs) == 18 and value == pytest.approx(np.mean(pairs))
+    assert stability[2.0] == stability[4.0] == pytest.approx(0.93) and stability[1.0] == pytest.approx(0.8)
+    # one group: every pair of a factor's candidates counts; a factor with one candidate has no pair
+    one = weight_agreement(agreement[:4, :4], factors[:4], None)
+    assert one == pytest.approx({0.25: np.mean(agreement[[0, 0, 1], [1, 2, 2]])})
+    assert weight_agreement(np.ones((1, 1)), [2.0], ["a"]) == {}
+
+
+def test_choose_candidate_chooses_the_factor_first() -> None:
+    """The medoid of all candidates falls between a tight group and a spread, on factor 1; choosing the factor
+    whose candidates agree best across networks first keeps one of the tight group."""
+    agreement, groups, factors = _tight_and_spread()
+    labels = [np.repeat([0, 1, 2], 100)] * 30
+    assert factors[choose_candidate(agreement, labels, 3, groups=groups)] == 1.0
+    chosen = choose_candidate(agreement, labels, 3, groups=groups, factors=factors)
+    tight = [i for i, f in enumerate(factors) if f == 2.0]  # 2 and 4 tie: the smaller factor
+    assert chosen in tight
+    assert seg_support(agreement, groups)[chosen] == max(seg_support(agreement, groups)[tight])
+    # candidates that lose a class take no part in choosing the factor either
+    vanished = [np.repeat([0, 1, 2], [150, 149, 1]) if f >= 2 else labels[0] for f in factors]
+    assert factors[choose_candidate(agreement, vanished, 3, groups=groups, factors=factors)] == 1.0
+    # a single candidate, or one per factor and group, leaves nothing to compare: the medoid
+    assert choose_candidate(agreement[:1, :1], labels[:1], 3, groups=groups[:1], factors=factors[:1]) == 0
+
+
+def test_consensus_factor_first_ablation() -> None:
+    """``factor_first=False`` keeps the medoid of every factor's candidates, the rule before."""
+    volume, good, noise, _ = _blocks_case(seed=1)
+    before = consensus_segment([good, noise], volume, 3, seed=4, weights=(0.5, 2.0), factor_first=False)
+    groups = [c[0] for c in before.candidates]
+    assert before.chosen == choose_candidate(before.agreement, before.candidate_labels, 3, groups=groups)
 
 
 def test_consensus_candidates_and_bad_weights() -> None:

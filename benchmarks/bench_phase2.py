@@ -181,24 +181,40 @@ def border_profile(labels: np.ndarray, case: Case, distance: np.ndarray | None =
     return out
 
 
-def train_default(case: Case, seed: int, jule_options: dict | None = None) -> JuleSegmenter:
-    """Phase 1 of the default (``segment()`` with nothing set, or with these ``jule_options``) on one case.
+def _segmenter(case: Case, seed: int, jule_options: dict | None = None) -> JuleSegmenter:
+    """The default's segmenter (``segment()`` with nothing set, or with these ``jule_options``) for one case.
 
     Options that are :class:`~jule3d.estimator.JuleSegmenter` parameters (``n_networks``, ``final_epochs``,
     ``eta``, ...) are passed as such, the other :class:`~jule3d.config.JuleConfig` fields as ``jule_options``.
     """
     options = dict(jule_options or {})
     direct = {name: options.pop(name) for name in SEGMENTER_PARAMETERS if name in options}
-    return JuleSegmenter(n_clusters=case.n_clusters, seed=seed, jule_options=options or None,
-                         **direct).fit(case.volume)
+    return JuleSegmenter(n_clusters=case.n_clusters, seed=seed, jule_options=options or None, **direct)
+
+
+def train_default(case: Case, seed: int, jule_options: dict | None = None) -> JuleSegmenter:
+    """Phase 1 of the default, or with these ``jule_options`` (:func:`_segmenter`), on one case."""
+    return _segmenter(case, seed, jule_options).fit(case.volume)
+
+
+#: Segmenter parameters left out of a cache's name: those that do not change the networks' grid features, and
+#: ``jule_options``, whose effect the networks' JuleConfigs carry (an option set to its default names no other
+#: networks).
+CACHE_NAME_OMITS = frozenset({"phase2", "intensity_weight", "intensity_window", "smoothing", "progress", "device",
+                              "jule_options"})
 
 
 def cache_name(case: Case, seed: int, jule_options: dict | None = None) -> str:
-    """File name of a case's and seed's cached features; Phase 1 options other than the default's add a tag
-    of their own, so that networks trained another way never stand in for the default's."""
-    if not jule_options:
-        return f"{case.name}_s{seed}.npz"
-    tag = hashlib.sha256(json.dumps(jule_options, sort_keys=True).encode()).hexdigest()[:10]
+    """File name of a case's and seed's cached features: tagged by a hash of every setting that trains them
+    (the resolved segmenter parameters and every network's :class:`~jule3d.config.JuleConfig`), so that
+    networks trained under another default, or with other options, never stand in for these."""
+    import dataclasses
+
+    segmenter = _segmenter(case, seed, jule_options)
+    settings = {name: value for name, value in segmenter.resolved().items() if name not in CACHE_NAME_OMITS}
+    configs = [dataclasses.asdict(segmenter.jule_config(i)) for i in range(segmenter.resolved_networks())]
+    settings["networks"] = [{k: v for k, v in c.items() if k != "device"} for c in configs]
+    tag = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:10]
     return f"{case.name}_s{seed}_{tag}.npz"
 
 

@@ -44,7 +44,8 @@ def test_features_are_cached_once_and_scored_per_variant(bench, tmp_path: Path, 
             "--cache", str(tmp_path / "cache"), "--out", str(tmp_path / "rows.json")]
     bench.main(argv)
     first = capsys.readouterr().out
-    assert trained == [0] and (tmp_path / "cache" / "phantom-texture_s0.npz").is_file()
+    case = bench.suite_loaders(["phantom-texture"], "zero-background")[0]()
+    assert trained == [0] and (tmp_path / "cache" / bench.cache_name(case, 0)).is_file()
     assert not list((tmp_path / "cache").glob("*.part.npz"))
     table = [line for line in first.splitlines() if line.startswith("| merge") or line.startswith("| kmeans")]
     assert len(table) == 2 and all(line.count("|") == 5 for line in table)
@@ -66,9 +67,25 @@ def test_phase1_options_train_apart_and_are_cached_under_their_own_name(bench, t
     bench.main([*argv, "--jule-options", json.dumps(options)])  # cached: not trained again
     assert trained == [1, (1, options)]
     names = sorted(p.name for p in tmp_path.iterdir())
-    assert len(names) == 2 and "phantom-texture_s1.npz" in names
     case = bench.suite_loaders(["phantom-texture"], "zero-background")[0]()
-    assert bench.cache_name(case, 1, options) in names
+    assert len(names) == 2 and bench.cache_name(case, 1) in names and bench.cache_name(case, 1, options) in names
+
+
+def test_a_cache_is_named_by_the_settings_that_train_it(bench, monkeypatch) -> None:
+    """Networks trained under another default never stand in for the default's: the name hashes the resolved
+    settings, so an option set to its default names the same networks and a changed default names others."""
+    import dataclasses
+
+    from jule3d import config
+
+    case = bench.suite_loaders(["phantom-texture"], "zero-background")[0]()
+    default = bench.cache_name(case, 0)
+    assert default.startswith("phantom-texture_s0_") and default != bench.cache_name(case, 1)
+    assert bench.cache_name(case, 0, {"eta": config.JULE_PRESETS["fast"].eta}) == default
+    assert bench.cache_name(case, 0, {"n_networks": 2, "k_s": 20}) == default
+    assert bench.cache_name(case, 0, {"k_s": 10}) != default
+    monkeypatch.setitem(config.JULE_PRESETS, "fast", dataclasses.replace(config.JULE_PRESETS["fast"], eta=0.25))
+    assert bench.cache_name(case, 0) != default
 
 
 def test_the_best_candidate_bounds_the_default_from_above(bench, tmp_path: Path, monkeypatch) -> None:

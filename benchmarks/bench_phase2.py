@@ -2,15 +2,18 @@
 
 Phase 1 (training the networks) dominates the cost of a run; Phase 2 (grid features → clustering → labels) is
 seconds. This script trains the default's networks once per visible case and seed (``JuleSegmenter.fit`` with
-``segment``'s defaults), caches their grid features in ``--cache`` (``<case>_s<seed>.npz``), and then scores every
+``segment``'s defaults), caches their grid features in ``--cache`` (``<case>_s<seed>_<settings>.npz``,
+:func:`cache_name`), and then scores every
 named Phase 2 variant of :data:`VARIANTS` on them: voxel NMI per case and seed, the mean, sd and worst seed, and
 the BraTS-ROI mean. The default's row is ``default`` (``label_volume``'s ``consensus`` with its defaults), so
-the numbers sit beside it in one run; the cache is reused by later runs (delete it after changing Phase 1). Cells:
+the numbers sit beside it in one run; the cache is reused by later runs (a change of Phase 1's code, not its
+settings, needs the cache deleted). Cells:
 NMI mean ± sd over the seeds (worst seed); the last column is the mean seconds of the variant's Phase 2 after the
 grid features (clustering, merging, smoothing, projection).
 
-``--cost`` instead times the whole of ``segment()`` on the texture phantom, the default against the single-network
-k-means Phase 2 that ``fast`` had before (``n_networks=1, phase2="kmeans"``), in this process, and prints the ratio.
+``--cost`` instead times the whole of ``segment()`` on the texture phantom, the default against what ``fast`` was
+before: one network with JULE's own merges and a k-means Phase 2 (``n_networks=1, phase2="kmeans"``,
+``jule_options={"anchor": 0}``), in this process, and prints the ratio.
 
 Usage::
 
@@ -238,11 +241,13 @@ def cached_grids(case: Case, seed: int, cache: Path, jule_options: dict | None =
 
 
 def cost(seeds: Sequence[int]) -> None:
-    """Seconds of ``segment()`` with its defaults vs one network and k-means, on the texture phantom."""
+    """Seconds of ``segment()`` with its defaults vs ``fast`` as it was (one network with JULE's merges, k-means),
+    on the texture phantom."""
     from bench_quality import phantom_case
 
     case = phantom_case("texture")
-    runs = {"one network, kmeans": {"n_networks": 1, "phase2": "kmeans"}, "default": {}}
+    before = {"n_networks": 1, "phase2": "kmeans", "jule_options": {"anchor": 0.0}}
+    runs = {"one network, kmeans": before, "default": {}}
     seconds: dict[str, list[float]] = {name: [] for name in runs}
     for seed in seeds:
         for name, options in runs.items():

@@ -5,7 +5,9 @@ default preset, seed 0 and tiny training. It was first written before the estima
 commit a07b3c6), written again when the consensus got its k-means restarts, a change meant to change the
 kept candidate, and again when the merge of over-clusters dropped Ward's size weight and began to merge specks and
 the specimen's border layer first, a change meant to change the merged classes, and again when the consensus began
-to judge a candidate by the other network subsets' candidates only, a change meant to change the kept candidate.
+to judge a candidate by the other network subsets' candidates only, a change meant to change the kept candidate,
+and again when the ``fast`` preset's merges were anchored to the period-0 features, a change meant to change
+the networks.
 Regenerate it only for a change that is *meant* to change the labels, and say so in the commit:
 ``python tests/test_pinned.py``.
 """

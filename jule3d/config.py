@@ -228,8 +228,8 @@ from the amplitude spectrum, merging stopped at 6 clusters. The spectrum and the
 JULE's raw L2 features the first graph is worse and one cluster soon holds most patches, and merging on to
 ``n_clusters`` let one cluster swallow two classes in the last period. Its merges after period 0 are
 anchored to the period-0 spectra (``anchor=0.5``, an equal share, not tuned): merged on the CNN features
-alone, the networks lost one of three textures on a phantom of another construction (NMI 0.505 against 0.823
-anchored, seeds 0-4). ``docs/method.md`` gives the measurements.
+alone, the networks lost one of three textures on a phantom of another construction (NMI 0.505 against 0.822
+anchored, seeds 0-4, with the default Phase 2). ``docs/method.md`` gives the measurements.
 """
 
 

@@ -1178,15 +1178,17 @@ def support(agreement: np.ndarray, groups: Sequence[Hashable] | None = None) -> 
 def weight_agreement(agreement: np.ndarray, factors: Sequence[float],
                      groups: Sequence[Hashable] | None = None) -> dict[float, float]:
     """[ours] How well each intensity factor's candidates reproduce one another across feature spaces: for every
-    factor, the mean NMI between two of its candidates of *different* ``groups`` (network subsets), or between
-    any two of them where there is one group (``groups`` is ``None``).
+    factor, the mean NMI between two of its candidates of *different* ``groups`` (network subsets).
 
     A factor that leaves the partition to what the networks learnt apart, or to the intensity they share, gives
     the same segmentation from every network when that is what the volume holds, and a spread of them when
     it is not: on the intensity phantom the factors 2 and 4 agree at about 0.93 across networks and the factors
     up to 1, on networks that learnt texture, at 0.6-0.8 (``docs/method.md`` 5.6). This is clustering stability
     (Lange et al. 2004, Neural Computation 16: 1299-1323) used to choose a parameter of the clustering, with
-    independently trained networks as the perturbation.
+    independently trained networks as the perturbation. Candidates of one group (one network, or ``groups``
+    ``None``) have no such perturbation: k-means restarts on the same features agree for that reason alone,
+    and keeping the most restart-stable candidate lost to the medoid (``docs/method.md`` 5.6), so no pair of
+    one group counts.
 
     Parameters
     ----------
@@ -1200,7 +1202,8 @@ def weight_agreement(agreement: np.ndarray, factors: Sequence[float],
     Returns
     -------
     dict
-        Factor -> mean NMI, for the factors with at least one pair of candidates counted.
+        Factor -> mean NMI, for the factors with at least one pair of candidates of different groups (empty
+        where there is one group).
 
     Examples
     --------
@@ -1212,13 +1215,13 @@ def weight_agreement(agreement: np.ndarray, factors: Sequence[float],
     ...                       [0.7, 0.5, 1.0, 0.9], [0.6, 0.6, 0.9, 1.0]])
     >>> weight_agreement(agreement, [0.5, 0.5, 2.0, 2.0], ["a", "b", "a", "b"])
     {0.5: 0.4, 2.0: 0.9}
+    >>> weight_agreement(agreement, [0.5, 0.5, 2.0, 2.0], None)
+    {}
     """
     agreement = np.asarray(agreement, dtype=np.float64)
     factors = np.asarray(factors, dtype=np.float64)
     ids = _group_ids(groups, len(agreement))
     counted = ids[:, None] != ids[None, :]
-    if not counted.any():
-        counted = ~np.eye(len(agreement), dtype=bool)
     result = {}
     for factor in np.unique(factors):
         members = factors == factor
@@ -1247,7 +1250,8 @@ def choose_candidate(agreement: np.ndarray, labels: Sequence[np.ndarray], n_clus
     candidates is chosen first. Of its candidates, the one with the highest :func:`support` among all the
     remaining candidates is kept (Strehl & Ghosh's "best of" consensus): the mean NMI to the candidates of the
     other ``groups``, or to all the others where there is one group. Ties go to the first. Where no candidate
-    keeps all its classes, all of them take part.
+    keeps all its classes, all of them take part. Where there is one group, no factor is chosen first
+    (:func:`weight_agreement` has no pair to count).
 
     Choosing the factor first keeps the choice out of the gap between a tight group of candidates and a
     spread of others: where the networks learnt texture and the classes differ in intensity, the candidates of
@@ -1268,8 +1272,8 @@ def choose_candidate(agreement: np.ndarray, labels: Sequence[np.ndarray], n_clus
         ``R`` hashable ids of the feature space (network subset) each candidate clusters (:func:`support`);
         ``None``: one group, the medoid over all candidates.
     factors : sequence of float, optional
-        The ``R`` candidates' factors on the intensity block (:func:`weight_agreement`); ``None``: the medoid of
-        all the candidates, whatever their factor (the rule before, an ablation).
+        The ``R`` candidates' factors on the intensity block (:func:`weight_agreement`, across ``groups``);
+        ``None``: the medoid of all the candidates, whatever their factor (the rule before, an ablation).
 
     Returns
     -------
@@ -1415,8 +1419,10 @@ def consensus_segment(
         Judge a candidate by its agreement with the candidates of the other network subsets only
         (:func:`support`); ``False``: with all other candidates, the rule before (an ablation).
     factor_first : bool
-        Choose the intensity factor first, by :func:`weight_agreement`, then the candidate among its own;
-        ``False``: the medoid of all the factors' candidates, the rule before (an ablation).
+        Choose the intensity factor first, by :func:`weight_agreement` across the network subsets, then the
+        candidate among its own (with one network, or ``cross_support=False``, there are no subsets to compare
+        and no factor is chosen first); ``False``: the medoid of all the factors' candidates, the rule before
+        (an ablation).
 
     Returns
     -------

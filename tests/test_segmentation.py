@@ -896,8 +896,8 @@ def test_consensus_cross_support_ablation() -> None:
     """``cross_support=False`` keeps the plain medoid of all candidates, the rule before."""
     volume, good, noise, _ = _blocks_case(seed=1)
     plain = consensus_segment([good, noise], volume, 3, seed=4, weights=(0.5, 2.0), cross_support=False)
+    assert plain.chosen == choose_candidate(plain.agreement, plain.candidate_labels, 3)
     factors = [c[1] for c in plain.candidates]
-    assert plain.chosen == choose_candidate(plain.agreement, plain.candidate_labels, 3, factors=factors)
     across = consensus_segment([good, noise], volume, 3, seed=4, weights=(0.5, 2.0))
     groups = [c[0] for c in across.candidates]
     assert across.chosen == choose_candidate(across.agreement, across.candidate_labels, 3, groups=groups,
@@ -933,10 +933,10 @@ def test_weight_agreement_is_the_mean_over_pairs_of_other_subsets() -> None:
         pairs = [agreement[i, j] for i in members for j in members if g[i] != g[j]]
         assert len(pairs) == 18 and value == pytest.approx(np.mean(pairs))
     assert stability[2.0] == stability[4.0] == pytest.approx(0.93) and stability[1.0] == pytest.approx(0.8)
-    # one group: every pair of a factor's candidates counts; a factor with one candidate has no pair
-    one = weight_agreement(agreement[:4, :4], factors[:4], None)
-    assert one == pytest.approx({0.25: np.mean(agreement[[0, 0, 1], [1, 2, 2]])})
-    assert weight_agreement(np.ones((1, 1)), [2.0], ["a"]) == {}
+    # one group (one network): restarts on the same features are no perturbation, and no pair counts
+    assert weight_agreement(agreement, factors, None) == weight_agreement(agreement, factors, [0] * 30) == {}
+    assert weight_agreement(agreement[[0, 15]][:, [0, 15]], [0.25, 0.25], groups[:1] + groups[15:16]) == {
+        0.25: agreement[0, 15]}
 
 
 def test_choose_candidate_chooses_the_factor_first() -> None:
@@ -952,7 +952,8 @@ def test_choose_candidate_chooses_the_factor_first() -> None:
     # candidates that lose a class take no part in choosing the factor either
     vanished = [np.repeat([0, 1, 2], [150, 149, 1]) if f >= 2 else labels[0] for f in factors]
     assert factors[choose_candidate(agreement, vanished, 3, groups=groups, factors=factors)] == 1.0
-    # a single candidate, or one per factor and group, leaves nothing to compare: the medoid
+    # one network, or a single candidate, leaves nothing to compare across networks: the medoid
+    assert choose_candidate(agreement, labels, 3, factors=factors) == choose_candidate(agreement, labels, 3)
     assert choose_candidate(agreement[:1, :1], labels[:1], 3, groups=groups[:1], factors=factors[:1]) == 0
 
 

@@ -1182,8 +1182,8 @@ def weight_agreement(agreement: np.ndarray, factors: Sequence[float],
 
     A factor that leaves the partition to what the networks learnt apart, or to the intensity they share, gives
     the same segmentation from every network when that is what the volume holds, and a spread of them when
-    it is not: on the intensity phantom the factors 2 and 4 agree at about 0.93 across networks and the factors
-    up to 1, on networks that learnt texture, at 0.6-0.8 (``docs/method.md`` 5.6). This is clustering stability
+    it is not: on the intensity phantom (seed 2), with networks that learnt texture, the factors 2 and 4 agree
+    at 0.97-0.98 across networks and the factors up to 1 at 0.76-0.83 (``docs/method.md`` 5.6). This is clustering stability
     (Lange et al. 2004, Neural Computation 16: 1299-1323) used to choose a parameter of the clustering, with
     independently trained networks as the perturbation. Candidates of one group (one network, or ``groups``
     ``None``) have no such perturbation: k-means restarts on the same features agree for that reason alone,
@@ -1255,8 +1255,8 @@ def choose_candidate(agreement: np.ndarray, labels: Sequence[np.ndarray], n_clus
 
     Choosing the factor first keeps the choice out of the gap between a tight group of candidates and a
     spread of others: where the networks learnt texture and the classes differ in intensity, the candidates of
-    the large factors agree with one another and score 0.95, the small factors' spread over 0.6-0.9, and the
-    medoid of all of them was one of the middle factor's, at 0.86 (``docs/method.md`` 5.6).
+    the large factors agree with one another and score 0.95, the small factors' spread over 0.67-0.87, and the
+    medoid of all of them was one of the middle factor's, at 0.87 (``docs/method.md`` 5.6).
 
     Parameters
     ----------

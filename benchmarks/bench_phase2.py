@@ -115,8 +115,8 @@ def _ward_merge(grids: Sequence[seg.GridFeatures], case: Case, seed: int) -> np.
 #: same code); ``merge-ward`` is the default with the merge of before (Ward's cost); ``support-all`` judges each
 #: candidate by its agreement with all the others, the rule before, not only with the other network subsets'
 #: candidates; ``medoid-of-all-factors`` keeps the medoid of every intensity factor's candidates, the rule before
-#: the factor was chosen first; ``no-refine-*`` are consensus variants before :func:`refine_labels`; ``vote-of-candidates``
-#: replaces the choice of one candidate by a vote of them; ``oracle-best-candidate`` is a diagnostic that uses
+#: the factor was chosen first; ``no-refine-*`` are consensus variants before :func:`refine_labels`;
+#: ``vote-of-candidates`` replaces the choice of one candidate by a vote of them; ``oracle-best-candidate`` is a diagnostic that uses
 #: the labels.
 VARIANTS: dict[str, Variant] = {
     "default": _label,

@@ -1183,9 +1183,9 @@ def weight_agreement(agreement: np.ndarray, factors: Sequence[float],
     A factor that leaves the partition to what the networks learnt apart, or to the intensity they share, gives
     the same segmentation from every network when that is what the volume holds, and a spread of them when
     it is not: on the intensity phantom (seed 2), with networks that learnt texture, the factors 2 and 4 agree
-    at 0.97-0.98 across networks and the factors up to 1 at 0.76-0.83 (``docs/method.md`` 5.6). This is clustering stability
-    (Lange et al. 2004, Neural Computation 16: 1299-1323) used to choose a parameter of the clustering, with
-    independently trained networks as the perturbation. Candidates of one group (one network, or ``groups``
+    at 0.97-0.98 across networks and the factors up to 1 at 0.76-0.83 (``docs/method.md`` 5.6). This is
+    clustering stability (Lange et al. 2004, Neural Computation 16: 1299-1323) used to choose a parameter of the
+    clustering, with independently trained networks as the perturbation. Candidates of one group (one network, or ``groups``
     ``None``) have no such perturbation: k-means restarts on the same features agree for that reason alone,
     and keeping the most restart-stable candidate lost to the medoid (``docs/method.md`` 5.6), so no pair of
     one group counts.
@@ -1319,10 +1319,11 @@ def choose_candidate(agreement: np.ndarray, labels: Sequence[np.ndarray], n_clus
     """
     pool = complete_candidates(labels, n_clusters, min_share)
     pool_groups = None if groups is None else [groups[i] for i in pool]
-    scores = support(agreement[np.ix_(pool, pool)], pool_groups)
+    pool_agreement = agreement[np.ix_(pool, pool)]
+    scores = support(pool_agreement, pool_groups)
     if factors is not None:
         pool_factors = np.asarray(factors, dtype=np.float64)[pool]
-        stability = weight_agreement(agreement[np.ix_(pool, pool)], pool_factors, pool_groups)
+        stability = weight_agreement(pool_agreement, pool_factors, pool_groups)
         if stability:
             best = max(stability, key=lambda f: (stability[f], -f))  # ties: the smaller factor
             scores = np.where(pool_factors == best, scores, -np.inf)

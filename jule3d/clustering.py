@@ -558,26 +558,26 @@ def fit_classes(
     subsets = [tuple(range(n_networks))] if phase2 == "merge" else network_subsets(n_networks)
     pairs = [(subset, w) for subset in subsets for w in factors]
     candidates = [(subset, w, r) for subset, w in pairs for r in range(n_restarts)]
-    fits = []
-    # The restarts of one (networks, weight) pair share its joint features and run side by side, one core each
-    # (k-means, the bulk of the work, releases the GIL); each is seeded on its own, so the result does not
-    # depend on the number of workers.
-    workers = min(n_restarts, torch.get_num_threads())
+    scalings = {(subset, w): FeatureScaling.fit(features, subset, local, channel_std, w / np.sqrt(n_channels))
+                for subset, w in pairs}
+
+    def fit_candidate(candidate: tuple) -> tuple:
+        subset, w, r = candidate
+        scaling = scalings[subset, w]
+        return (scaling, *fit_merge(scaling.transform(features, local), selected, n_clusters,
+                                    seed=seed + RESTART_SEED_STEP * r, smoothing=smoothing, spacing=spacing,
+                                    n_init=3 if phase2 == "merge" else 1, surface=surface))
+
+    # Every candidate is a task of its own, run side by side, one core each (k-means, the bulk of the work,
+    # releases the GIL): a task computes its joint features (tens of milliseconds), so that no more of them are
+    # held than tasks run, and no core waits for another pair's restarts. Each candidate is seeded on its own,
+    # so the result does not depend on the number of workers.
+    workers = min(len(candidates), torch.get_num_threads())
     with ExitStack() as stack:
         pool = stack.enter_context(ThreadPoolExecutor(workers)) if workers > 1 else None
         if pool is not None:  # one thread per worker: set here, so that no worker restores another's setting
             stack.enter_context(threadpool_limits(limits=1))
-        for subset, w in pairs:
-            scaling = FeatureScaling.fit(features, subset, local, channel_std, w / np.sqrt(n_channels))
-            joint = scaling.transform(features, local)
-
-            def restart(r: int, joint: np.ndarray = joint) -> tuple:
-                return fit_merge(joint, selected, n_clusters, seed=seed + RESTART_SEED_STEP * r,
-                                 smoothing=smoothing, spacing=spacing, n_init=3 if phase2 == "merge" else 1,
-                                 surface=surface)
-
-            runs = pool.map(restart, range(n_restarts)) if pool is not None else map(restart, range(n_restarts))
-            fits.extend((scaling, *run) for run in runs)
+        fits = list(pool.map(fit_candidate, candidates) if pool is not None else map(fit_candidate, candidates))
     candidate_labels = [fit[2] for fit in fits]
     agreement = np.eye(len(fits))
     if len(fits) > 1:

@@ -833,6 +833,25 @@ def test_consensus_restarts_are_members_of_one_ensemble() -> None:
     np.testing.assert_array_equal(three.candidate_labels[5], expected)
 
 
+def test_consensus_candidates_do_not_depend_on_the_number_of_workers() -> None:
+    """The candidates run side by side, one per torch thread; each is seeded on its own, so one worker and two
+    give the same candidates, agreement and choice."""
+    volume, good, noise, _ = _blocks_case(seed=1)
+    threads = torch.get_num_threads()
+    runs = []
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            runs.append(consensus_segment([good, noise], volume, 3, seed=4, weights=(0.5, 2.0), restarts=2))
+    finally:
+        torch.set_num_threads(threads)
+    one, two = runs
+    assert one.candidates == two.candidates and one.chosen == two.chosen
+    for a, b in zip(one.candidate_labels, two.candidate_labels):
+        np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(one.agreement, two.agreement)
+
+
 def test_choose_candidate_passes_over_a_class_that_vanished() -> None:
     """The medoid by NMI favours a split into k - 1 classes plus a speck; such candidates are left out."""
     rng = np.random.default_rng(0)

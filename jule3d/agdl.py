@@ -70,6 +70,7 @@ from jule3d.validation import check_int
 
 __all__ = [
     "KC_CLUSTER_LIMIT",
+    "FixedBlock",
     "agglomerate",
     "agglomerate_reference",
     "cluster_affinity",
@@ -82,6 +83,7 @@ __all__ = [
 KC_CLUSTER_LIMIT = 100
 
 _D2_CHUNK_BYTES = 32 << 20  # bytes of float64 neighbour differences held at once when recomputing distances
+_GRAM_BYTES = 512 << 20  # largest float64 Gram matrix a FixedBlock keeps (8,192 samples)
 _CACHE_DEPTH = 2  # each cluster caches its CACHE_DEPTH * K_c largest affinities
 
 
@@ -247,13 +249,80 @@ def knn_affinity(features: np.ndarray, k_s: int, approximate: bool = False) -> s
         raise ValueError(f"k_s needs at least 2 samples, got n={n}")
     k_s = check_int("k_s", k_s, 1, n - 1)
     indices = _knn_indices(x, k_s, bool(approximate))
-    d2 = _neighbour_d2(x, indices)
+    return _affinity(indices, _neighbour_d2(x, indices))
+
+
+def _affinity(indices: np.ndarray, d2: np.ndarray) -> sp.csr_matrix:
+    """``W`` of :func:`knn_affinity` from the neighbour lists ``(n, k_s)`` and their squared distances."""
+    n, k_s = indices.shape
     sigma2 = float(d2.mean())
     weights = np.exp(-d2 / sigma2) if sigma2 > 0 else np.ones_like(d2)
     indptr = np.arange(0, n * k_s + 1, k_s)
     W = sp.csr_matrix((weights.ravel(), indices.ravel(), indptr), shape=(n, n))
     W.sort_indices()
     return W
+
+
+class FixedBlock:
+    """Feature columns that stay the same from one graph to the next, beside others that change.
+
+    :meth:`knn_affinity` is :func:`knn_affinity` of ``[varying, block]``, the columns side by side: the same
+    neighbours, searched on the same features. The exact squared distances of the chosen pairs are
+    recomputed in float64 as there, the block's part read from its float64 Gram matrix, computed once, rather
+    than from a pass over the block's columns for every pair and every graph (JULE's later periods, anchored to
+    the period-0 features: :attr:`jule3d.config.JuleConfig.anchor`). They equal those of :func:`knn_affinity` up
+    to float64 rounding. A block of more than 8,192 samples keeps no Gram matrix (its bytes grow as ``n^2``), and
+    :meth:`knn_affinity` is then :func:`knn_affinity` of the columns side by side.
+
+    Parameters
+    ----------
+    block : ndarray, shape (n, m)
+        The fixed columns, finite (float32 and float64 are kept, other types become float64).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from jule3d.agdl import FixedBlock, knn_affinity
+    >>> rng = np.random.default_rng(0)
+    >>> block, varying = rng.normal(size=(50, 30)), rng.normal(size=(50, 4))
+    >>> W = FixedBlock(block).knn_affinity(varying, k_s=5)
+    >>> side_by_side = knn_affinity(np.hstack([varying, block]), k_s=5)
+    >>> bool(np.allclose(W.toarray(), side_by_side.toarray(), rtol=1e-12, atol=0))
+    True
+    """
+
+    def __init__(self, block: np.ndarray) -> None:
+        self.block = _as_features(block)
+        n = self.block.shape[0]
+        self.gram: np.ndarray | None = None
+        if 8 * n * n <= _GRAM_BYTES:
+            exact = self.block.astype(np.float64)
+            self.gram = exact @ exact.T
+            self._norms = np.einsum("ij,ij->i", exact, exact)
+
+    def knn_affinity(self, varying: np.ndarray, k_s: int, approximate: bool = False) -> sp.csr_matrix:
+        """:func:`knn_affinity` of ``varying`` and the block side by side (``varying`` first).
+
+        Raises
+        ------
+        ValueError
+            If ``varying`` is not a finite 2-D array with one row per row of the block, or ``k_s`` is not in
+            ``[1, n - 1]``.
+        """
+        v = _as_features(varying)
+        n = self.block.shape[0]
+        if v.shape[0] != n:
+            raise ValueError(f"varying has {v.shape[0]} rows, the fixed block {n}: one row per sample in both")
+        x = np.concatenate([v, self.block], axis=1)
+        if self.gram is None:
+            return knn_affinity(x, k_s, approximate)
+        if n < 2:
+            raise ValueError(f"k_s needs at least 2 samples, got n={n}")
+        k_s = check_int("k_s", k_s, 1, n - 1)
+        indices = _knn_indices(x, k_s, bool(approximate))
+        rows = np.arange(n)[:, None]
+        fixed = self._norms[:, None] + self._norms[indices] - 2.0 * self.gram[rows, indices]
+        return _affinity(indices, _neighbour_d2(v, indices) + np.maximum(fixed, 0.0))
 
 
 def _first_appearance(ids: np.ndarray) -> np.ndarray:

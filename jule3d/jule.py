@@ -406,29 +406,30 @@ class _Run:
         self.callback = callback
         self.trainer = _Trainer(data, config, _resolve_device(config.device))
         self.fingerprint = _fingerprint(config, data)
-        self._period0: np.ndarray | None = None
+        self._anchor: agdl.FixedBlock | None = None
 
     def affinity(self, features: np.ndarray) -> Any:
         return agdl.knn_affinity(features, self.config.k_s, approximate=self.config.approximate_knn)
 
     def period0(self) -> np.ndarray:
-        """The patches' period-0 features from their voxels (:func:`period0_features`); kept where later merges
-        are anchored to them, so they are computed once a run (once more after a resume)."""
-        if self._period0 is not None:
-            return self._period0
+        """The patches' period-0 features from their voxels (:func:`period0_features`). Where later merges are
+        anchored to them, their block is kept, so they are computed once a run (once more after a resume)."""
         features = period0_features(self.data, self.config.raw_features)
         if self.config.anchor > 0:
-            self._period0 = features
+            self._anchor = agdl.FixedBlock(math.sqrt(self.config.anchor) * _l2_rows(features))
         return features
 
-    def merge_features(self) -> np.ndarray:
-        """Features of a later period's ``W``: the CNN's, or beside the period-0 ones (:attr:`JuleConfig.anchor`)."""
+    def merge_affinity(self) -> Any:
+        """``W`` of a later period: on the CNN's features, or on them beside the period-0 ones
+        (:attr:`JuleConfig.anchor`)."""
         features = self.trainer.features()
         share = self.config.anchor
         if share == 0:
-            return features
-        anchor = math.sqrt(share) * _l2_rows(self.period0())
-        return np.concatenate([math.sqrt(1 - share) * _l2_rows(features), anchor], axis=1).astype(np.float32)
+            return self.affinity(features)
+        if self._anchor is None:  # resumed after period 0
+            self.period0()
+        learnt = math.sqrt(1 - share) * _l2_rows(features)
+        return self._anchor.knn_affinity(learnt, self.config.k_s, approximate=self.config.approximate_knn)
 
     def start(self) -> _RunState:
         """Period 0: raw-patch features, initial clusters, first training."""
@@ -450,7 +451,7 @@ class _Run:
             n_merges = n_c - cfg.merge_target
         else:
             n_merges = agdl.unfolding_merges(n_c, cfg.eta, cfg.merge_target)
-        W = self.affinity(self.merge_features())
+        W = self.merge_affinity()
         labels = agdl.agglomerate(W, state.labels, cfg.merge_target, n_merges=n_merges, K_c=cfg.k_c, lam=cfg.lam)
         state.period, state.labels = period, np.asarray(labels, dtype=np.int64)
         if _n_clusters(state.labels) <= cfg.merge_target:

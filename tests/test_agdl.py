@@ -7,8 +7,10 @@ import pytest
 import scipy.sparse as sp
 from sklearn.metrics import normalized_mutual_info_score
 
+import jule3d.agdl
 from jule3d.agdl import (
     KC_CLUSTER_LIMIT,
+    FixedBlock,
     agglomerate,
     agglomerate_reference,
     cluster_affinity,
@@ -111,6 +113,46 @@ def test_knn_affinity_rejects_bad_features() -> None:
     bad[2, 1] = np.nan
     with pytest.raises(ValueError, match="features"):
         knn_affinity(bad, 2)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_fixed_block_is_knn_affinity_of_the_columns_side_by_side(dtype: type) -> None:
+    """The same neighbours; weights equal to float64 rounding, duplicates (distance 0) included."""
+    rng = np.random.default_rng(4)
+    block = (_mixture(80, seed=4, d=30) / np.sqrt(2)).astype(dtype)
+    block[7] = block[2]
+    fixed = FixedBlock(block)
+    assert fixed.gram is not None
+    for _ in range(3):  # one block, the graphs of several periods
+        varying = (_mixture(80, seed=int(rng.integers(100)), d=6) / np.sqrt(2)).astype(dtype)
+        varying[7] = varying[2]
+        W, side_by_side = fixed.knn_affinity(varying, 6), knn_affinity(np.hstack([varying, block]), 6)
+        np.testing.assert_array_equal(W.indptr, side_by_side.indptr)
+        np.testing.assert_array_equal(W.indices, side_by_side.indices)
+        np.testing.assert_allclose(W.data, side_by_side.data, rtol=1e-12, atol=0)
+        assert W[2, 7] == pytest.approx(1.0, abs=1e-12) and np.all(W.diagonal() == 0)
+
+
+def test_fixed_block_without_gram_is_knn_affinity(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A block too large for its Gram matrix falls back on the columns side by side, exactly."""
+    monkeypatch.setattr(jule3d.agdl, "_GRAM_BYTES", 8 * 49 ** 2)
+    block, varying = _mixture(50, seed=5, d=12), _mixture(50, seed=6, d=3)
+    fixed = FixedBlock(block)
+    assert fixed.gram is None
+    expected = knn_affinity(np.hstack([varying, block]), 5)
+    W = fixed.knn_affinity(varying, 5)
+    assert (W != expected).nnz == 0
+    assert FixedBlock(block[:49]).gram is not None
+
+
+def test_fixed_block_rejects_bad_input() -> None:
+    fixed = FixedBlock(_mixture(20, seed=7, d=4))
+    with pytest.raises(ValueError, match="varying has 19 rows, the fixed block 20"):
+        fixed.knn_affinity(_mixture(19, seed=8, d=2), 3)
+    with pytest.raises(ValueError, match="k_s"):
+        fixed.knn_affinity(_mixture(20, seed=8, d=2), 20)
+    with pytest.raises(ValueError, match="features"):
+        FixedBlock(np.full((5, 2), np.nan))
 
 
 def test_knn_affinity_approximate_close_to_exact() -> None:

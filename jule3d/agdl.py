@@ -83,7 +83,7 @@ __all__ = [
 KC_CLUSTER_LIMIT = 100
 
 _D2_CHUNK_BYTES = 32 << 20  # bytes of float64 neighbour differences held at once when recomputing distances
-_GRAM_BYTES = 512 << 20  # largest float64 Gram matrix a FixedBlock keeps (8,192 samples)
+_GRAM_BYTES = 256 << 20  # largest float64 Gram matrix a FixedBlock keeps (5,792 samples)
 _CACHE_DEPTH = 2  # each cluster caches its CACHE_DEPTH * K_c largest affinities
 
 
@@ -271,8 +271,8 @@ class FixedBlock:
     recomputed in float64 as there, the block's part read from its float64 Gram matrix, computed once, rather
     than from a pass over the block's columns for every pair and every graph (JULE's later periods, anchored to
     the period-0 features: :attr:`jule3d.config.JuleConfig.anchor`). They equal those of :func:`knn_affinity` up
-    to float64 rounding. A block of more than 8,192 samples keeps no Gram matrix (its bytes grow as ``n^2``), and
-    :meth:`knn_affinity` is then :func:`knn_affinity` of the columns side by side.
+    to float64 rounding. A block of more than 5,792 samples keeps no Gram matrix (256 MiB; its bytes grow as
+    ``n^2``), and :meth:`knn_affinity` is then :func:`knn_affinity` of the columns side by side.
 
     Parameters
     ----------

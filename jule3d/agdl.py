@@ -173,7 +173,12 @@ def _drop_self(indices: np.ndarray, k_s: int) -> np.ndarray:
 
 
 def _knn_indices(x: np.ndarray, k_s: int, approximate: bool) -> np.ndarray:
-    """Indices ``(n, k_s)`` of each sample's K_s nearest neighbours, the sample itself excluded."""
+    """Indices ``(n, k_s)`` of each sample's K_s nearest neighbours, the sample itself excluded (``k_s`` checked
+    to be in ``[1, n - 1]``)."""
+    n = x.shape[0]
+    if n < 2:
+        raise ValueError(f"k_s needs at least 2 samples, got n={n}")
+    k_s = check_int("k_s", k_s, 1, n - 1)
     if not approximate:
         nn = NearestNeighbors(n_neighbors=k_s, algorithm="brute").fit(x)
         return nn.kneighbors(return_distance=False).astype(np.int64)
@@ -244,10 +249,6 @@ def knn_affinity(features: np.ndarray, k_s: int, approximate: bool = False) -> s
     [0.0, 0.81, 0.15, 0.0, 0.0, 0.0]
     """
     x = _as_features(features)
-    n = x.shape[0]
-    if n < 2:
-        raise ValueError(f"k_s needs at least 2 samples, got n={n}")
-    k_s = check_int("k_s", k_s, 1, n - 1)
     indices = _knn_indices(x, k_s, bool(approximate))
     return _affinity(indices, _neighbour_d2(x, indices))
 
@@ -316,9 +317,6 @@ class FixedBlock:
         x = np.concatenate([v, self.block], axis=1)
         if self.gram is None:
             return knn_affinity(x, k_s, approximate)
-        if n < 2:
-            raise ValueError(f"k_s needs at least 2 samples, got n={n}")
-        k_s = check_int("k_s", k_s, 1, n - 1)
         indices = _knn_indices(x, k_s, bool(approximate))
         rows = np.arange(n)[:, None]
         fixed = self._norms[:, None] + self._norms[indices] - 2.0 * self.gram[rows, indices]

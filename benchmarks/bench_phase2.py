@@ -22,6 +22,7 @@ Usage::
     python benchmarks/bench_phase2.py --cost --seeds 0 1
     python benchmarks/bench_phase2.py --variants default --jule-options '{"raw_features": "spectrum+mean"}'
     python benchmarks/bench_phase2.py --variants default consensus-no-refine --borders
+    python benchmarks/bench_phase2.py --cases phantom-lung phantom-intensity --border-reference
 
 ``--jule-options`` trains every network with these :class:`jule3d.config.JuleConfig` fields instead (a Phase 1
 ablation; its features are cached under a name of their own).
@@ -30,6 +31,11 @@ ablation; its features are cached under a name of their own).
 distance from the true border between two classes, the share of all errors within :data:`BORDER_BANDS` ``[1]``
 voxels of it, and the share of the errors that the most over-predicted class takes (1/k when errors run every
 way, near 1 when one class grows into its neighbours).
+
+``--border-reference`` scores no method, and needs no network: for each case, the NMI of its ground truth
+with only border errors (:func:`border_reference`), a share of the voxels within a distance of a true border given
+the nearest other class (:data:`BORDER_REFERENCE`). It says how close to the border a method must place it for a
+score: what a target in NMI asks of the borders.
 """
 
 from __future__ import annotations
@@ -60,6 +66,9 @@ SEGMENTER_PARAMETERS = tuple(sorted(set(inspect.signature(JuleSegmenter).paramet
 
 #: Upper edges (voxels) of the distance bands of :func:`border_profile`; the last band is everything farther.
 BORDER_BANDS: tuple[int, ...] = (2, 4, 8)
+#: ``(distance, share)`` of every row of ``--border-reference`` (:func:`border_reference`): voxels within
+#: ``distance`` voxels of a true border, and the share of them given the other side's class.
+BORDER_REFERENCE: tuple[tuple[float, float], ...] = ((1, 0.25), (1, 0.5), (2, 0.25), (2, 0.5), (4, 0.25))
 
 Variant = Callable[[Sequence[seg.GridFeatures], Case, int], np.ndarray]
 
@@ -152,6 +161,33 @@ def border_distance(truth: np.ndarray, mask: np.ndarray) -> np.ndarray:
             if elsewhere.any():
                 distance = np.where(truth == c, ndimage.distance_transform_edt(~elsewhere), distance)
     return distance[mask]
+
+
+def border_reference(case: Case, within: float, share: float, seed: int = 0,
+                     distance: np.ndarray | None = None) -> dict[str, float]:
+    """NMI of the case's ground truth with errors only along its borders: of the evaluation voxels within
+    ``within`` voxels of a border between two classes (:func:`border_distance`), a seeded random ``share`` take
+    the class of the nearest voxel of another class. Returns that ``nmi``, the share of the evaluation voxels
+    so changed (``errors``) and the share within ``within`` voxels of a border (``band``). ``distance`` is
+    :func:`border_distance` of the case, when already computed.
+    """
+    from scipy import ndimage
+
+    mask = case.evaluation_mask
+    truth = case.ground_truth
+    distance = border_distance(truth, mask) if distance is None else distance
+    other = np.zeros_like(truth)
+    nearest = np.full(truth.shape, np.inf)
+    for c in np.unique(truth[mask]):
+        if c > 0:
+            to_c = ndimage.distance_transform_edt(truth != c)
+            closer = (truth > 0) & (truth != c) & (to_c < nearest)
+            nearest[closer], other[closer] = to_c[closer], c
+    band = distance <= within
+    flip = band & (np.random.default_rng(seed).random(band.shape) < share)
+    labels = truth[mask].copy()
+    labels[flip] = other[mask][flip]
+    return {"nmi": float(nmi(truth[mask], labels)), "errors": float(flip.mean()), "band": float(band.mean())}
 
 
 def border_profile(labels: np.ndarray, case: Case, distance: np.ndarray | None = None) -> dict[str, float]:
@@ -278,9 +314,21 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--cost", action="store_true", help="time segment() instead (see above)")
     parser.add_argument("--borders", action="store_true",
                         help="also report where the errors lie: by distance to the true border (see above)")
+    parser.add_argument("--border-reference", action="store_true",
+                        help="score the ground truth with errors only along its borders instead (see above)")
     args = parser.parse_args(argv)
     if args.cost:
         cost(args.seeds)
+        return
+    if args.border_reference:
+        print("| case | within (voxels) | share given the other class | errors | NMI |\n|---|---|---|---|---|")
+        for load in suite_loaders(args.cases, "zero-background"):
+            case = load()
+            distance = border_distance(case.ground_truth, case.evaluation_mask)
+            for within, share in BORDER_REFERENCE:
+                r = border_reference(case, within, share, distance=distance)
+                print(f"| {case.name} | {within:g} ({r['band']:.1%} of the voxels) | {share:g} | {r['errors']:.2%} "
+                      f"| {r['nmi']:.3f} |", flush=True)
         return
     rows = []
     for load in suite_loaders(args.cases, "zero-background"):

@@ -143,6 +143,29 @@ def test_border_profile_sees_one_class_grow_into_its_neighbour(bench) -> None:
     assert bench.border_profile(truth, case, distance)["error"] == 0.0
 
 
+def test_the_border_reference_gives_border_voxels_the_nearest_other_class(bench) -> None:
+    """Three slabs 1 | 2 | 3 of 10 voxels along x: every voxel next to a border (distance 1) takes the class across
+    it, class 2's on each side the nearest one; nothing farther changes, and without errors the NMI is 1."""
+    import numpy as np
+
+    from jule3d.metrics import nmi
+    from jule3d.volume import Volume
+
+    truth = np.zeros((3, 3, 30), dtype=np.uint8)
+    truth[..., :10], truth[..., 10:20], truth[..., 20:] = 1, 2, 3
+    mask = truth > 0
+    case = bench.Case("slabs", Volume.from_array(truth.astype(np.float32), mask=mask), truth, mask, 3)
+    every = bench.border_reference(case, within=1, share=1.0)
+    assert every["band"] == every["errors"] == 4 / 30
+    expected = truth.copy()
+    expected[..., 9], expected[..., 10], expected[..., 19], expected[..., 20] = 2, 1, 3, 2
+    assert every["nmi"] == pytest.approx(nmi(truth[mask], expected[mask]))
+    assert bench.border_reference(case, within=1, share=0.0) == {"nmi": 1.0, "errors": 0.0, "band": 4 / 30}
+    half = bench.border_reference(case, within=2, share=0.5, seed=3)
+    assert half == bench.border_reference(case, within=2, share=0.5, seed=3)  # seeded
+    assert 0.0 < half["errors"] < half["band"] == 8 / 30 and half["nmi"] < 1.0
+
+
 def test_phase1_options_reach_the_config_as_parameters_or_jule_options(bench, monkeypatch) -> None:
     """``--jule-options`` may name a JuleSegmenter parameter (which ``jule_options`` refuses) or a JuleConfig
     field; both end up in every network's config."""

@@ -85,6 +85,14 @@ def _consensus(grids: Sequence[seg.GridFeatures], case: Case, seed: int, refine:
     return seg.refine_labels(labels, case.volume, grids[0].stride) if refine else labels
 
 
+def _one_gaussian(grids: Sequence[seg.GridFeatures], case: Case, seed: int) -> np.ndarray:
+    """The default with the refinement of before: one Gaussian per class instead of a mixture."""
+    from jule3d import clustering
+
+    with mock.patch.object(clustering, "REFINE_COMPONENTS", 1):
+        return _label(grids, case, seed)
+
+
 def _best_candidate(grids: Sequence[seg.GridFeatures], case: Case, seed: int) -> np.ndarray:
     """Not a method (it reads the ground truth): the refined consensus candidate that scores best, the ceiling of
     any rule that chooses among the default's candidates."""
@@ -134,6 +142,7 @@ VARIANTS: dict[str, Variant] = {
     "medoid-of-all-factors": lambda g, c, s: _consensus(g, c, s, factor_first=False),
     "consensus-one-restart": lambda g, c, s: _consensus(g, c, s, restarts=1),
     "consensus-no-refine": lambda g, c, s: _consensus(g, c, s, refine=False),
+    "refine-one-gaussian": _one_gaussian,
     "no-refine-plain-medoid": lambda g, c, s: _consensus(g, c, s, refine=False, min_share=0.0),
     "no-refine-weights-0.5-2": lambda g, c, s: _consensus(g, c, s, refine=False, weights=(0.5, 1.0, 2.0)),
     "no-refine-weight-1": lambda g, c, s: _consensus(g, c, s, refine=False, weights=(1.0,)),

@@ -10,7 +10,8 @@ labelled the way the whole grid would be:
 * :class:`ClassModel`: the k-means centres, the class each centre belongs to (after
   :func:`jule3d.segmentation.merge_clusters`), the Potts weight and scale of
   :func:`jule3d.segmentation.smooth_labels`;
-* :class:`RefineModel`: the per-class intensity Gaussians of :func:`jule3d.segmentation.refine_labels`;
+* :class:`RefineModel`: the per-class densities (Gaussian mixtures) of the local mean intensity of
+  :func:`jule3d.segmentation.refine_labels`;
 * ``order``: the output id of every class (ascending mean intensity of the first channel over the fitted
   voxels, :func:`jule3d.labels.order_labels_by_intensity`).
 
@@ -204,18 +205,31 @@ class ClassModel:
         return smooth_labels(selected, distances, self.beta, spacing=spacing, scale=self.scale)
 
 
+#: Gaussians in each class's density of the local mean intensity in :class:`RefineModel` [ours]. A class of
+#: tissue with air or fluid spaces at the scale of the box (lung, a specimen with cavities) has two modes there;
+#: one Gaussian, stretched over both, loses every border voxel to a tighter neighbour (``docs/method.md`` 3).
+REFINE_COMPONENTS = 2
+#: Voxels of a class that its mixture is fitted on (a seeded sample above it).
+REFINE_FIT_ROWS = 50_000
+
+
 @dataclass
 class RefineModel:
-    """Per-class Gaussians of the local mean intensity, for :func:`jule3d.segmentation.refine_labels`.
+    """Per-class densities of the local mean intensity, for :func:`jule3d.segmentation.refine_labels`.
+
+    Each class's density is a mixture of Gaussians (:data:`REFINE_COMPONENTS`; one where the class has too few
+    voxels to fit more).
 
     Attributes
     ----------
     means : numpy.ndarray
-        ``(k, C)`` class means.
+        ``(k, m, C)`` means of the ``m`` Gaussians of every class (unused components have weight 0).
     inverses : numpy.ndarray
-        ``(k, C, C)`` inverse covariances (with the ridge).
+        ``(k, m, C, C)`` inverse covariances (with the ridge).
     logdets : numpy.ndarray
-        ``(k,)`` log-determinants of the covariances.
+        ``(k, m)`` log-determinants of the covariances.
+    log_weights : numpy.ndarray
+        ``(k, m)`` log mixing weights (``-inf`` for an unused component).
     stride : int
         Standard deviation (voxels) of the Gaussian that smooths the coarse labels into a prior.
     window : int
@@ -227,6 +241,7 @@ class RefineModel:
     means: np.ndarray
     inverses: np.ndarray
     logdets: np.ndarray
+    log_weights: np.ndarray
     stride: int
     window: int
     floor: float
@@ -238,20 +253,44 @@ class RefineModel:
 
     @classmethod
     def fit(cls, local: np.ndarray, labels: np.ndarray, n_classes: int, stride: int, window: int,
-            floor: float) -> "RefineModel":
-        """Fit on the local means ``(N, C)`` of foreground voxels and their coarse classes ``(N,)`` (``0..k-1``)."""
+            floor: float, components: int | None = None) -> "RefineModel":
+        """Fit on the local means ``(N, C)`` of foreground voxels and their coarse classes ``(N,)`` (``0..k-1``).
+
+        ``components`` defaults to :data:`REFINE_COMPONENTS`. With 1, each class is one Gaussian of its voxels'
+        mean and (unbiased) covariance, the pooled covariance where a class has no more voxels than ``C + 1``.
+        Otherwise each class with at least
+        ``10 * components * (C + 1)`` voxels is a Gaussian mixture fitted by EM (scikit-learn, full covariances,
+        k-means initialisation, seeded, on at most :data:`REFINE_FIT_ROWS` voxels); the others are one Gaussian.
+        Every covariance gets the same ridge, a millionth of the pooled mean variance.
+        """
+        from sklearn.mixture import GaussianMixture
+
+        from .validation import check_int
+
+        components = REFINE_COMPONENTS if components is None else check_int("components", components, 1)
         local = np.asarray(local, dtype=np.float64)
+        n_channels = local.shape[1]
         pooled = np.atleast_2d(np.cov(local, rowvar=False))
-        ridge = 1e-6 * max(float(np.trace(pooled)) / len(pooled), 1e-12) * np.eye(len(pooled))
-        means, inverses, logdets = [], [], []
+        ridge = 1e-6 * max(float(np.trace(pooled)) / len(pooled), 1e-12)
+        means = np.zeros((n_classes, components, n_channels))
+        covariances = np.tile(np.eye(n_channels), (n_classes, components, 1, 1))
+        log_weights = np.full((n_classes, components), -np.inf)
+        rng = np.random.default_rng(0)
         for c in range(n_classes):
             members = local[labels == c]
-            cov = np.atleast_2d(np.cov(members, rowvar=False)) if len(members) > local.shape[1] + 1 else pooled
-            cov = cov + ridge
-            means.append(members.mean(axis=0) if len(members) else local.mean(axis=0))
-            logdets.append(np.linalg.slogdet(cov)[1])
-            inverses.append(np.linalg.inv(cov))
-        return cls(np.array(means), np.array(inverses), np.array(logdets), int(stride), int(window), float(floor))
+            if components > 1 and len(members) >= 10 * components * (n_channels + 1):
+                if len(members) > REFINE_FIT_ROWS:
+                    members = members[np.sort(rng.choice(len(members), REFINE_FIT_ROWS, replace=False))]
+                mixture = GaussianMixture(components, covariance_type="full", reg_covar=ridge, random_state=0)
+                mixture.fit(members)
+                means[c], covariances[c] = mixture.means_, mixture.covariances_
+                log_weights[c] = np.log(mixture.weights_)
+                continue
+            cov = np.atleast_2d(np.cov(members, rowvar=False)) if len(members) > n_channels + 1 else pooled
+            means[c, 0] = members.mean(axis=0) if len(members) else local.mean(axis=0)
+            covariances[c, 0], log_weights[c, 0] = cov + ridge * np.eye(n_channels), 0.0
+        return cls(means, np.linalg.inv(covariances), np.linalg.slogdet(covariances)[1], log_weights, int(stride),
+                   int(window), float(floor))
 
     def apply(self, coarse: np.ndarray, foreground: np.ndarray, local: np.ndarray, keep: np.ndarray) -> np.ndarray:
         """Refined classes ``(N,)`` of the voxels ``keep`` of a block.
@@ -268,17 +307,29 @@ class RefineModel:
         keep : numpy.ndarray
             Bool: the foreground voxels to refine.
         """
-        k = len(self.means)
+        k = len(self.log_weights)
         priors = np.stack([ndimage.gaussian_filter(((coarse == c) & foreground).astype(np.float32),
                                                    sigma=float(self.stride), mode="nearest")[keep]
                            for c in range(k)], axis=1)
         priors /= np.maximum(priors.sum(axis=1, keepdims=True), np.float32(1e-30))
         log_posterior = np.log(np.maximum(priors, self.floor)).astype(np.float64)
+        return np.argmax(log_posterior + self.log_likelihood(local), axis=1)
+
+    def log_likelihood(self, local: np.ndarray) -> np.ndarray:
+        """``(N, k)`` log density of every class at the local means ``(N, C)``, up to a constant shared by all."""
+        from scipy.special import logsumexp
+
         local = np.asarray(local, dtype=np.float64)
+        k, m = self.log_weights.shape
+        out = np.empty((len(local), k))
         for c in range(k):
-            diff = local - self.means[c]
-            log_posterior[:, c] -= 0.5 * (np.einsum("ij,ij->i", diff @ self.inverses[c], diff) + self.logdets[c])
-        return np.argmax(log_posterior, axis=1)
+            terms = np.full((len(local), m), -np.inf)
+            for j in np.flatnonzero(np.isfinite(self.log_weights[c])):
+                diff = local - self.means[c, j]
+                terms[:, j] = self.log_weights[c, j] - 0.5 * (
+                    np.einsum("ij,ij->i", diff @ self.inverses[c, j], diff) + self.logdets[c, j])
+            out[:, c] = logsumexp(terms, axis=1)
+        return out
 
 
 @dataclass
@@ -325,7 +376,7 @@ class Phase2Model:
             out.update(local_center=s.local_center, local_divisor=s.local_divisor)
         if r is not None:
             out.update(refine_means=r.means, refine_inverses=r.inverses, refine_logdets=r.logdets,
-                       refine_stride=r.stride, refine_floor=r.floor)
+                       refine_log_weights=r.log_weights, refine_stride=r.stride, refine_floor=r.floor)
         return out
 
     @classmethod
@@ -340,8 +391,14 @@ class Phase2Model:
                              None if np.isnan(margin) else margin, float(get["beta"]), float(get["scale"]))
         refine = None
         if "refine_means" in get:
-            refine = RefineModel(get["refine_means"], get["refine_inverses"], get["refine_logdets"],
-                                 int(get["refine_stride"]), int(get["window"]), float(get["refine_floor"]))
+            means, inverses, logdets = get["refine_means"], get["refine_inverses"], get["refine_logdets"]
+            if "refine_log_weights" in get:
+                log_weights = get["refine_log_weights"]
+            else:  # saved before the mixtures: one Gaussian per class
+                means, inverses, logdets = means[:, None], inverses[:, None], logdets[:, None]
+                log_weights = np.zeros(logdets.shape)
+            refine = RefineModel(means, inverses, logdets, log_weights, int(get["refine_stride"]), int(get["window"]),
+                                 float(get["refine_floor"]))
         return cls(scaling, classes, refine, get["order"].astype(np.int64), int(get["window"]))
 
 

@@ -1481,15 +1481,17 @@ def refine_labels(
     Labels projected from a grid are blocks of ``stride`` voxels from features of whole patches, so their
     borders are uncertain by about a block. Each voxel takes the class of highest posterior
 
-    ``log P(c | x) = log max(prior_c(x), floor) + log N(m(x); mu_c, Sigma_c)``
+    ``log P(c | x) = log max(prior_c(x), floor) + log p_c(m(x))``
 
     where ``prior_c`` is the share of class ``c`` among the coarse labels, smoothed by a Gaussian of standard
     deviation ``stride`` voxels (renormalised over the foreground), ``m(x)`` the mean of every channel over
-    the foreground voxels of the ``window``³ box at ``x``, and ``mu_c``, ``Sigma_c`` the mean and
-    covariance of ``m`` over the voxels of class ``c``: Atropos' use of prior probability maps (Avants et
-    al. 2011, Neuroinformatics 9: 381-400) with the network's segmentation as the prior. Where the classes
-    differ in brightness the border moves to the intensity edge; where they do not (textures), the
-    likelihoods are alike and the prior keeps the labels.
+    the foreground voxels of the ``window``³ box at ``x``, and ``p_c`` the density of ``m`` over the voxels
+    of class ``c``, a mixture of :data:`jule3d.clustering.REFINE_COMPONENTS` Gaussians
+    (:class:`jule3d.clustering.RefineModel`): Atropos' use of prior probability maps (Avants et al. 2011,
+    Neuroinformatics 9: 381-400) with the network's segmentation as the prior. Where the classes differ in
+    brightness the border moves to the intensity edge; where they do not (textures), the likelihoods are
+    alike and the prior keeps the labels. A class of tissue and air spaces has a mode for each, and a
+    Gaussian for each keeps its tissue voxels from a tighter all-tissue neighbour.
 
     Parameters
     ----------

@@ -195,6 +195,17 @@ def test_the_ward_ablation_merges_as_before_and_leaves_the_default_as_it_was(ben
     assert default(contacts, sizes, centroids, 2).tolist() == [0, 0, 1]
 
 
+def test_the_one_gaussian_ablation_refines_with_one_component_and_leaves_the_default_as_it_was(bench,
+                                                                                             monkeypatch) -> None:
+    """``refine-one-gaussian`` runs the default with one Gaussian per class in the refinement."""
+    from jule3d import clustering
+
+    seen = []
+    monkeypatch.setattr(bench, "_label", lambda grids, case, seed: seen.append(clustering.REFINE_COMPONENTS) or "ok")
+    assert bench.VARIANTS["refine-one-gaussian"]([], None, 0) == "ok"
+    assert seen == [1] and clustering.REFINE_COMPONENTS == 2
+
+
 def test_the_support_ablation_judges_candidates_by_all_the_others(bench, monkeypatch) -> None:
     """``support-all`` runs the consensus with the rule before: every other candidate counts in the support."""
     calls = []

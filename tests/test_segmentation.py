@@ -1031,6 +1031,70 @@ def test_refine_labels_keeps_classes_that_do_not_differ_in_intensity() -> None:
             refine_labels(coarse, volume, stride=2, floor=bad)
 
 
+def _two_modes_and_one(n: int = 4000) -> tuple[np.ndarray, np.ndarray]:
+    """Local means of class 0, half air (0) and half tissue (1), and of class 1, tissue only: ``(N, 1)``, ``(N,)``."""
+    rng = np.random.default_rng(0)
+    air_or_tissue = np.where(rng.random(n) < 0.5, 0.0, 1.0) + 0.05 * rng.normal(size=n)
+    tissue = 1.0 + 0.05 * rng.normal(size=n)
+    return np.concatenate([air_or_tissue, tissue])[:, None], np.repeat([0, 1], n)
+
+
+def test_refinement_gives_a_class_of_air_and_tissue_a_mode_at_each() -> None:
+    """A class whose voxels are air or tissue has two modes; one Gaussian over both makes a tissue voxel 10 times
+    likelier in the neighbouring all-tissue class, so that only a prior above 0.9 keeps it. The mixture leaves a
+    factor of 2, the share of tissue in the mixed class."""
+    from jule3d.clustering import REFINE_COMPONENTS, RefineModel
+
+    local, labels = _two_modes_and_one()
+    mixture = RefineModel.fit(local, labels, 2, stride=2, window=3, floor=1e-3)
+    assert REFINE_COMPONENTS == 2 and mixture.means.shape == (2, 2, 1) and mixture.log_weights.shape == (2, 2)
+    np.testing.assert_allclose(np.sort(mixture.means[0, :, 0]), [0.0, 1.0], atol=0.01)
+    np.testing.assert_allclose(np.exp(mixture.log_weights).sum(axis=1), 1.0)
+    one = RefineModel.fit(local, labels, 2, stride=2, window=3, floor=1e-3, components=1)
+    tissue_voxel, air_voxel = np.array([[1.0]]), np.array([[0.0]])
+    assert np.diff(one.log_likelihood(tissue_voxel)[0])[0] > np.log(10)
+    assert np.diff(mixture.log_likelihood(tissue_voxel)[0])[0] == pytest.approx(np.log(2), abs=0.1)
+    assert (mixture.log_likelihood(air_voxel).argmax(axis=1) == 0).all()
+    with pytest.raises(ValueError, match="components"):
+        RefineModel.fit(local, labels, 2, stride=2, window=3, floor=1e-3, components=0)
+
+
+def test_refinement_with_one_component_is_each_class_mean_and_covariance() -> None:
+    """One component: a class's mean and unbiased covariance (plus the ridge); a class with too few voxels for a
+    mixture is one Gaussian too, and a class of no more voxels than C + 1 takes the pooled covariance."""
+    from jule3d.clustering import RefineModel
+
+    rng = np.random.default_rng(2)
+    local = rng.normal(size=(300, 2))
+    labels = np.repeat([0, 1, 2], [247, 50, 3])  # 50 < 10 * 2 * (2 + 1): too few for a mixture of two
+    for components in (1, None):
+        model = RefineModel.fit(local, labels, 3, 2, 3, 1e-3, components=components)
+        ridge = 1e-6 * np.trace(np.cov(local, rowvar=False)) / 2 * np.eye(2)
+        np.testing.assert_allclose(model.means[1, 0], local[labels == 1].mean(axis=0))
+        own = np.cov(local[labels == 1], rowvar=False)
+        np.testing.assert_allclose(model.inverses[1, 0], np.linalg.inv(own + ridge))
+        np.testing.assert_allclose(model.inverses[2, 0], np.linalg.inv(np.cov(local, rowvar=False) + ridge))
+        assert model.log_weights[1, 0] == 0.0 and np.isneginf(model.log_weights[1, 1:]).all()
+    assert np.isfinite(RefineModel.fit(local, labels, 3, 2, 3, 1e-3).log_weights[0]).all()  # 247 voxels: a mixture
+
+
+def test_a_phase2_model_saved_with_one_gaussian_per_class_loads_as_one_component() -> None:
+    """A Phase 2 model saved before the mixtures (``(k, C)`` means, no weights) refines as it did."""
+    from jule3d.clustering import Phase2Model, RefineModel
+
+    local, labels = _two_modes_and_one(500)
+    one = RefineModel.fit(local, labels, 2, stride=2, window=3, floor=1e-3, components=1)
+    saved = {"networks": np.array([0]), "means": np.zeros((1, 2)), "scales": np.ones(1), "local_factor": 0.0,
+             "centers": np.eye(2, dtype=np.float32), "group": np.arange(2), "margin": np.nan, "beta": 0.0,
+             "scale": 1.0, "order": np.array([1, 2]), "window": 3, "refine_means": one.means[:, 0],
+             "refine_inverses": one.inverses[:, 0], "refine_logdets": one.logdets[:, 0], "refine_stride": 2,
+             "refine_floor": 1e-3}
+    loaded = Phase2Model.from_dict(saved).refine
+    np.testing.assert_array_equal(loaded.log_likelihood(local), one.log_likelihood(local))
+    again = Phase2Model.from_dict(Phase2Model.from_dict(saved).to_dict()).refine
+    np.testing.assert_array_equal(again.log_likelihood(local), one.log_likelihood(local))
+
+
 def test_segment_trains_the_presets_networks_with_distinct_seeds(phantom, monkeypatch) -> None:
     seen: list[tuple[int, str]] = []
     calls: list[dict] = []

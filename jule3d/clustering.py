@@ -207,7 +207,7 @@ class ClassModel:
 
 #: Gaussians in each class's density of the local mean intensity in :class:`RefineModel` [ours]. A class of
 #: tissue with air or fluid spaces at the scale of the box (lung, a specimen with cavities) has two modes there;
-#: one Gaussian, stretched over both, loses every border voxel to a tighter neighbour (``docs/method.md`` 3).
+#: one Gaussian, stretched over both, gives its tissue voxels to a tighter all-tissue neighbour (``docs/method.md`` 3).
 REFINE_COMPONENTS = 2
 #: Voxels of a class that its mixture is fitted on (a seeded sample above it).
 REFINE_FIT_ROWS = 50_000
@@ -258,11 +258,14 @@ class RefineModel:
 
         ``components`` defaults to :data:`REFINE_COMPONENTS`. With 1, each class is one Gaussian of its voxels'
         mean and (unbiased) covariance, the pooled covariance where a class has no more voxels than ``C + 1``.
-        Otherwise each class with at least
-        ``10 * components * (C + 1)`` voxels is a Gaussian mixture fitted by EM (scikit-learn, full covariances,
-        k-means initialisation, seeded, on at most :data:`REFINE_FIT_ROWS` voxels); the others are one Gaussian.
-        Every covariance gets the same ridge, a millionth of the pooled mean variance.
+        Otherwise each class with at least ``10 * components * (C + 1)`` voxels and ``components`` distinct local
+        means is a Gaussian mixture fitted by EM (scikit-learn, full covariances, k-means initialisation, seeded,
+        on at most :data:`REFINE_FIT_ROWS` voxels); the others are one Gaussian. Every covariance gets the same
+        ridge, a millionth of the pooled mean variance.
         """
+        import warnings
+
+        from sklearn.exceptions import ConvergenceWarning
         from sklearn.mixture import GaussianMixture
 
         from .validation import check_int
@@ -278,11 +281,14 @@ class RefineModel:
         rng = np.random.default_rng(0)
         for c in range(n_classes):
             members = local[labels == c]
-            if components > 1 and len(members) >= 10 * components * (n_channels + 1):
-                if len(members) > REFINE_FIT_ROWS:
-                    members = members[np.sort(rng.choice(len(members), REFINE_FIT_ROWS, replace=False))]
+            if len(members) > REFINE_FIT_ROWS and components > 1:
+                members = members[np.sort(rng.choice(len(members), REFINE_FIT_ROWS, replace=False))]
+            if (components > 1 and len(members) >= 10 * components * (n_channels + 1)
+                    and len(np.unique(members, axis=0)) >= components):
                 mixture = GaussianMixture(components, covariance_type="full", reg_covar=ridge, random_state=0)
-                mixture.fit(members)
+                with warnings.catch_warnings():  # an EM stopped at its iteration limit is still a density
+                    warnings.simplefilter("ignore", ConvergenceWarning)
+                    mixture.fit(members)
                 means[c], covariances[c] = mixture.means_, mixture.covariances_
                 log_weights[c] = np.log(mixture.weights_)
                 continue

@@ -1078,6 +1078,21 @@ def test_refinement_with_one_component_is_each_class_mean_and_covariance() -> No
     assert np.isfinite(RefineModel.fit(local, labels, 3, 2, 3, 1e-3).log_weights[0]).all()  # 247 voxels: a mixture
 
 
+def test_a_class_of_one_value_is_one_gaussian_and_fits_without_warnings() -> None:
+    """A class whose local means are all equal (a saturated or clipped region) has no second mode to fit."""
+    import warnings
+
+    from jule3d.clustering import RefineModel
+
+    rng = np.random.default_rng(3)
+    local = np.concatenate([np.zeros(1000), rng.normal(size=1000)])[:, None]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model = RefineModel.fit(local, np.repeat([0, 1], 1000), 2, stride=2, window=3, floor=1e-3)
+    assert np.isneginf(model.log_weights[0, 1:]).all() and np.isfinite(model.log_weights[1]).all()
+    assert (model.log_likelihood(np.zeros((1, 1))).argmax(axis=1) == 0).all()
+
+
 def test_a_phase2_model_saved_with_one_gaussian_per_class_loads_as_one_component() -> None:
     """A Phase 2 model saved before the mixtures (``(k, C)`` means, no weights) refines as it did."""
     from jule3d.clustering import Phase2Model, RefineModel

@@ -159,44 +159,44 @@ VARIANTS: dict[str, Variant] = {
 }
 
 
-def border_distance(truth: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    """Distance (voxels) of every voxel of ``mask`` to the nearest voxel of another class of ``truth`` (> 0)."""
+def border_neighbours(truth: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """For every voxel of ``mask``: its distance (voxels) to the nearest voxel of another class of ``truth`` (> 0),
+    and that voxel's class (0 where the case has one class only, with the distance infinite)."""
     from scipy import ndimage
 
     distance = np.full(truth.shape, np.inf)
+    other = np.zeros_like(truth)
     for c in np.unique(truth[mask]):
         if c > 0:
             elsewhere = (truth > 0) & (truth != c)
             if elsewhere.any():
-                distance = np.where(truth == c, ndimage.distance_transform_edt(~elsewhere), distance)
-    return distance[mask]
+                to_other, nearest = ndimage.distance_transform_edt(~elsewhere, return_indices=True)
+                here = truth == c
+                distance[here], other[here] = to_other[here], truth[tuple(nearest)][here]
+    return distance[mask], other[mask]
+
+
+def border_distance(truth: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """Distance (voxels) of every voxel of ``mask`` to the nearest voxel of another class of ``truth`` (> 0)."""
+    return border_neighbours(truth, mask)[0]
 
 
 def border_reference(case: Case, within: float, share: float, seed: int = 0,
-                     distance: np.ndarray | None = None) -> dict[str, float]:
+                     neighbours: tuple[np.ndarray, np.ndarray] | None = None) -> dict[str, float]:
     """NMI of the case's ground truth with errors only along its borders: of the evaluation voxels within
-    ``within`` voxels of a border between two classes (:func:`border_distance`), a seeded random ``share`` take
-    the class of the nearest voxel of another class. Returns that ``nmi``, the share of the evaluation voxels
-    so changed (``errors``) and the share within ``within`` voxels of a border (``band``). ``distance`` is
-    :func:`border_distance` of the case, when already computed.
+    ``within`` voxels of a border between two classes, a seeded random ``share`` take the class of the nearest
+    voxel of another class (:func:`border_neighbours`). Returns that ``nmi``, the share of the evaluation voxels
+    so changed (``errors``) and the share within ``within`` voxels of a border (``band``). ``neighbours`` is
+    :func:`border_neighbours` of the case, when already computed.
     """
-    from scipy import ndimage
-
     mask = case.evaluation_mask
-    truth = case.ground_truth
-    distance = border_distance(truth, mask) if distance is None else distance
-    other = np.zeros_like(truth)
-    nearest = np.full(truth.shape, np.inf)
-    for c in np.unique(truth[mask]):
-        if c > 0:
-            to_c = ndimage.distance_transform_edt(truth != c)
-            closer = (truth > 0) & (truth != c) & (to_c < nearest)
-            nearest[closer], other[closer] = to_c[closer], c
+    truth = case.ground_truth[mask]
+    distance, other = border_neighbours(case.ground_truth, mask) if neighbours is None else neighbours
     band = distance <= within
     flip = band & (np.random.default_rng(seed).random(band.shape) < share)
-    labels = truth[mask].copy()
-    labels[flip] = other[mask][flip]
-    return {"nmi": float(nmi(truth[mask], labels)), "errors": float(flip.mean()), "band": float(band.mean())}
+    labels = truth.copy()
+    labels[flip] = other[flip]
+    return {"nmi": float(nmi(truth, labels)), "errors": float(flip.mean()), "band": float(band.mean())}
 
 
 def border_profile(labels: np.ndarray, case: Case, distance: np.ndarray | None = None) -> dict[str, float]:
@@ -333,9 +333,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         print("| case | within (voxels) | share given the other class | errors | NMI |\n|---|---|---|---|---|")
         for load in suite_loaders(args.cases, "zero-background"):
             case = load()
-            distance = border_distance(case.ground_truth, case.evaluation_mask)
+            neighbours = border_neighbours(case.ground_truth, case.evaluation_mask)
             for within, share in BORDER_REFERENCE:
-                r = border_reference(case, within, share, distance=distance)
+                r = border_reference(case, within, share, neighbours=neighbours)
                 print(f"| {case.name} | {within:g} ({r['band']:.1%} of the voxels) | {share:g} | {r['errors']:.2%} "
                       f"| {r['nmi']:.3f} |", flush=True)
         return

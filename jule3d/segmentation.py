@@ -954,8 +954,23 @@ def _check_clusters(n_clusters: int, n: int) -> None:
         raise ValueError(f"n_clusters={n_clusters} exceeds the {n} grid positions with a feature; lower the stride")
 
 
+def _plusplus_float64(features: np.ndarray, n_clusters: int, random_state: np.random.RandomState) -> np.ndarray:
+    """scikit-learn's greedy k-means++ seeding of ``features``, computed in float64 (``KMeans``'s ``init``).
+
+    On float32 rows scikit-learn seeds through its chunked "upcast" distances: every one of the ``k`` steps
+    converts the whole sample to float64 chunk by chunk, and keeps the distances it samples from, and their
+    cumulative sum, in float32. On 50,000 rows of 70 columns and 32 centres that took 0.25 s against 0.11 s for
+    the same seeding in float64 (a third of a consensus candidate's k-means, 45 candidates per run). The
+    Lloyd/Elkan iterations stay in float32.
+    """
+    from sklearn.cluster import kmeans_plusplus
+
+    return kmeans_plusplus(np.asarray(features, dtype=np.float64), n_clusters, random_state=random_state)[0]
+
+
 def _fit_kmeans(features: np.ndarray, n_clusters: int, seed: int, max_fit: int, n_init: int) -> np.ndarray:
-    """Centres ``(k, D)`` of k-means (``n_init`` restarts) on a seeded sample of at most ``max_fit`` rows."""
+    """Centres ``(k, D)`` of k-means (``n_init`` restarts, k-means++ seeding in float64) on a seeded sample of at
+    most ``max_fit`` rows."""
     from sklearn.cluster import KMeans
     from threadpoolctl import threadpool_limits
 
@@ -968,8 +983,8 @@ def _fit_kmeans(features: np.ndarray, n_clusters: int, seed: int, max_fit: int, 
     # 1.5x faster than plain Lloyd on 50,000 joint features and 32 centres (same iterations, labels equal but
     # for rounding: 0.9998-1 of the rows).
     with threadpool_limits(limits=1):
-        km = KMeans(n_clusters=n_clusters, n_init=n_init, random_state=seed, algorithm="elkan").fit(
-            np.asarray(fit, dtype=np.float32))
+        km = KMeans(n_clusters=n_clusters, init=_plusplus_float64, n_init=n_init, random_state=seed,
+                    algorithm="elkan").fit(np.asarray(fit, dtype=np.float32))
     return km.cluster_centers_.astype(np.float32)
 
 

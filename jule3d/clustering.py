@@ -583,7 +583,7 @@ def fit_classes(
     import torch
     from threadpoolctl import threadpool_limits
 
-    from .metrics import nmi
+    from .metrics import pairwise_nmi
     from .segmentation import (
         CONSENSUS_RESTARTS,
         CONSENSUS_WEIGHTS,
@@ -642,11 +642,8 @@ def fit_classes(
             stack.enter_context(threadpool_limits(limits=1))
         fits = list(pool.map(fit_candidate, candidates) if pool is not None else map(fit_candidate, candidates))
     candidate_labels = [fit[2] for fit in fits]
-    agreement = np.eye(len(fits))
+    agreement = pairwise_nmi(candidate_labels)
     if len(fits) > 1:
-        for i in range(len(fits)):
-            for j in range(i + 1, len(fits)):
-                agreement[i, j] = agreement[j, i] = nmi(candidate_labels[i], candidate_labels[j])
         chosen = choose_candidate(agreement, candidate_labels, n_clusters,
                                   MIN_CLASS_SHARE if min_share is None else min_share,
                                   groups=[c[0] for c in candidates] if cross_support else None,

@@ -22,7 +22,7 @@ The contingency table is dense, ``(n_gt_ids, n_pred_ids)``, which suits label ma
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 from scipy.optimize import linear_sum_assignment
@@ -30,7 +30,7 @@ from sklearn.metrics import mutual_info_score
 
 from jule3d.validation import check_mask
 
-__all__ = ["nmi", "ari", "confusion", "matched_dice", "match_labels", "evaluate"]
+__all__ = ["nmi", "pairwise_nmi", "ari", "confusion", "matched_dice", "match_labels", "evaluate"]
 
 _AVERAGE_METHODS = ("arithmetic", "geometric", "min", "max")
 # integer labels spanning at most this many values are encoded with a lookup table, not a sort
@@ -233,6 +233,53 @@ def nmi(
     _check_average_method(average_method)
     table, _, _ = _table(gt, pred, mask)
     return _nmi_from_table(table, average_method)
+
+
+def pairwise_nmi(labelings: Sequence[np.ndarray], average_method: str = "arithmetic") -> np.ndarray:
+    """NMI between every two labellings of the same voxels: :func:`nmi` of each pair, each labelling encoded once.
+
+    Parameters
+    ----------
+    labelings : sequence of numpy.ndarray
+        ``R`` label maps of one shape.
+    average_method : {"arithmetic", "geometric", "min", "max"}
+        Normaliser of the mutual information, as in :func:`nmi`.
+
+    Returns
+    -------
+    numpy.ndarray
+        ``(R, R)`` float64, symmetric, diagonal 1: entry ``(i, j)`` equals ``nmi(labelings[i], labelings[j])``.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from jule3d.metrics import nmi, pairwise_nmi
+    >>> a, b = np.array([1, 1, 1, 2, 2, 2, 3, 3]), np.array([7, 7, 5, 5, 5, 5, 9, 9])
+    >>> pairwise_nmi([a, b, a + 10]).round(3)
+    array([[1.   , 0.755, 1.   ],
+           [0.755, 1.   , 0.755],
+           [1.   , 0.755, 1.   ]])
+    >>> bool(pairwise_nmi([a, b])[0, 1] == nmi(a, b))
+    True
+    """
+    _check_average_method(average_method)
+    if len(labelings) == 0:
+        raise ValueError("labelings is empty: no labelling to compare")
+    arrays = [np.asarray(labels) for labels in labelings]
+    for i, labels in enumerate(arrays):
+        if labels.shape != arrays[0].shape:
+            raise ValueError(f"labelings[{i}] shape {labels.shape} does not match labelings[0] shape "
+                             f"{arrays[0].shape}")
+    if arrays[0].size == 0:
+        raise ValueError("labelings are empty: no voxel to compare")
+    encoded = [_dense_codes(labels.ravel()) for labels in arrays]
+    result = np.eye(len(encoded))
+    for i, (codes_i, ids_i) in enumerate(encoded):
+        for j in range(i + 1, len(encoded)):
+            codes_j, ids_j = encoded[j]
+            table = np.bincount(codes_i * ids_j.size + codes_j, minlength=ids_i.size * ids_j.size)
+            result[i, j] = result[j, i] = _nmi_from_table(table.reshape(ids_i.size, ids_j.size), average_method)
+    return result
 
 
 def ari(gt: np.ndarray, pred: np.ndarray, mask: np.ndarray | None = None) -> float:

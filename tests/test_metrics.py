@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
 
-from jule3d.metrics import ari, confusion, evaluate, matched_dice, nmi
+from jule3d.metrics import ari, confusion, evaluate, matched_dice, nmi, pairwise_nmi
 
 # A 2x2 case: gt classes 1 and 2 with 4 voxels each; cluster 10 holds 3 voxels of class 1,
 # cluster 20 holds 1 voxel of class 1 and all 4 of class 2: table [[3, 1], [0, 4]].
@@ -92,6 +92,34 @@ def test_random_label_maps_match_sklearn_with_and_without_mask(seed: int) -> Non
                 normalized_mutual_info_score(g, p, average_method=method), abs=1e-12
             )
         assert ari(gt, pred, m) == pytest.approx(adjusted_rand_score(g, p), abs=1e-12)
+
+
+@pytest.mark.parametrize("method", ["arithmetic", "geometric", "min", "max"])
+def test_pairwise_nmi_is_nmi_of_every_pair(method: str) -> None:
+    """Every entry ``(i, j)``, ``i < j``, is exactly :func:`nmi` of that pair (NMI is symmetric only up to
+    rounding, so the lower triangle mirrors the upper one), whatever the labellings' ids and counts."""
+    rng = np.random.default_rng(7)
+    base = rng.integers(0, 3, size=(6, 7, 8))
+    labelings = [base, base + 5, np.where(rng.random(base.shape) < 0.4, rng.integers(0, 4, base.shape), base),
+                 rng.integers(-2, 2, size=base.shape).astype(np.int8), (base == 1), np.zeros(base.shape, int)]
+    matrix = pairwise_nmi(labelings, average_method=method)
+    assert matrix.shape == (6, 6)
+    np.testing.assert_array_equal(matrix, matrix.T)
+    np.testing.assert_array_equal(np.diag(matrix), 1.0)
+    for i, a in enumerate(labelings):
+        for j in range(i + 1, len(labelings)):
+            assert matrix[i, j] == nmi(a, labelings[j], average_method=method), (i, j)
+
+
+def test_pairwise_nmi_rejects_bad_input_naming_it() -> None:
+    with pytest.raises(ValueError, match=r"labelings\[1\] shape \(3,\) does not match"):
+        pairwise_nmi([np.zeros(4, int), np.zeros(3, int)])
+    with pytest.raises(ValueError, match="labelings is empty"):
+        pairwise_nmi([])
+    with pytest.raises(ValueError, match="labelings are empty"):
+        pairwise_nmi([np.array([], int), np.array([], int)])
+    with pytest.raises(ValueError, match="average_method"):
+        pairwise_nmi([np.zeros(4, int)], average_method="harmonic")
 
 
 @pytest.mark.parametrize(

@@ -86,9 +86,13 @@ def _table(
     g, p = _evaluation_values(gt, pred, mask)
     g_codes, gt_ids = _dense_codes(g)
     p_codes, pred_ids = _dense_codes(p)
-    n_gt, n_pred = gt_ids.size, pred_ids.size
+    return _table_from_codes(g_codes, gt_ids.size, p_codes, pred_ids.size), gt_ids, pred_ids
+
+
+def _table_from_codes(g_codes: np.ndarray, n_gt: int, p_codes: np.ndarray, n_pred: int) -> np.ndarray:
+    """``(n_gt, n_pred)`` int64 contingency table of two :func:`_dense_codes` encodings of the same voxels."""
     counts = np.bincount(g_codes * n_pred + p_codes, minlength=n_gt * n_pred)
-    return counts.reshape(n_gt, n_pred).astype(np.int64, copy=False), gt_ids, pred_ids
+    return counts.reshape(n_gt, n_pred).astype(np.int64, copy=False)
 
 
 def _entropy(counts: np.ndarray) -> float:
@@ -248,7 +252,8 @@ def pairwise_nmi(labelings: Sequence[np.ndarray], average_method: str = "arithme
     Returns
     -------
     numpy.ndarray
-        ``(R, R)`` float64, symmetric, diagonal 1: entry ``(i, j)`` equals ``nmi(labelings[i], labelings[j])``.
+        ``(R, R)`` float64, symmetric, diagonal 1: entry ``(i, j)``, ``i < j``, is ``nmi(labelings[i],
+        labelings[j])``; the lower triangle mirrors it (NMI is symmetric only up to rounding).
 
     Examples
     --------
@@ -277,8 +282,8 @@ def pairwise_nmi(labelings: Sequence[np.ndarray], average_method: str = "arithme
     for i, (codes_i, ids_i) in enumerate(encoded):
         for j in range(i + 1, len(encoded)):
             codes_j, ids_j = encoded[j]
-            table = np.bincount(codes_i * ids_j.size + codes_j, minlength=ids_i.size * ids_j.size)
-            result[i, j] = result[j, i] = _nmi_from_table(table.reshape(ids_i.size, ids_j.size), average_method)
+            table = _table_from_codes(codes_i, ids_i.size, codes_j, ids_j.size)
+            result[i, j] = result[j, i] = _nmi_from_table(table, average_method)
     return result
 
 

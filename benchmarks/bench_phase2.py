@@ -93,6 +93,15 @@ def _one_gaussian(grids: Sequence[seg.GridFeatures], case: Case, seed: int) -> n
         return _label(grids, case, seed)
 
 
+def _no_potts(grids: Sequence[seg.GridFeatures], case: Case, seed: int) -> np.ndarray:
+    """The default with the refinement of before: every voxel takes its own most probable class, with no Potts
+    model between neighbouring voxels (``REFINE_SMOOTHING = 0``)."""
+    from jule3d import clustering
+
+    with mock.patch.object(clustering, "REFINE_SMOOTHING", 0.0):
+        return _label(grids, case, seed)
+
+
 def _best_candidate(grids: Sequence[seg.GridFeatures], case: Case, seed: int) -> np.ndarray:
     """Not a method (it reads the ground truth): the refined consensus candidate that scores best, the ceiling of
     any rule that chooses among the default's candidates."""
@@ -132,7 +141,8 @@ def _ward_merge(grids: Sequence[seg.GridFeatures], case: Case, seed: int) -> np.
 #: same code); ``merge-ward`` is the default with the merge of before (Ward's cost); ``support-all`` judges each
 #: candidate by its agreement with all the others, the rule before, not only with the other network subsets'
 #: candidates; ``medoid-of-all-factors`` keeps the medoid of every intensity factor's candidates, the rule before
-#: the factor was chosen first; ``no-refine-*`` are consensus variants before :func:`refine_labels`;
+#: the factor was chosen first; ``refine-no-potts`` refines every voxel alone (no voxel Potts model), the
+#: refinement before; ``no-refine-*`` are consensus variants before :func:`refine_labels`;
 #: ``vote-of-candidates`` replaces the choice of one candidate by a vote of them; ``oracle-best-candidate`` is a diagnostic that uses
 #: the labels.
 VARIANTS: dict[str, Variant] = {
@@ -143,6 +153,7 @@ VARIANTS: dict[str, Variant] = {
     "consensus-one-restart": lambda g, c, s: _consensus(g, c, s, restarts=1),
     "consensus-no-refine": lambda g, c, s: _consensus(g, c, s, refine=False),
     "refine-one-gaussian": _one_gaussian,
+    "refine-no-potts": _no_potts,
     "no-refine-plain-medoid": lambda g, c, s: _consensus(g, c, s, refine=False, min_share=0.0),
     "no-refine-weights-0.5-2": lambda g, c, s: _consensus(g, c, s, refine=False, weights=(0.5, 1.0, 2.0)),
     "no-refine-weight-1": lambda g, c, s: _consensus(g, c, s, refine=False, weights=(1.0,)),

@@ -383,15 +383,17 @@ def open_volume(
 
 
 def halo_positions(stride: int, window: int) -> int:
-    """Grid positions of context around a chunk in pass B: the refinement prior's reach
-    (:attr:`jule3d.clustering.RefineModel.radius` voxels) plus two positions for the Potts model.
+    """Grid positions of context around a chunk in pass B: the refinement's reach
+    (:func:`jule3d.clustering.refine_radius` voxels) plus two positions for the Potts model.
 
     Examples
     --------
     >>> halo_positions(2, 3)
-    8
+    10
     """
-    return -(-(int(4.0 * stride + 0.5) + window) // stride) + 2
+    from .clustering import refine_radius
+
+    return -(-refine_radius(stride, window) // stride) + 2
 
 
 def _box(layout: Grid, first: Sequence[int], stop: Sequence[int]) -> tuple[slice, slice, slice]:

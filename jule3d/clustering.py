@@ -11,7 +11,7 @@ labelled the way the whole grid would be:
   :func:`jule3d.segmentation.merge_clusters`), the Potts weight and scale of
   :func:`jule3d.segmentation.smooth_labels`;
 * :class:`RefineModel`: the per-class densities (Gaussian mixtures) of the local mean intensity of
-  :func:`jule3d.segmentation.refine_labels`;
+  :func:`jule3d.segmentation.refine_labels`, and the Potts weight between the refined voxels;
 * ``order``: the output id of every class (ascending mean intensity of the first channel over the fitted
   voxels, :func:`jule3d.labels.order_labels_by_intensity`).
 
@@ -211,6 +211,27 @@ class ClassModel:
 REFINE_COMPONENTS = 2
 #: Voxels of a class that its mixture is fitted on (a seeded sample above it).
 REFINE_FIT_ROWS = 50_000
+#: Potts weight, in nats per face neighbour, that couples the refined labels of neighbouring voxels [ours]:
+#: Atropos' default MRF smoothing factor (``-m [0.3,1x1x1]``; Avants et al. 2011), the method whose use of prior
+#: maps the refinement follows. Without it each voxel decides alone, and where its evidence is weak (a voxel
+#: of air inside a foam, a texture) the border is a speckle (``docs/method.md`` 5.7).
+REFINE_SMOOTHING = 0.3
+#: Voxels beyond a block's own voxels that the voxel Potts model of :meth:`RefineModel.apply` also labels,
+#: so that the labels it keeps see their neighbours' labels as the whole volume would (up to ICM's reach).
+REFINE_CONTEXT = 4
+
+
+def refine_radius(stride: int, window: int) -> int:
+    """Voxels of context a block needs around its own voxels for :meth:`RefineModel.apply`: the Potts model's
+    context (:data:`REFINE_CONTEXT`), the prior's Gaussian (4 standard deviations of ``stride`` voxels) and the
+    ``window``³ box of the local means.
+
+    Examples
+    --------
+    >>> refine_radius(2, 3)
+    15
+    """
+    return REFINE_CONTEXT + int(4.0 * stride + 0.5) + window
 
 
 @dataclass
@@ -218,7 +239,7 @@ class RefineModel:
     """Per-class densities of the local mean intensity, for :func:`jule3d.segmentation.refine_labels`.
 
     Each class's density is a mixture of Gaussians (:data:`REFINE_COMPONENTS`; one where the class has too few
-    voxels to fit more).
+    voxels to fit more); neighbouring voxels' labels are coupled by a Potts model of weight ``beta``.
 
     Attributes
     ----------
@@ -236,6 +257,9 @@ class RefineModel:
         Side of the intensity box.
     floor : float
         Least prior probability.
+    beta : float
+        Potts weight between neighbouring voxels' labels, in nats (:data:`REFINE_SMOOTHING`; 0: every voxel
+        takes its own most probable class, the refinement of models saved before it).
     """
 
     means: np.ndarray
@@ -245,16 +269,19 @@ class RefineModel:
     stride: int
     window: int
     floor: float
+    beta: float = REFINE_SMOOTHING
 
     @property
     def radius(self) -> int:
-        """Voxels beyond a block whose coarse labels change the prior inside it (the Gaussian's reach)."""
-        return int(4.0 * self.stride + 0.5) + self.window
+        """Voxels of context a block needs around the voxels it labels (:func:`refine_radius`)."""
+        return refine_radius(self.stride, self.window)
 
     @classmethod
     def fit(cls, local: np.ndarray, labels: np.ndarray, n_classes: int, stride: int, window: int,
-            floor: float, components: int | None = None) -> "RefineModel":
+            floor: float, components: int | None = None, beta: float | None = None) -> "RefineModel":
         """Fit on the local means ``(N, C)`` of foreground voxels and their coarse classes ``(N,)`` (``0..k-1``).
+
+        ``beta`` (the Potts weight of :meth:`apply`) defaults to :data:`REFINE_SMOOTHING`.
 
         ``components`` defaults to :data:`REFINE_COMPONENTS`. With 1, each class is one Gaussian of its voxels'
         mean and (unbiased) covariance, the pooled covariance where a class has no more voxels than ``C + 1``.
@@ -268,9 +295,10 @@ class RefineModel:
         from sklearn.exceptions import ConvergenceWarning
         from sklearn.mixture import GaussianMixture
 
-        from .validation import check_int
+        from .validation import check_int, check_weight
 
         components = REFINE_COMPONENTS if components is None else check_int("components", components, 1)
+        beta = REFINE_SMOOTHING if beta is None else check_weight("beta", beta)
         local = np.asarray(local, dtype=np.float64)
         n_channels = local.shape[1]
         pooled = np.atleast_2d(np.cov(local, rowvar=False))
@@ -296,30 +324,56 @@ class RefineModel:
             means[c, 0] = members.mean(axis=0) if len(members) else local.mean(axis=0)
             covariances[c, 0], log_weights[c, 0] = cov + ridge * np.eye(n_channels), 0.0
         return cls(means, np.linalg.inv(covariances), np.linalg.slogdet(covariances)[1], log_weights, int(stride),
-                   int(window), float(floor))
+                   int(window), float(floor), float(beta))
 
-    def apply(self, coarse: np.ndarray, foreground: np.ndarray, local: np.ndarray, keep: np.ndarray) -> np.ndarray:
+    def apply(self, coarse: np.ndarray, volume: "Volume", keep: np.ndarray, local: np.ndarray | None = None,
+              spacing: Sequence[float] | None = None) -> np.ndarray:
         """Refined classes ``(N,)`` of the voxels ``keep`` of a block.
+
+        Every foreground voxel within :data:`REFINE_CONTEXT` voxels of ``keep`` gets its log posterior
+        ``log max(prior_c, floor) + log p_c(m)``; their labels then minimise
+
+        ``E(l) = - sum_i log P(l_i | x_i) + beta * sum_(i~j) w_ij [l_i != l_j]``
+
+        over the 26 neighbours with ``w_ij = h / |i - j|_mm`` (:func:`jule3d.segmentation.smooth_labels`, ICM from
+        the most probable classes; ``beta = 0``: those classes). This is Atropos' MRF prior on the refinement's
+        posterior; the voxels ``keep`` are returned.
 
         Parameters
         ----------
         coarse : numpy.ndarray
             ``(Z, Y, X)`` coarse classes ``0..k-1`` of the block (any value outside the foreground), with
             :attr:`radius` voxels of context around the voxels that are kept.
-        foreground : numpy.ndarray
-            Its bool foreground.
-        local : numpy.ndarray
-            ``(N, C)`` local means of the voxels ``keep`` (C order).
+        volume : Volume
+            The block's voxels with their foreground.
         keep : numpy.ndarray
             Bool: the foreground voxels to refine.
+        local : numpy.ndarray, optional
+            ``(N, C)`` local means of the voxels ``keep`` (C order), where the caller has them (they are reused
+            when no context is needed, e.g. ``keep`` is the whole foreground).
+        spacing : sequence of 3 float, optional
+            Voxel spacing ``(z, y, x)``; default ``volume``'s.
         """
+        from .segmentation import smooth_labels
+
+        foreground = volume.foreground()
+        region = keep
+        if self.beta > 0 and not np.array_equal(keep, foreground):
+            region = ndimage.maximum_filter(keep, size=2 * REFINE_CONTEXT + 1, mode="constant") & foreground
+        if local is None or not np.array_equal(region, keep):
+            local = box_means(volume, self.window, np.nonzero(region))
         k = len(self.log_weights)
         priors = np.stack([ndimage.gaussian_filter(((coarse == c) & foreground).astype(np.float32),
-                                                   sigma=float(self.stride), mode="nearest")[keep]
+                                                   sigma=float(self.stride), mode="nearest")[region]
                            for c in range(k)], axis=1)
         priors /= np.maximum(priors.sum(axis=1, keepdims=True), np.float32(1e-30))
-        log_posterior = np.log(np.maximum(priors, self.floor)).astype(np.float64)
-        return np.argmax(log_posterior + self.log_likelihood(local), axis=1)
+        log_posterior = np.log(np.maximum(priors, self.floor)).astype(np.float64) + self.log_likelihood(local)
+        if self.beta == 0:
+            return np.argmax(log_posterior, axis=1)
+        cost = log_posterior.max(axis=1, keepdims=True) - log_posterior
+        labels = smooth_labels(region, cost, self.beta, volume.geometry.spacing_zyx if spacing is None else spacing,
+                               scale=1.0)
+        return labels[keep[region]]
 
     def log_likelihood(self, local: np.ndarray) -> np.ndarray:
         """``(N, k)`` log density of every class at the local means ``(N, C)``, up to a constant shared by all."""
@@ -382,7 +436,8 @@ class Phase2Model:
             out.update(local_center=s.local_center, local_divisor=s.local_divisor)
         if r is not None:
             out.update(refine_means=r.means, refine_inverses=r.inverses, refine_logdets=r.logdets,
-                       refine_log_weights=r.log_weights, refine_stride=r.stride, refine_floor=r.floor)
+                       refine_log_weights=r.log_weights, refine_stride=r.stride, refine_floor=r.floor,
+                       refine_beta=r.beta)
         return out
 
     @classmethod
@@ -403,8 +458,9 @@ class Phase2Model:
             else:  # saved before the mixtures: one Gaussian per class
                 means, inverses, logdets = means[:, None], inverses[:, None], logdets[:, None]
                 log_weights = np.zeros(logdets.shape)
+            beta = float(get["refine_beta"]) if "refine_beta" in get else 0.0  # saved before the voxel Potts model
             refine = RefineModel(means, inverses, logdets, log_weights, int(get["refine_stride"]), int(get["window"]),
-                                 float(get["refine_floor"]))
+                                 float(get["refine_floor"]), beta)
         return cls(scaling, classes, refine, get["order"].astype(np.int64), int(get["window"]))
 
 
@@ -533,7 +589,7 @@ def fit_phase2(
         if len(np.unique(inside)) >= 2:
             refine = RefineModel.fit(np.concatenate(voxel_local), inside, k, blocks[0].grid.stride, window,
                                      REFINE_FLOOR)
-            refined = [refine.apply(c, b.volume.foreground(), loc, keep)
+            refined = [refine.apply(c, b.volume, keep, loc, spacing)
                        for b, c, loc, keep in zip(blocks, coarse, voxel_local, kept)]
             if len(np.unique(np.concatenate(refined))) < len(np.unique(inside)):
                 refine = None  # refining would empty a class: keep the coarse labels
@@ -680,8 +736,7 @@ def label_block(model: Phase2Model, block: Block, distances: np.ndarray, spacing
     keep = block.kept
     final = coarse[keep]
     if model.refine is not None and keep.any():
-        local = box_means(block.volume, model.window, np.nonzero(keep))
-        final = model.refine.apply(coarse, block.volume.foreground(), local, keep)
+        final = model.refine.apply(coarse, block.volume, keep, spacing=spacing)
     return _output(model, final, keep, block.owned)
 
 

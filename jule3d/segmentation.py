@@ -1506,7 +1506,10 @@ def refine_labels(
     Neuroinformatics 9: 381-400) with the network's segmentation as the prior. Where the classes differ in
     brightness the border moves to the intensity edge; where they do not (textures), the likelihoods are
     alike and the prior keeps the labels. A class of tissue and air spaces has a mode for each, and a
-    Gaussian for each keeps its tissue voxels from a tighter all-tissue neighbour.
+    Gaussian for each keeps its tissue voxels from a tighter all-tissue neighbour. As in Atropos, a Potts
+    model couples neighbouring voxels' labels (weight :data:`jule3d.clustering.REFINE_SMOOTHING` nats,
+    :meth:`jule3d.clustering.RefineModel.apply`), so that a border where one voxel's evidence is weak is placed
+    by its neighbourhood's, not left as a speckle.
 
     Parameters
     ----------
@@ -1557,7 +1560,7 @@ def refine_labels(
     coarse[foreground] = inside
     local = box_means(volume, window, np.nonzero(foreground))
     model = RefineModel.fit(local, inside, len(classes), stride, window, floor)
-    refined = model.apply(coarse, foreground, local, foreground)
+    refined = model.apply(coarse, volume, foreground, local)
     if len(np.unique(refined)) < len(classes):
         return labels
     order = _intensity_order(refined, np.asarray(volume.data[0], dtype=np.float64)[foreground], len(classes))

@@ -206,6 +206,16 @@ def test_the_one_gaussian_ablation_refines_with_one_component_and_leaves_the_def
     assert seen == [1] and clustering.REFINE_COMPONENTS == 2
 
 
+def test_the_no_potts_ablation_refines_every_voxel_alone_and_leaves_the_default_as_it_was(bench, monkeypatch) -> None:
+    """``refine-no-potts`` runs the default with no Potts model between the refined voxels."""
+    from jule3d import clustering
+
+    seen = []
+    monkeypatch.setattr(bench, "_label", lambda grids, case, seed: seen.append(clustering.REFINE_SMOOTHING) or "ok")
+    assert bench.VARIANTS["refine-no-potts"]([], None, 0) == "ok"
+    assert seen == [0.0] and clustering.REFINE_SMOOTHING == 0.3
+
+
 def test_the_support_ablation_judges_candidates_by_all_the_others(bench, monkeypatch) -> None:
     """``support-all`` runs the consensus with the rule before: every other candidate counts in the support."""
     calls = []

@@ -8,7 +8,8 @@ the specimen's border layer first, a change meant to change the merged classes, 
 to judge a candidate by the other network subsets' candidates only, a change meant to change the kept candidate,
 and again when the ``fast`` preset's merges were anchored to the period-0 features, a change meant to change
 the networks, and again when the refinement's class densities became mixtures of two Gaussians, a change meant
-to change the refined borders.
+to change the refined borders, and again when a Potts model began to couple the refined voxels' labels, a change
+meant to change the refined borders.
 Regenerate it only for a change that is *meant* to change the labels, and say so in the commit:
 ``python tests/test_pinned.py``.
 """

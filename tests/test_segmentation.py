@@ -1031,6 +1031,52 @@ def test_refine_labels_keeps_classes_that_do_not_differ_in_intensity() -> None:
             refine_labels(coarse, volume, stride=2, floor=bad)
 
 
+def _weak_border(seed: int = 0) -> tuple[Volume, np.ndarray, np.ndarray]:
+    """Two halves whose voxels differ by a third of their noise, and coarse labels 3 columns off the edge."""
+    rng = np.random.default_rng(seed)
+    truth = np.where(np.arange(32) < 16, 1, 2)[None, None, :] * np.ones((20, 20, 1), np.uint8)
+    data = np.where(truth == 1, -0.25, 0.25) + 1.5 * rng.normal(size=truth.shape)
+    coarse = np.where(np.arange(32) < 19, 1, 2)[None, None, :] * np.ones((20, 20, 1), np.uint8)
+    return Volume.from_array(data.astype(np.float32)), truth, coarse
+
+
+def test_refinement_places_a_weak_border_with_its_neighbourhood_not_voxel_by_voxel(monkeypatch) -> None:
+    """Where one voxel's 3³ box is weak evidence, voxels that decide alone leave a speckle of small islands near
+    the border (9 connected pieces here); the Potts model between neighbours (Atropos' 0.3) leaves each class
+    about one piece, and no fewer voxels right."""
+    from scipy import ndimage
+
+    from jule3d import clustering
+
+    volume, truth, coarse = _weak_border()
+    assert clustering.REFINE_SMOOTHING == 0.3
+    coupled = refine_labels(coarse, volume, stride=2)
+    monkeypatch.setattr(clustering, "REFINE_SMOOTHING", 0.0)
+    alone = refine_labels(coarse, volume, stride=2)
+    pieces = [sum(ndimage.label(labels == c)[1] for c in (1, 2)) for labels in (coupled, alone)]
+    assert pieces[0] <= 3 < 6 <= pieces[1]
+    assert (coupled == truth).mean() >= (alone == truth).mean() > (coarse == truth).mean()
+
+
+def test_refining_part_of_a_volume_labels_it_as_the_whole_volume_does() -> None:
+    """A chunk refines its own voxels with :data:`REFINE_CONTEXT` voxels of context around them for the Potts
+    model, so its labels are those of the whole volume bar where ICM's reach crosses the context."""
+    from jule3d.clustering import RefineModel, box_means
+
+    volume, _, coarse = _weak_border(1)
+    foreground = volume.foreground()
+    inside = coarse[foreground].astype(np.int64) - 1
+    local = box_means(volume, 3, np.nonzero(foreground))
+    model = RefineModel.fit(local, inside, 2, stride=2, window=3, floor=1e-3)
+    whole = model.apply(coarse - 1, volume, foreground, local).reshape(coarse.shape)
+    keep = np.zeros(coarse.shape, bool)
+    keep[5:15, 5:15, 10:22] = True  # across the border
+    part = model.apply(coarse - 1, volume, keep)
+    assert (part == whole[keep]).mean() > 0.99
+    with pytest.raises(ValueError, match="beta"):
+        RefineModel.fit(local, inside, 2, stride=2, window=3, floor=1e-3, beta=-1.0)
+
+
 def _two_modes_and_one(n: int = 4000) -> tuple[np.ndarray, np.ndarray]:
     """Local means of class 0, half air (0) and half tissue (1), and of class 1, tissue only: ``(N, 1)``, ``(N,)``."""
     rng = np.random.default_rng(0)
@@ -1108,6 +1154,7 @@ def test_a_phase2_model_saved_with_one_gaussian_per_class_loads_as_one_component
     np.testing.assert_array_equal(loaded.log_likelihood(local), one.log_likelihood(local))
     again = Phase2Model.from_dict(Phase2Model.from_dict(saved).to_dict()).refine
     np.testing.assert_array_equal(again.log_likelihood(local), one.log_likelihood(local))
+    assert one.beta == 0.3 and loaded.beta == again.beta == 0.0  # saved before the voxel Potts model: none
 
 
 def test_segment_trains_the_presets_networks_with_distinct_seeds(phantom, monkeypatch) -> None:

@@ -140,8 +140,9 @@ def _ward_merge(grids: Sequence[seg.GridFeatures], case: Case, seed: int) -> np.
 #: Phase 2 variants on the same two networks: ``default`` is ``label_volume``'s default (``label_grids``, the
 #: same code); ``merge-ward`` is the default with the merge of before (Ward's cost); ``support-all`` judges each
 #: candidate by its agreement with all the others, the rule before, not only with the other network subsets'
-#: candidates; ``medoid-of-all-factors`` keeps the medoid of every intensity factor's candidates, the rule before
-#: the factor was chosen first; ``refine-no-potts`` refines every voxel alone (no voxel Potts model), the
+#: candidates; ``factor-first`` chooses the intensity factor whose candidates agree best across networks, then its
+#: medoid, the rule before each candidate was judged at its own factor; ``medoid-of-all-factors`` keeps the medoid
+#: of every intensity factor's candidates, the rule before that; ``refine-no-potts`` refines every voxel alone (no voxel Potts model), the
 #: refinement before; ``no-refine-*`` are consensus variants before :func:`refine_labels`;
 #: ``vote-of-candidates`` replaces the choice of one candidate by a vote of them; ``oracle-best-candidate`` is a diagnostic that uses
 #: the labels.
@@ -149,7 +150,8 @@ VARIANTS: dict[str, Variant] = {
     "default": _label,
     "merge-ward": _ward_merge,
     "support-all": lambda g, c, s: _consensus(g, c, s, cross_support=False),
-    "medoid-of-all-factors": lambda g, c, s: _consensus(g, c, s, factor_first=False),
+    "factor-first": lambda g, c, s: _consensus(g, c, s, choice="factor-first"),
+    "medoid-of-all-factors": lambda g, c, s: _consensus(g, c, s, choice="medoid"),
     "consensus-one-restart": lambda g, c, s: _consensus(g, c, s, restarts=1),
     "consensus-no-refine": lambda g, c, s: _consensus(g, c, s, refine=False),
     "refine-one-gaussian": _one_gaussian,

@@ -614,16 +614,15 @@ def fit_classes(
     min_share: float | None = None,
     restarts: int | None = None,
     cross_support: bool = True,
-    factor_first: bool = True,
+    choice: str = "reproduced",
 ) -> tuple[FeatureScaling, ClassModel, list[np.ndarray], list, np.ndarray | None, int]:
     """The grid stage of :func:`fit_phase2`: the joint features and class model of the kept candidate.
 
     ``min_share`` is that of :func:`jule3d.segmentation.choose_candidate` (default its default); ``restarts``
     the k-means restarts of every consensus candidate (default :data:`jule3d.segmentation.CONSENSUS_RESTARTS`);
     ``cross_support`` whether a candidate's support counts only the other network subsets' candidates
-    (:func:`jule3d.segmentation.support`; ``False``: all of them, an ablation); ``factor_first`` whether the
-    intensity factor whose candidates agree best across networks is chosen before the candidate
-    (:func:`jule3d.segmentation.weight_agreement`; ``False``: the medoid of all factors' candidates, an ablation).
+    (:func:`jule3d.segmentation.support`; ``False``: all of them, an ablation); ``choice`` the rule that keeps
+    a candidate (:data:`jule3d.segmentation.CONSENSUS_CHOICES`, :func:`jule3d.segmentation.choose_candidate`).
 
     Returns
     -------
@@ -703,7 +702,7 @@ def fit_classes(
         chosen = choose_candidate(agreement, candidate_labels, n_clusters,
                                   MIN_CLASS_SHARE if min_share is None else min_share,
                                   groups=[c[0] for c in candidates] if cross_support else None,
-                                  factors=[c[1] for c in candidates] if factor_first else None)
+                                  factors=[c[1] for c in candidates], choice=choice)
     scaling, classes, _ = fits[chosen]
     return scaling, classes, candidate_labels, candidates, agreement, chosen
 

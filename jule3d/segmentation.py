@@ -41,7 +41,7 @@ if TYPE_CHECKING:
 __all__ = [
     "PHASE2_METHODS", "GridFeatures", "grid_features", "cluster_features", "smooth_labels", "local_intensity",
     "joint_features", "grid_contacts", "merge_clusters", "merge_segment", "CONSENSUS_WEIGHTS", "CONSENSUS_RESTARTS",
-    "Consensus", "support", "weight_agreement", "choose_candidate",
+    "CONSENSUS_CHOICES", "Consensus", "support", "weight_agreement", "choose_candidate",
     "network_subsets", "consensus_segment", "REFINE_FLOOR", "refine_labels", "project_labels", "label_volume", "label_grids",
     "phase2_weights",
 ]
@@ -1085,6 +1085,12 @@ CONSENSUS_RESTARTS = 3
 #: the candidate's single run, so a one-restart consensus is a subset of the default's ensemble).
 RESTART_SEED_STEP = 1000
 
+#: The rules :func:`choose_candidate` keeps a consensus candidate by: ``"reproduced"`` (the default [ours]: the
+#: candidate the other networks reproduce best at its own intensity factor), and the rules before it, as
+#: ablations: ``"factor-first"`` (the factor whose candidates agree best across networks, then its medoid) and
+#: ``"medoid"`` (the medoid of all factors' candidates).
+CONSENSUS_CHOICES = ("reproduced", "factor-first", "medoid")
+
 
 @dataclass
 class Consensus:
@@ -1101,9 +1107,9 @@ class Consensus:
     agreement : numpy.ndarray
         ``(R, R)`` NMI between every two candidates' labels (diagonal 1).
     chosen : int
-        Index of the kept candidate (:func:`choose_candidate`): of the candidates that keep every class and
-        are of the intensity factor that agrees best across networks (:func:`weight_agreement`), the one with
-        the highest mean NMI to the candidates of the other network subsets (:func:`support`).
+        Index of the kept candidate (:func:`choose_candidate`): of the candidates that keep every class, the
+        one with the highest mean NMI to the candidates of the other network subsets at its own intensity
+        factor (:func:`support`).
 
     Examples
     --------
@@ -1143,10 +1149,11 @@ class Consensus:
         return support(self.agreement, [c[0] for c in self.candidates])
 
 
-def support(agreement: np.ndarray, groups: Sequence[Hashable] | None = None) -> np.ndarray:
+def support(agreement: np.ndarray, groups: Sequence[Hashable] | None = None,
+            factors: Sequence[float] | None = None) -> np.ndarray:
     """[ours] How well each consensus candidate is reproduced by the others: its mean NMI to the candidates of
     the *other* groups (network subsets), or to all other candidates where there is one group (or ``groups``
-    is ``None``).
+    is ``None``); where ``factors`` are given, only to those of the same intensity factor.
 
     The candidates that cluster one feature space (one network subset, with several intensity factors and
     k-means restarts) share that space's errors and agree with each other for that reason alone. Counted
@@ -1162,11 +1169,14 @@ def support(agreement: np.ndarray, groups: Sequence[Hashable] | None = None) -> 
         ``(R, R)`` NMI between every two candidates (diagonal 1).
     groups : sequence, optional
         ``R`` hashable group ids (the network subset of each candidate); ``None``: one group.
+    factors : sequence of float, optional
+        ``R`` factors on the intensity block: count only the candidates of a candidate's own factor
+        (:func:`choose_candidate`).
 
     Returns
     -------
     numpy.ndarray
-        ``(R,)`` mean NMI; 1 where there is one candidate.
+        ``(R,)`` mean NMI; 1 where there is one candidate, NaN where a candidate has no other to count.
 
     Examples
     --------
@@ -1178,6 +1188,11 @@ def support(agreement: np.ndarray, groups: Sequence[Hashable] | None = None) -> 
     >>> agreement = np.array([[1.0, 0.9, 0.3], [0.9, 1.0, 0.7], [0.3, 0.7, 1.0]])
     >>> support(agreement).round(2).tolist(), support(agreement, ["a", "a", "b"]).round(2).tolist()
     ([0.6, 0.8, 0.5], [0.3, 0.7, 0.5])
+
+    Where candidate 1 alone is of factor 2, it has no candidate of its factor in another space to count.
+
+    >>> support(agreement, ["a", "a", "b"], [1.0, 2.0, 1.0]).round(2).tolist()
+    [0.3, nan, 0.3]
     """
     agreement = np.asarray(agreement, dtype=np.float64)
     r = len(agreement)
@@ -1187,13 +1202,19 @@ def support(agreement: np.ndarray, groups: Sequence[Hashable] | None = None) -> 
     counted = ids[:, None] != ids[None, :]
     if not counted.any():  # one group: every other candidate counts
         counted = ~np.eye(r, dtype=bool)
-    return (agreement * counted).sum(axis=1) / counted.sum(axis=1)
+    if factors is not None:
+        factors = np.asarray(factors, dtype=np.float64)
+        counted &= factors[:, None] == factors[None, :]
+    n = counted.sum(axis=1)
+    return np.where(n > 0, (agreement * counted).sum(axis=1) / np.maximum(n, 1), np.nan)
 
 
 def weight_agreement(agreement: np.ndarray, factors: Sequence[float],
                      groups: Sequence[Hashable] | None = None) -> dict[float, float]:
     """[ours] How well each intensity factor's candidates reproduce one another across feature spaces: for every
-    factor, the mean NMI between two of its candidates of *different* ``groups`` (network subsets).
+    factor, the mean NMI between two of its candidates of *different* ``groups`` (network subsets). The
+    ``"factor-first"`` rule of :func:`choose_candidate` (the rule before, an ablation) keeps the medoid of the
+    factor where it is highest.
 
     A factor that leaves the partition to what the networks learnt apart, or to the intensity they share, gives
     the same segmentation from every network when that is what the volume holds, and a spread of them when
@@ -1256,22 +1277,29 @@ def _group_ids(groups: Sequence[Hashable] | None, r: int) -> np.ndarray:
 
 def choose_candidate(agreement: np.ndarray, labels: Sequence[np.ndarray], n_clusters: int,
                      min_share: float = MIN_CLASS_SHARE, groups: Sequence[Hashable] | None = None,
-                     factors: Sequence[float] | None = None) -> int:
-    """[ours] The consensus candidate to keep: the medoid of the candidates that keep all ``n_clusters`` classes,
-    of the intensity factor whose candidates agree best across networks.
+                     factors: Sequence[float] | None = None, choice: str = "reproduced") -> int:
+    """[ours] The consensus candidate to keep: of the candidates that keep all ``n_clusters`` classes, the one
+    that networks trained apart reproduce best with its own intensity factor.
 
     A candidate keeps its classes when each holds at least ``min_share`` of its positions; the others take no
-    part. Where ``factors`` are given, the factor of the highest :func:`weight_agreement` among the remaining
-    candidates is chosen first. Of its candidates, the one with the highest :func:`support` among all the
-    remaining candidates is kept (Strehl & Ghosh's "best of" consensus): the mean NMI to the candidates of the
-    other ``groups``, or to all the others where there is one group. Ties go to the first. Where no candidate
-    keeps all its classes, all of them take part. Where there is one group, no factor is chosen first
-    (:func:`weight_agreement` has no pair to count).
+    part (where none keeps all its classes, all of them take part). With ``choice="reproduced"`` (the default),
+    each remaining candidate is scored by its :func:`support` among the remaining candidates of the other
+    ``groups`` *and of its own factor*: its mean NMI to the segmentations that the other feature spaces give
+    under the same clustering. This is clustering stability (Lange et al. 2004, Neural Computation 16:
+    1299-1323) judged candidate by candidate, with independently trained networks as the perturbation. A
+    candidate with nothing to count (its factor's candidates in the other groups all lost a class) is passed
+    over, unless no candidate has anything to count. Ties go to the first.
 
-    Choosing the factor first keeps the choice out of the gap between a tight group of candidates and a
-    spread of others: where the networks learnt texture and the classes differ in intensity, the candidates of
-    the large factors agree with one another and score 0.95, the small factors' spread over 0.67-0.87, and the
-    medoid of all of them was one of the middle factor's, at 0.87 (``docs/method.md`` 5.6).
+    The other choices are the rules before, kept as ablations. ``"factor-first"``: the factor of the highest
+    :func:`weight_agreement` first, then its candidate of the highest :func:`support` among *all* the remaining
+    candidates. It averages a factor over all its candidates and so decides between two factors by a hair: on
+    the lung phantom (seed 0) factor 0.25 beat factor 2 by 0.817 to 0.816, and its medoid scored 0.768 where
+    the candidate reproduced best at its own factor scores 0.879 (``docs/method.md`` 5.8). ``"medoid"``: the
+    candidate of the highest :func:`support` among all the remaining, whatever its factor; where the networks
+    learnt texture and the classes differ in intensity it fell between the large factors' tight group (0.95)
+    and the small factors' spread, on a middle factor's candidate (0.87, ``docs/method.md`` 5.6). Without
+    ``factors``, or with one group (one network: k-means restarts on one feature space are no perturbation),
+    every choice is the medoid.
 
     Parameters
     ----------
@@ -1287,8 +1315,9 @@ def choose_candidate(agreement: np.ndarray, labels: Sequence[np.ndarray], n_clus
         ``R`` hashable ids of the feature space (network subset) each candidate clusters (:func:`support`);
         ``None``: one group, the medoid over all candidates.
     factors : sequence of float, optional
-        The ``R`` candidates' factors on the intensity block (:func:`weight_agreement`, across ``groups``);
-        ``None``: the medoid of all the candidates, whatever their factor (the rule before, an ablation).
+        The ``R`` candidates' factors on the intensity block; ``None``: the medoid of all the candidates.
+    choice : {"reproduced", "factor-first", "medoid"}
+        The rule (:data:`CONSENSUS_CHOICES`): the default, or one of the rules before (ablations).
 
     Returns
     -------
@@ -1321,8 +1350,8 @@ def choose_candidate(agreement: np.ndarray, labels: Sequence[np.ndarray], n_clus
 
     Six candidates, one per network (``"a"``, ``"b"``) and factor (0.5, 1, 2): the two of factor 2 reproduce each
     other across the networks (0.95), those of factor 1 agree moderately with everything (0.7-0.75), and the
-    medoid of all six is one of the middle factor's. The factor is chosen first, and the choice is among factor
-    2's.
+    medoid of all six is one of the middle factor's. The candidates of factor 2 are the ones the other network
+    reproduces best.
 
     >>> agreement = np.array([[1.0, 0.6, 0.75, 0.75, 0.4, 0.4], [0.6, 1.0, 0.75, 0.75, 0.4, 0.4],
     ...                       [0.75, 0.75, 1.0, 0.7, 0.75, 0.75], [0.75, 0.75, 0.7, 1.0, 0.75, 0.75],
@@ -1332,16 +1361,22 @@ def choose_candidate(agreement: np.ndarray, labels: Sequence[np.ndarray], n_clus
     ...                                                                         groups=groups, factors=factors)
     (2, 4)
     """
+    check_choice("choice", choice, CONSENSUS_CHOICES)
     pool = complete_candidates(labels, n_clusters, min_share)
     pool_groups = None if groups is None else [groups[i] for i in pool]
     pool_agreement = agreement[np.ix_(pool, pool)]
     scores = support(pool_agreement, pool_groups)
-    if factors is not None:
+    if factors is not None and pool_groups is not None and len(set(pool_groups)) > 1 and choice != "medoid":
         pool_factors = np.asarray(factors, dtype=np.float64)[pool]
-        stability = weight_agreement(pool_agreement, pool_factors, pool_groups)
-        if stability:
-            best = max(stability, key=lambda f: (stability[f], -f))  # ties: the smaller factor
-            scores = np.where(pool_factors == best, scores, -np.inf)
+        if choice == "reproduced":
+            own = support(pool_agreement, pool_groups, pool_factors)
+            if np.isfinite(own).any():
+                scores = np.where(np.isfinite(own), own, -np.inf)
+        else:
+            stability = weight_agreement(pool_agreement, pool_factors, pool_groups)
+            if stability:
+                best = max(stability, key=lambda f: (stability[f], -f))  # ties: the smaller factor
+                scores = np.where(pool_factors == best, scores, -np.inf)
     return int(pool[np.argmax(scores)])
 
 
@@ -1387,7 +1422,7 @@ def consensus_segment(
     min_share: float = MIN_CLASS_SHARE,
     restarts: int = CONSENSUS_RESTARTS,
     cross_support: bool = True,
-    factor_first: bool = True,
+    choice: str = "reproduced",
 ) -> Consensus:
     """[ours] Several :func:`merge_segment` candidates; keep the one that agrees best with the others.
 
@@ -1396,11 +1431,11 @@ def consensus_segment(
     no labels to decide, every combination of the networks (:func:`network_subsets`) with every factor of
     ``weights`` (times ``intensity_weight``) on the intensity block of :func:`joint_features` is segmented
     by :func:`merge_segment` ``restarts`` times, each from its own k-means initialisation (one k-means run
-    each: every restart is a member of the ensemble). The factor whose candidates reproduce one another best
-    across the network subsets is chosen (:func:`weight_agreement`), and of its candidates the one with the
-    highest mean NMI to the candidates of the *other* network subsets (:func:`support`) is kept: the medoid of
-    the ensemble, the "best of" consensus of Strehl & Ghosh (2002, JMLR 3: 583-617), counted across feature
-    spaces so that a space's own near-identical candidates do not outvote the others. The restarts make the
+    each: every restart is a member of the ensemble). The candidate with the highest mean NMI to the candidates
+    that the *other* network subsets give at the same factor (:func:`support`, :func:`choose_candidate`) is
+    kept: the "best of" consensus of Strehl & Ghosh (2002, JMLR 3: 583-617), counted across feature spaces so
+    that a space's own near-identical candidates do not outvote the others, and within one clustering setting
+    so that it asks which segmentation networks trained apart reproduce under it. The restarts make the
     choice rest on the ensemble, not on one k-means initialisation. A candidate that collapsed (a network that
     merged two tissues, an intensity factor that drowns a texture) agrees little with the rest and is not
     chosen.
@@ -1434,11 +1469,10 @@ def consensus_segment(
     cross_support : bool
         Judge a candidate by its agreement with the candidates of the other network subsets only
         (:func:`support`); ``False``: with all other candidates, the rule before (an ablation).
-    factor_first : bool
-        Choose the intensity factor first, by :func:`weight_agreement` across the network subsets, then the
-        candidate among its own (with one network, or ``cross_support=False``, there are no subsets to compare
-        and no factor is chosen first); ``False``: the medoid of all the factors' candidates, the rule before
-        (an ablation).
+    choice : {"reproduced", "factor-first", "medoid"}
+        How the candidate is kept (:func:`choose_candidate`): the default, or one of the rules before (ablations).
+        With one network, or ``cross_support=False``, there are no subsets to compare, and every choice is the
+        medoid.
 
     Returns
     -------
@@ -1471,7 +1505,7 @@ def consensus_segment(
     _, _, candidate_labels, candidates, agreement, chosen = fit_classes(
         [whole_block(grids, volume)], n_clusters, seed=seed, phase2="consensus", intensity_weight=intensity_weight,
         window=window, smoothing=smoothing, spacing=volume.geometry.spacing_zyx, weights=weights, min_share=min_share,
-        restarts=restarts, cross_support=cross_support, factor_first=factor_first)
+        restarts=restarts, cross_support=cross_support, choice=choice)
     return Consensus(candidate_labels, candidates, agreement, chosen)
 
 

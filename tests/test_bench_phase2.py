@@ -224,9 +224,9 @@ def test_the_support_ablation_judges_candidates_by_all_the_others(bench, monkeyp
     assert calls == [{"cross_support": False}]
 
 
-def test_the_factor_ablation_keeps_the_medoid_of_every_factor(bench, monkeypatch) -> None:
-    """``medoid-of-all-factors`` runs the consensus with the rule before: no intensity factor is chosen first."""
+def test_the_choice_ablations_run_the_rules_before(bench, monkeypatch) -> None:
+    """``factor-first`` and ``medoid-of-all-factors`` run the consensus with the rules before."""
     calls = []
     monkeypatch.setattr(bench, "_consensus", lambda grids, case, seed, **options: calls.append(options) or "ok")
-    assert bench.VARIANTS["medoid-of-all-factors"]([], None, 0) == "ok"
-    assert calls == [{"factor_first": False}]
+    assert bench.VARIANTS["factor-first"]([], None, 0) == bench.VARIANTS["medoid-of-all-factors"]([], None, 0) == "ok"
+    assert calls == [{"choice": "factor-first"}, {"choice": "medoid"}]

@@ -102,6 +102,18 @@ def _no_potts(grids: Sequence[seg.GridFeatures], case: Case, seed: int) -> np.nd
         return _label(grids, case, seed)
 
 
+def _choice_before(grids: Sequence[seg.GridFeatures], case: Case, seed: int, choice: str) -> np.ndarray:
+    """The default with a rule before keeping the consensus candidate (``choose_candidate(choice=...)``), on the
+    default's own path, so that ``"factor-first"`` reproduces the default before bit for bit."""
+    original = seg.choose_candidate
+
+    def rule(*args, **options):
+        return original(*args, **{**options, "choice": choice})
+
+    with mock.patch.object(seg, "choose_candidate", rule):
+        return _label(grids, case, seed)
+
+
 def _best_candidate(grids: Sequence[seg.GridFeatures], case: Case, seed: int) -> np.ndarray:
     """Not a method (it reads the ground truth): the refined consensus candidate that scores best, the ceiling of
     any rule that chooses among the default's candidates."""
@@ -150,8 +162,8 @@ VARIANTS: dict[str, Variant] = {
     "default": _label,
     "merge-ward": _ward_merge,
     "support-all": lambda g, c, s: _consensus(g, c, s, cross_support=False),
-    "factor-first": lambda g, c, s: _consensus(g, c, s, choice="factor-first"),
-    "medoid-of-all-factors": lambda g, c, s: _consensus(g, c, s, choice="medoid"),
+    "factor-first": lambda g, c, s: _choice_before(g, c, s, "factor-first"),
+    "medoid-of-all-factors": lambda g, c, s: _choice_before(g, c, s, "medoid"),
     "consensus-one-restart": lambda g, c, s: _consensus(g, c, s, restarts=1),
     "consensus-no-refine": lambda g, c, s: _consensus(g, c, s, refine=False),
     "refine-one-gaussian": _one_gaussian,

@@ -225,8 +225,12 @@ def test_the_support_ablation_judges_candidates_by_all_the_others(bench, monkeyp
 
 
 def test_the_choice_ablations_run_the_rules_before(bench, monkeypatch) -> None:
-    """``factor-first`` and ``medoid-of-all-factors`` run the consensus with the rules before."""
-    calls = []
-    monkeypatch.setattr(bench, "_consensus", lambda grids, case, seed, **options: calls.append(options) or "ok")
+    """``factor-first`` and ``medoid-of-all-factors`` run the default's own path with the rules before keeping
+    the consensus candidate, whatever choice the default asks for."""
+    rules, calls = [], []
+    monkeypatch.setattr(bench, "_label", lambda grids, case, seed: rules.append(bench.seg.choose_candidate) or "ok")
+    monkeypatch.setattr(bench.seg, "choose_candidate", lambda *args, **options: calls.append(options["choice"]))
     assert bench.VARIANTS["factor-first"]([], None, 0) == bench.VARIANTS["medoid-of-all-factors"]([], None, 0) == "ok"
-    assert calls == [{"choice": "factor-first"}, {"choice": "medoid"}]
+    for rule in rules:
+        rule(None, [], 3, choice="reproduced")
+    assert calls == ["factor-first", "medoid"]

@@ -1145,7 +1145,10 @@ class Consensus:
     @property
     def support(self) -> np.ndarray:
         """``(R,)`` mean NMI of every candidate to the candidates of the other network subsets (to all the
-        other candidates where there is one subset; 1 when there is one candidate): :func:`support`."""
+        other candidates where there is one subset; 1 when there is one candidate): :func:`support`, over every
+        factor. The default choice scores a candidate among its own factor's only
+        (``support(agreement, groups, factors)``, :func:`choose_candidate`), so :attr:`chosen` need not be the
+        highest of these."""
         return support(self.agreement, [c[0] for c in self.candidates])
 
 

@@ -287,7 +287,8 @@ class RefineModel:
         mean and (unbiased) covariance, the pooled covariance where a class has no more voxels than ``C + 1``.
         Otherwise each class with at least ``10 * components * (C + 1)`` voxels and ``components`` distinct local
         means is a Gaussian mixture fitted by EM (scikit-learn, full covariances, k-means initialisation, seeded,
-        on at most :data:`REFINE_FIT_ROWS` voxels); the others are one Gaussian. Every covariance gets the same
+        on at most :data:`REFINE_FIT_ROWS` voxels, a sample drawn afresh for each class so that the fit does not depend
+        on the order of the classes); the others are one Gaussian. Every covariance gets the same
         ridge, a millionth of the pooled mean variance.
         """
         import warnings
@@ -306,11 +307,11 @@ class RefineModel:
         means = np.zeros((n_classes, components, n_channels))
         covariances = np.tile(np.eye(n_channels), (n_classes, components, 1, 1))
         log_weights = np.full((n_classes, components), -np.inf)
-        rng = np.random.default_rng(0)
         for c in range(n_classes):
             members = local[labels == c]
-            if len(members) > REFINE_FIT_ROWS and components > 1:
-                members = members[np.sort(rng.choice(len(members), REFINE_FIT_ROWS, replace=False))]
+            if len(members) > REFINE_FIT_ROWS and components > 1:  # a sample that is the same whatever c is
+                sample = np.random.default_rng(0).choice(len(members), REFINE_FIT_ROWS, replace=False)
+                members = members[np.sort(sample)]
             if (components > 1 and len(members) >= 10 * components * (n_channels + 1)
                     and len(np.unique(members, axis=0)) >= components):
                 mixture = GaussianMixture(components, covariance_type="full", reg_covar=ridge, random_state=0)

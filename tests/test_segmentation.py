@@ -1161,6 +1161,27 @@ def test_refinement_with_one_component_is_each_class_mean_and_covariance() -> No
     assert np.isfinite(RefineModel.fit(local, labels, 3, 2, 3, 1e-3).log_weights[0]).all()  # 247 voxels: a mixture
 
 
+def test_refinement_fit_does_not_depend_on_the_order_of_the_classes() -> None:
+    """Classes larger than the fitted sample are subsampled; renumbering the classes permutes the fitted densities
+    and changes nothing else (the refinement of ``refine_labels``, classes in intensity order, and of
+    ``fit_phase2``, classes in candidate order, are the same)."""
+    from unittest import mock
+
+    from jule3d import clustering
+
+    rng = np.random.default_rng(4)
+    local = np.concatenate([rng.normal(loc, 0.3, size=(400, 2)) for loc in (0.0, 1.0, 2.0)])
+    labels = np.repeat([0, 1, 2], 400)
+    renumber = np.array([2, 0, 1])  # class c becomes renumber[c]
+    with mock.patch.object(clustering, "REFINE_FIT_ROWS", 150):
+        model = clustering.RefineModel.fit(local, labels, 3, 2, 3, 1e-3)
+        renumbered = clustering.RefineModel.fit(local, renumber[labels], 3, 2, 3, 1e-3)
+    for c in range(3):
+        np.testing.assert_array_equal(renumbered.means[renumber[c]], model.means[c])
+        np.testing.assert_array_equal(renumbered.log_weights[renumber[c]], model.log_weights[c])
+    np.testing.assert_array_equal(renumbered.log_likelihood(local)[:, renumber], model.log_likelihood(local))
+
+
 def test_a_class_of_one_value_is_one_gaussian_and_fits_without_warnings() -> None:
     """A class whose local means are all equal (a saturated or clipped region) has no second mode to fit."""
     import warnings

@@ -242,5 +242,8 @@ def test_supervised_ceiling_reads_what_local_statistics_hold(monkeypatch) -> Non
     corner = bright.volume.data[0][:2, :2, :2]  # the 3³ box of voxel (0, 0, 0) inside the volume
     np.testing.assert_allclose(stats[0, :3], [bright.volume.data[0][0, 0, 0], corner.mean(), corner.std()],
                                rtol=1e-4, atol=1e-5)
-    assert bf.supervised_ceiling(bright, windows=(3, 5))["nmi"] > 0.8
-    assert bf.supervised_ceiling(alike, windows=(3, 5))["nmi"] < 0.1
+    read = bf.supervised_ceiling(bright, windows=(3, 5), smoothing=(1.0, 2.0))
+    assert read["nmi"] > 0.8 and set(read) == {"nmi", "accuracy", "nmi_smoothed_1", "nmi_smoothed_2"}
+    assert read["nmi_smoothed_2"] >= read["nmi"]  # a neighbour's evidence only firms up two flat slabs
+    alike_read = bf.supervised_ceiling(alike, windows=(3, 5), smoothing=(8.0,))
+    assert alike_read["nmi"] < 0.1 and alike_read["nmi_smoothed_8"] < 0.1  # smoothing makes no class of noise

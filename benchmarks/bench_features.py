@@ -106,8 +106,8 @@ def supervised_ceiling(case: Case, seed: int = 0, n_train: int = 40_000,
     ``HistGradientBoostingClassifier`` is fitted on a seeded sample of ``n_train`` voxels of one half and scored on
     every voxel of the other, then the other way round; ``nmi`` is the mean of the two, ``accuracy`` likewise.
     ``nmi_smoothed_<sigma>`` is the same with every held-out voxel given the most probable class after each class's
-    probability map over the held-out half is smoothed by a Gaussian of standard deviation ``sigma`` voxels (and
-    divided by the smoothed held-out half, so that its edges are not diluted), for each ``sigma`` of ``smoothing``.
+    probability map over the held-out half (0 elsewhere) is smoothed by a Gaussian of standard deviation ``sigma``
+    voxels, for each ``sigma`` of ``smoothing``.
     """
     from scipy import ndimage
     from sklearn.ensemble import HistGradientBoostingClassifier
@@ -125,15 +125,12 @@ def supervised_ceiling(case: Case, seed: int = 0, n_train: int = 40_000,
         scores["nmi"].append(nmi(y[~train], predicted))
         scores["accuracy"].append(float(np.mean(predicted == y[~train])))
         held_out = tuple(p[~train] for p in positions)
-        half = np.zeros(case.evaluation_mask.shape, dtype=np.float32)
-        half[held_out] = 1.0
         for sigma in smoothing:
-            weight = np.maximum(ndimage.gaussian_filter(half, sigma)[held_out], 1e-12)
             smoothed = np.empty_like(probability)
             for c in range(probability.shape[1]):
-                plane = np.zeros_like(half)
+                plane = np.zeros(case.evaluation_mask.shape, dtype=np.float32)
                 plane[held_out] = probability[:, c]
-                smoothed[:, c] = ndimage.gaussian_filter(plane, sigma)[held_out] / weight
+                smoothed[:, c] = ndimage.gaussian_filter(plane, sigma)[held_out]
             scores[f"nmi_smoothed_{sigma:g}"].append(nmi(y[~train], model.classes_[smoothed.argmax(axis=1)]))
     return {key: float(np.mean(values)) for key, values in scores.items()}
 

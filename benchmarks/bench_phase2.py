@@ -154,10 +154,10 @@ def _ward_merge(grids: Sequence[seg.GridFeatures], case: Case, seed: int) -> np.
 #: candidate by its agreement with all the others, the rule before, not only with the other network subsets'
 #: candidates; ``factor-first`` chooses the intensity factor whose candidates agree best across networks, then its
 #: medoid, the rule before each candidate was judged at its own factor; ``medoid-of-all-factors`` keeps the medoid
-#: of every intensity factor's candidates, the rule before that; ``refine-no-potts`` refines every voxel alone (no voxel Potts model), the
-#: refinement before; ``no-refine-*`` are consensus variants before :func:`refine_labels`;
-#: ``vote-of-candidates`` replaces the choice of one candidate by a vote of them; ``oracle-best-candidate`` is a diagnostic that uses
-#: the labels.
+#: of every intensity factor's candidates, the rule before that; ``refine-no-potts`` refines every voxel alone
+#: (no voxel Potts model), the refinement before; ``no-refine-*`` are consensus variants before
+#: :func:`refine_labels`; ``vote-of-candidates`` replaces the choice of one candidate by a vote of them;
+#: ``oracle-best-candidate`` is a diagnostic that uses the labels.
 VARIANTS: dict[str, Variant] = {
     "default": _label,
     "merge-ward": _ward_merge,

@@ -23,6 +23,7 @@ Usage::
     python benchmarks/bench_phase2.py --variants default --jule-options '{"raw_features": "spectrum+mean"}'
     python benchmarks/bench_phase2.py --variants default consensus-no-refine --borders
     python benchmarks/bench_phase2.py --cases phantom-lung phantom-intensity --border-reference
+    python benchmarks/bench_phase2.py --cases phantom-texture-other --variants default --networks
 
 ``--jule-options`` trains every network with these :class:`jule3d.config.JuleConfig` fields instead (a Phase 1
 ablation; its features are cached under a name of their own).
@@ -31,6 +32,10 @@ ablation; its features are cached under a name of their own).
 distance from the true border between two classes, the share of all errors within :data:`BORDER_BANDS` ``[1]``
 voxels of it, and the share of the errors that the most over-predicted class takes (1/k when errors run every
 way, near 1 when one class grows into its neighbours).
+
+``--networks`` adds how well each network's own features carry the classes (:func:`network_scores`): a linear
+probe's balanced accuracy (supervised) and k-means' NMI (unsupervised), per case, seed and network, beside the
+variants' scores. It tells a seed whose networks did not learn the classes from one whose choice missed them.
 
 ``--border-reference`` scores no method, and needs no network: for each case, the NMI of its ground truth
 with only border errors (:func:`border_reference`), a share of the voxels within a distance of a true border given
@@ -254,6 +259,24 @@ def border_profile(labels: np.ndarray, case: Case, distance: np.ndarray | None =
     return out
 
 
+def network_scores(grids: Sequence[seg.GridFeatures], case: Case, seed: int) -> list[dict[str, float]]:
+    """Each network's own features at the grid centres inside the evaluation voxels: the balanced accuracy of a
+    linear probe of the classes (supervised: ``bench_features.probe_accuracy``) and the NMI of k-means with the
+    case's ``k`` (unsupervised: the published Phase 2 on that network alone), one dict per network."""
+    from bench_features import probe_accuracy
+
+    centres = tuple(grids[0].centers.T)
+    scored = case.evaluation_mask[centres] & (case.ground_truth[centres] > 0)
+    truth = case.ground_truth[centres][scored]
+    out = []
+    for grid in grids:
+        features = np.asarray(grid.features, dtype=np.float32)
+        clusters = seg.cluster_features(features, case.n_clusters, seed=seed)
+        out.append({"probe": probe_accuracy(features[scored], truth, seed),
+                    "kmeans_nmi": nmi(truth, clusters[scored])})
+    return out
+
+
 def _segmenter(case: Case, seed: int, jule_options: dict | None = None) -> JuleSegmenter:
     """The default's segmenter (``segment()`` with nothing set, or with these ``jule_options``) for one case.
 
@@ -330,6 +353,21 @@ def cost(seeds: Sequence[int]) -> None:
           f"ratio {new / base:.2f}")
 
 
+def print_networks(rows: Sequence[dict], variants: Sequence[str]) -> None:
+    """The ``--networks`` table: per case and seed, each network's probe and k-means NMI, then the variants'."""
+    scored = [r for r in rows if r["variant"] == "networks"]
+    n = max(len(r["networks"]) for r in scored)
+    print("\nEach network's own features at the grid centres (probe: supervised balanced accuracy; k-means: NMI):\n")
+    print("| case | seed | " + " | ".join(f"network {i} probe | network {i} k-means" for i in range(n)) + " | "
+          + " | ".join(variants) + " |")
+    print("|---|---:|" + "---:|" * (2 * n + len(variants)))
+    for r in scored:
+        cells = [f"{x[key]:.3f}" for x in r["networks"] for key in ("probe", "kmeans_nmi")]
+        cells += [f"{v['nmi']:.3f}" for name in variants for v in rows
+                  if v["variant"] == name and v["case"] == r["case"] and v["seed"] == r["seed"]]
+        print(f"| {r['case']} | {r['seed']} | " + " | ".join(cells) + " |")
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cases", nargs="+", default=[*PHANTOM_CASES, *BRATS_CASES],
@@ -348,6 +386,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--cost", action="store_true", help="time segment() instead (see above)")
     parser.add_argument("--borders", action="store_true",
                         help="also report where the errors lie: by distance to the true border (see above)")
+    parser.add_argument("--networks", action="store_true",
+                        help="also score each network's own features: probe and k-means (see above)")
     parser.add_argument("--border-reference", action="store_true",
                         help="score the ground truth with errors only along its borders instead (see above)")
     args = parser.parse_args(argv)
@@ -382,6 +422,11 @@ def main(argv: Sequence[str] | None = None) -> None:
                 print(f"{case.name} s{seed} {name}: {score:.3f}", flush=True)
                 if args.borders:
                     rows[-1]["borders"] = border_profile(labels, case, distance)
+            if args.networks:
+                rows.append({"case": case.name, "seed": seed, "variant": "networks",
+                             "networks": network_scores(grids, case, seed)})
+                print(f"{case.name} s{seed} networks: " + ", ".join(
+                    f"probe {n['probe']:.3f} k-means {n['kmeans_nmi']:.3f}" for n in rows[-1]["networks"]), flush=True)
     if args.train_only:
         return
     print("\n| variant | " + " | ".join(args.cases) + " | BraTS mean | Phase 2 seconds |")
@@ -406,6 +451,8 @@ def main(argv: Sequence[str] | None = None) -> None:
                 profiles = [r["borders"] for r in rows if r["variant"] == name and r["case"] == case]
                 cells = [f"{np.nanmean([p[k] for p in profiles]):.3f}" for k in keys]
                 print(f"| {name} | {case} | " + " | ".join(cells) + " |")
+    if args.networks:
+        print_networks(rows, args.variants)
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(rows, indent=1))

@@ -234,3 +234,32 @@ def test_the_choice_ablations_run_the_rules_before(bench, monkeypatch) -> None:
     for rule in rules:
         rule(None, [], 3, choice="reproduced")
     assert calls == ["factor-first", "medoid"]
+
+
+def test_networks_are_scored_by_what_their_own_features_hold(bench, tmp_path: Path, monkeypatch, capsys) -> None:
+    """A network whose features are the classes reads them with the probe and with k-means; one whose features
+    are noise reads them with neither. ``--networks`` tabulates both networks beside the variants."""
+    import numpy as np
+
+    from jule3d import segmentation as seg
+
+    monkeypatch.setattr(bench, "train_default", _fake_training([]))
+    case = bench.suite_loaders(["phantom-texture"], "zero-background")[0]()
+    grids = bench.cached_grids(case, 0, tmp_path / "cache")
+    truth = case.ground_truth[tuple(grids[0].centers.T)]
+    rng = np.random.default_rng(0)
+    informative = (np.eye(4)[truth] + rng.normal(0, 0.2, (len(truth), 4))).astype(np.float32)
+    noise = rng.normal(size=(len(truth), 4)).astype(np.float32)
+    scores = bench.network_scores([seg.GridFeatures(f, grids[0].grid, grids[0].selected)
+                                   for f in (informative, noise)], case, 0)
+    assert scores[0]["probe"] > 0.95 and scores[0]["kmeans_nmi"] > 0.8
+    assert scores[1]["probe"] < 0.45 and scores[1]["kmeans_nmi"] < 0.05
+
+    bench.main(["--cases", "phantom-texture", "--seeds", "0", "--variants", "kmeans", "--networks",
+                "--cache", str(tmp_path / "cache"), "--out", str(tmp_path / "rows.json")])
+    table = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| phantom-texture | 0 |")]
+    assert len(table) == 1 and table[0].count("|") == 8  # case, seed, 2 networks x 2 scores, kmeans
+    rows = json.loads((tmp_path / "rows.json").read_text())
+    networks = [r for r in rows if r["variant"] == "networks"]
+    assert len(networks) == 1 and len(networks[0]["networks"]) == 2
+    assert all(0 <= v <= 1 for n in networks[0]["networks"] for v in n.values())

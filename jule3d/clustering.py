@@ -10,7 +10,7 @@ labelled the way the whole grid would be:
 * :class:`ClassModel`: the k-means centres, the class each centre belongs to (after
   :func:`jule3d.segmentation.merge_clusters`), the Potts weight and scale of
   :func:`jule3d.segmentation.smooth_labels`;
-* :class:`RefineModel`: the per-class densities (Gaussian mixtures) of the local mean intensity of
+* :class:`RefineModel`: the per-class densities (Gaussian mixtures) of the local median intensity of
   :func:`jule3d.segmentation.refine_labels`, and the Potts weight between the refined voxels;
 * ``order``: the output id of every class (ascending mean intensity of the first channel over the fitted
   voxels, :func:`jule3d.labels.order_labels_by_intensity`).
@@ -38,7 +38,7 @@ if TYPE_CHECKING:
     from .volume import Volume
 
 __all__ = ["FeatureScaling", "ClassModel", "RefineModel", "Phase2Model", "Block", "fit_phase2", "label_block",
-           "block_distances", "box_means", "ROWS"]
+           "block_distances", "box_means", "local_evidence", "ROWS"]
 
 #: Rows of features turned into distances at a time (bounds the temporary memory of one block).
 ROWS = 262_144
@@ -205,7 +205,7 @@ class ClassModel:
         return smooth_labels(selected, distances, self.beta, spacing=spacing, scale=self.scale)
 
 
-#: Gaussians in each class's density of the local mean intensity in :class:`RefineModel` [ours]. A class of
+#: Gaussians in each class's density of the local median intensity in :class:`RefineModel` [ours]. A class of
 #: tissue with air or fluid spaces at the scale of the box (lung, a specimen with cavities) has two modes there;
 #: one Gaussian, stretched over both, gives its tissue voxels to a tighter all-tissue neighbour (``docs/method.md`` 3).
 REFINE_COMPONENTS = 2
@@ -216,6 +216,15 @@ REFINE_FIT_ROWS = 50_000
 #: maps the refinement follows. Without it each voxel decides alone, and where its evidence is weak (a voxel
 #: of air inside a foam, a texture) the border is a speckle (``docs/method.md`` 5.7).
 REFINE_SMOOTHING = 0.3
+#: The statistic of every channel over the foreground voxels of a voxel's ``window``³ box that is the refinement's
+#: evidence [ours]: ``"median"`` (the default) or ``"mean"`` (the refinement before; an ablation,
+#: ``bench_phase2.py --variants refine-box-mean``). A mean over a box that straddles a border is a mixture of the
+#: two sides, far in the tails of both classes' Gaussians, so the blocky prior placed such borders; a median takes
+#: the value of the side that holds most of the box, so the border follows the intensity edge
+#: (``docs/method.md`` 5.10).
+REFINE_STATISTIC = "median"
+#: The statistics :class:`RefineModel` reads (:func:`local_evidence`).
+REFINE_STATISTICS = ("median", "mean")
 #: Voxels beyond a block's own voxels that the voxel Potts model of :meth:`RefineModel.apply` also labels,
 #: so that the labels it keeps see their neighbours' labels as the whole volume would (up to ICM's reach).
 REFINE_CONTEXT = 4
@@ -224,7 +233,7 @@ REFINE_CONTEXT = 4
 def refine_radius(stride: int, window: int) -> int:
     """Voxels of context a block needs around its own voxels for :meth:`RefineModel.apply`: the Potts model's
     context (:data:`REFINE_CONTEXT`), the prior's Gaussian (4 standard deviations of ``stride`` voxels) and the
-    ``window``³ box of the local means.
+    ``window``³ box of the local statistics.
 
     Examples
     --------
@@ -236,7 +245,7 @@ def refine_radius(stride: int, window: int) -> int:
 
 @dataclass
 class RefineModel:
-    """Per-class densities of the local mean intensity, for :func:`jule3d.segmentation.refine_labels`.
+    """Per-class densities of the local median (or mean) intensity, for :func:`jule3d.segmentation.refine_labels`.
 
     Each class's density is a mixture of Gaussians (:data:`REFINE_COMPONENTS`; one where the class has too few
     voxels to fit more); neighbouring voxels' labels are coupled by a Potts model of weight ``beta``.
@@ -260,6 +269,8 @@ class RefineModel:
     beta : float
         Potts weight between neighbouring voxels' labels, in nats (:data:`REFINE_SMOOTHING`; 0: every voxel
         takes its own most probable class, the refinement of models saved before it).
+    statistic : {"median", "mean"}
+        The box statistic the densities describe (:data:`REFINE_STATISTIC`; ``"mean"`` for models saved before it).
     """
 
     means: np.ndarray
@@ -270,6 +281,7 @@ class RefineModel:
     window: int
     floor: float
     beta: float = REFINE_SMOOTHING
+    statistic: str = REFINE_STATISTIC
 
     @property
     def radius(self) -> int:
@@ -278,10 +290,13 @@ class RefineModel:
 
     @classmethod
     def fit(cls, local: np.ndarray, labels: np.ndarray, n_classes: int, stride: int, window: int,
-            floor: float, components: int | None = None, beta: float | None = None) -> "RefineModel":
-        """Fit on the local means ``(N, C)`` of foreground voxels and their coarse classes ``(N,)`` (``0..k-1``).
+            floor: float, components: int | None = None, beta: float | None = None,
+            statistic: str | None = None) -> "RefineModel":
+        """Fit on the local statistics ``(N, C)`` of foreground voxels (:func:`local_evidence`) and their coarse
+        classes ``(N,)`` (``0..k-1``).
 
-        ``beta`` (the Potts weight of :meth:`apply`) defaults to :data:`REFINE_SMOOTHING`.
+        ``beta`` (the Potts weight of :meth:`apply`) defaults to :data:`REFINE_SMOOTHING`; ``statistic``, the
+        statistic ``local`` holds and :meth:`apply` reads, to :data:`REFINE_STATISTIC`.
 
         ``components`` defaults to :data:`REFINE_COMPONENTS`. With 1, each class is one Gaussian of its voxels'
         mean and (unbiased) covariance, the pooled covariance where a class has no more voxels than ``C + 1``.
@@ -296,8 +311,9 @@ class RefineModel:
         from sklearn.exceptions import ConvergenceWarning
         from sklearn.mixture import GaussianMixture
 
-        from .validation import check_int, check_weight
+        from .validation import check_choice, check_int, check_weight
 
+        statistic = REFINE_STATISTIC if statistic is None else check_choice("statistic", statistic, REFINE_STATISTICS)
         components = REFINE_COMPONENTS if components is None else check_int("components", components, 1)
         beta = REFINE_SMOOTHING if beta is None else check_weight("beta", beta)
         local = np.asarray(local, dtype=np.float64)
@@ -325,7 +341,7 @@ class RefineModel:
             means[c, 0] = members.mean(axis=0) if len(members) else local.mean(axis=0)
             covariances[c, 0], log_weights[c, 0] = cov + ridge * np.eye(n_channels), 0.0
         return cls(means, np.linalg.inv(covariances), np.linalg.slogdet(covariances)[1], log_weights, int(stride),
-                   int(window), float(floor), float(beta))
+                   int(window), float(floor), float(beta), statistic)
 
     def apply(self, coarse: np.ndarray, volume: "Volume", keep: np.ndarray, local: np.ndarray | None = None,
               spacing: Sequence[float] | None = None) -> np.ndarray:
@@ -350,8 +366,8 @@ class RefineModel:
         keep : numpy.ndarray
             Bool: the foreground voxels to refine.
         local : numpy.ndarray, optional
-            ``(N, C)`` local means of the voxels ``keep`` (C order), where the caller has them (they are reused
-            when no context is needed, e.g. ``keep`` is the whole foreground).
+            ``(N, C)`` local statistics (:func:`local_evidence`) of the voxels ``keep`` (C order), where the caller
+            has them (they are reused when no context is needed, e.g. ``keep`` is the whole foreground).
         spacing : sequence of 3 float, optional
             Voxel spacing ``(z, y, x)``; default ``volume``'s.
         """
@@ -362,7 +378,7 @@ class RefineModel:
         if self.beta > 0 and not np.array_equal(keep, foreground):
             region = ndimage.maximum_filter(keep, size=2 * REFINE_CONTEXT + 1, mode="constant") & foreground
         if local is None or not np.array_equal(region, keep):
-            local = box_means(volume, self.window, np.nonzero(region))
+            local = local_evidence(volume, self.window, np.nonzero(region), self.statistic)
         k = len(self.log_weights)
         priors = np.stack([ndimage.gaussian_filter(((coarse == c) & foreground).astype(np.float32),
                                                    sigma=float(self.stride), mode="nearest")[region]
@@ -377,7 +393,7 @@ class RefineModel:
         return labels[keep[region]]
 
     def log_likelihood(self, local: np.ndarray) -> np.ndarray:
-        """``(N, k)`` log density of every class at the local means ``(N, C)``, up to a constant shared by all."""
+        """``(N, k)`` log density of every class at the local statistics ``(N, C)``, up to a constant shared by all."""
         from scipy.special import logsumexp
 
         local = np.asarray(local, dtype=np.float64)
@@ -438,7 +454,7 @@ class Phase2Model:
         if r is not None:
             out.update(refine_means=r.means, refine_inverses=r.inverses, refine_logdets=r.logdets,
                        refine_log_weights=r.log_weights, refine_stride=r.stride, refine_floor=r.floor,
-                       refine_beta=r.beta)
+                       refine_beta=r.beta, refine_statistic=r.statistic)
         return out
 
     @classmethod
@@ -460,8 +476,9 @@ class Phase2Model:
                 means, inverses, logdets = means[:, None], inverses[:, None], logdets[:, None]
                 log_weights = np.zeros(logdets.shape)
             beta = float(get["refine_beta"]) if "refine_beta" in get else 0.0  # saved before the voxel Potts model
+            statistic = str(get["refine_statistic"]) if "refine_statistic" in get else "mean"  # saved before medians
             refine = RefineModel(means, inverses, logdets, log_weights, int(get["refine_stride"]), int(get["window"]),
-                                 float(get["refine_floor"]), beta)
+                                 float(get["refine_floor"]), beta, statistic)
         return cls(scaling, classes, refine, get["order"].astype(np.int64), int(get["window"]))
 
 
@@ -521,6 +538,17 @@ def box_means(volume: "Volume", window: int, positions: tuple[np.ndarray, ...]) 
     from .labels import masked_box_mean
 
     return masked_box_mean(volume.data, volume.foreground(), int(window), positions).T
+
+
+def local_evidence(volume: "Volume", window: int, positions: tuple[np.ndarray, ...],
+                   statistic: str | None = None) -> np.ndarray:
+    """``(N, C)`` float32 median (or mean) of every channel over the foreground voxels of the ``window``³ box at
+    ``positions``: the refinement's evidence (``statistic``, default :data:`REFINE_STATISTIC`)."""
+    from .labels import masked_box_median
+
+    if (REFINE_STATISTIC if statistic is None else statistic) == "mean":
+        return box_means(volume, window, positions)
+    return masked_box_median(volume.data, volume.foreground(), int(window), positions).T
 
 
 def _composite(selected: Sequence[np.ndarray]) -> np.ndarray:
@@ -585,7 +613,7 @@ def fit_phase2(
     final = [c[keep] for c, keep in zip(coarse, kept)]
     refine = None
     if phase2 == "consensus":
-        voxel_local = [box_means(b.volume, window, np.nonzero(keep)) for b, keep in zip(blocks, kept)]
+        voxel_local = [local_evidence(b.volume, window, np.nonzero(keep)) for b, keep in zip(blocks, kept)]
         inside = np.concatenate(final)
         if len(np.unique(inside)) >= 2:
             refine = RefineModel.fit(np.concatenate(voxel_local), inside, k, blocks[0].grid.stride, window,

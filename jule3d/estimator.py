@@ -86,7 +86,7 @@ class JuleSegmenter(BaseEstimator):
         [ours] Weight of the local mean intensity and of the Potts regularisation; ``None``: the Phase 2
         method's.
     intensity_window : int
-        [ours] Side of the window of the local mean intensity.
+        [ours] Side of the window of the local mean intensity (and of the refinement's local median).
     device : str
         ``"auto"`` (CUDA when available), ``"cpu"``, ``"cuda"``, ...
     progress : bool

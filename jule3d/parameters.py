@@ -119,7 +119,9 @@ PARAMETERS: dict[str, Parameter] = {p.name: p for p in (
               "phase2", _PRESET, choices=("consensus", "merge", "kmeans")),
     Parameter("intensity_weight", None, float, "[ours] weight of the local mean intensity next to the features "
               "(0 leaves it out)", "phase2", _PHASE2, widget=(0.0, 5.0, 0.5), metavar="W"),
-    Parameter("intensity_window", 3, int, "[ours] side of the window of the local mean intensity (voxels)", "phase2"),
+    Parameter("intensity_window", 3, int,
+              "[ours] side of the window of the local mean intensity and of the refinement's local median (voxels)",
+              "phase2"),
     Parameter("smoothing", None, float, "[ours] Potts weight regularising the labels (0 turns it off)", "phase2",
               _PHASE2, widget=(0.0, 5.0, 0.25), metavar="BETA"),
     Parameter("device", "auto", str, "where to compute: auto (CUDA when available), cpu, cuda, cuda:1, ...",

@@ -1536,8 +1536,9 @@ def refine_labels(
     ``log P(c | x) = log max(prior_c(x), floor) + log p_c(m(x))``
 
     where ``prior_c`` is the share of class ``c`` among the coarse labels, smoothed by a Gaussian of standard
-    deviation ``stride`` voxels (renormalised over the foreground), ``m(x)`` the mean of every channel over
-    the foreground voxels of the ``window``³ box at ``x``, and ``p_c`` the density of ``m`` over the voxels
+    deviation ``stride`` voxels (renormalised over the foreground), ``m(x)`` the median of every channel over
+    the foreground voxels of the ``window``³ box at ``x`` (:data:`jule3d.clustering.REFINE_STATISTIC`: a
+    median does not mix the two sides of a border, as a mean does), and ``p_c`` the density of ``m`` over the voxels
     of class ``c``, a mixture of :data:`jule3d.clustering.REFINE_COMPONENTS` Gaussians
     (:class:`jule3d.clustering.RefineModel`): Atropos' use of prior probability maps (Avants et al. 2011,
     Neuroinformatics 9: 381-400) with the network's segmentation as the prior. Where the classes differ in
@@ -1584,7 +1585,7 @@ def refine_labels(
     >>> bool(np.array_equal(refined > 0, phantom.volume.mask))
     True
     """
-    from .clustering import RefineModel, _intensity_order, box_means
+    from .clustering import RefineModel, _intensity_order, local_evidence
 
     check_int("intensity_window", window, 1)
     if not 0 < floor < 1:
@@ -1595,7 +1596,7 @@ def refine_labels(
         return labels
     coarse = np.zeros(labels.shape, dtype=np.int64)
     coarse[foreground] = inside
-    local = box_means(volume, window, np.nonzero(foreground))
+    local = local_evidence(volume, window, np.nonzero(foreground))
     model = RefineModel.fit(local, inside, len(classes), stride, window, floor)
     refined = model.apply(coarse, volume, foreground, local)
     if len(np.unique(refined)) < len(classes):
@@ -1652,7 +1653,8 @@ def label_volume(
         (:func:`local_intensity`) times this weight is appended to the features (default 0, the published
         method).
     intensity_window : int
-        Side (voxels) of the box over which the local mean intensity of the foreground is taken.
+        Side (voxels) of the box over which the local mean intensity of the foreground is taken (and, for
+        ``"consensus"``, the median of the refinement's evidence).
     smoothing : float, optional
         [ours] Weight ``beta`` of the Potts term that regularises the labels of the grid positions
         (:func:`smooth_labels`). Default :data:`MERGE_SMOOTHING` for ``"merge"`` and ``"consensus"`` (there

@@ -20,7 +20,7 @@ from jule3d.baselines import (
     run_baseline,
     slic_kmeans,
 )
-from jule3d.labels import masked_box_mean, order_labels_by_intensity
+from jule3d.labels import masked_box_mean, masked_box_median, order_labels_by_intensity
 from jule3d.metrics import evaluate, matched_dice, nmi
 from jule3d.volume import Volume
 
@@ -414,3 +414,37 @@ def test_masked_box_mean_counts_only_mask_voxels() -> None:
         box = tuple(slice(max(c - 1, 0), c + 2) for c in (z, y, x))
         expected = np.nanmean(data[(slice(None),) + box].reshape(2, -1), axis=1)
         np.testing.assert_allclose(means[:, i], expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("window", [1, 2, 3, 4])
+def test_masked_box_median_counts_only_mask_voxels(window: int) -> None:
+    """Every box's median over its mask voxels alone (the upper middle value of an even count), whether the box
+    lies wholly inside the mask (scipy's median filter) or reaches past it (gathered voxel by voxel)."""
+    rng = np.random.default_rng(window)
+    data = rng.normal(size=(2, 9, 10, 11)).astype(np.float32)
+    mask = rng.random((9, 10, 11)) < 0.6
+    mask[2:7, 2:8, 2:9] = True  # boxes wholly inside the mask too
+    data[:, ~mask] = np.nan  # values outside the mask must not matter
+    positions = np.nonzero(mask)
+    medians = masked_box_median(data, mask, window, positions)
+    assert medians.shape == (2, int(mask.sum())) and medians.dtype == np.float32
+    before = window // 2  # the box of masked_box_mean: one voxel more before the centre than after for even sides
+    for i, (z, y, x) in enumerate(zip(*positions)):
+        box = tuple(slice(max(c - before, 0), c + window - before) for c in (z, y, x))
+        values = data[(slice(None),) + box].reshape(2, -1)
+        for c in range(2):
+            inside = np.sort(values[c][~np.isnan(values[c])])
+            assert medians[c, i] == inside[len(inside) // 2]
+
+
+def test_a_box_median_keeps_a_step_where_the_box_mean_blurs_it() -> None:
+    """Across a step between two noiseless halves, the box mean of the voxels next to the step lies between the
+    halves; the median is the value of the side that holds most of the box."""
+    data = np.zeros((1, 4, 4, 8), dtype=np.float32)
+    data[..., 4:] = 1.0
+    mask = np.ones((4, 4, 8), dtype=bool)
+    positions = np.nonzero(mask)
+    medians = masked_box_median(data, mask, 3, positions)[0]
+    means = masked_box_mean(data, mask, 3, positions)[0]
+    np.testing.assert_array_equal(medians, data[0][positions])
+    assert np.all((means[positions[2] == 3] > 0) & (means[positions[2] == 4] < 1))

@@ -90,21 +90,16 @@ def _consensus(grids: Sequence[seg.GridFeatures], case: Case, seed: int, refine:
     return seg.refine_labels(labels, case.volume, grids[0].stride) if refine else labels
 
 
-def _one_gaussian(grids: Sequence[seg.GridFeatures], case: Case, seed: int) -> np.ndarray:
-    """The default with the refinement of before: one Gaussian per class instead of a mixture."""
-    from jule3d import clustering
+def _refinement_before(setting: str, value: object) -> Variant:
+    """The default with one setting of the refinement (a constant of :mod:`jule3d.clustering`) as it was before."""
 
-    with mock.patch.object(clustering, "REFINE_COMPONENTS", 1):
-        return _label(grids, case, seed)
+    def variant(grids: Sequence[seg.GridFeatures], case: Case, seed: int) -> np.ndarray:
+        from jule3d import clustering
 
+        with mock.patch.object(clustering, setting, value):
+            return _label(grids, case, seed)
 
-def _no_potts(grids: Sequence[seg.GridFeatures], case: Case, seed: int) -> np.ndarray:
-    """The default with the refinement of before: every voxel takes its own most probable class, with no Potts
-    model between neighbouring voxels (``REFINE_SMOOTHING = 0``)."""
-    from jule3d import clustering
-
-    with mock.patch.object(clustering, "REFINE_SMOOTHING", 0.0):
-        return _label(grids, case, seed)
+    return variant
 
 
 def _choice_before(grids: Sequence[seg.GridFeatures], case: Case, seed: int, choice: str) -> np.ndarray:
@@ -160,7 +155,8 @@ def _ward_merge(grids: Sequence[seg.GridFeatures], case: Case, seed: int) -> np.
 #: candidates; ``factor-first`` chooses the intensity factor whose candidates agree best across networks, then its
 #: medoid, the rule before each candidate was judged at its own factor; ``medoid-of-all-factors`` keeps the medoid
 #: of every intensity factor's candidates, the rule before that; ``refine-no-potts`` refines every voxel alone
-#: (no voxel Potts model), the refinement before; ``no-refine-*`` are consensus variants before
+#: (no voxel Potts model), ``refine-one-gaussian`` with one Gaussian per class and ``refine-box-mean`` from the
+#: box mean instead of the median, each the refinement before; ``no-refine-*`` are consensus variants before
 #: :func:`refine_labels`; ``vote-of-candidates`` replaces the choice of one candidate by a vote of them;
 #: ``oracle-best-candidate`` is a diagnostic that uses the labels.
 VARIANTS: dict[str, Variant] = {
@@ -171,8 +167,9 @@ VARIANTS: dict[str, Variant] = {
     "medoid-of-all-factors": lambda g, c, s: _choice_before(g, c, s, "medoid"),
     "consensus-one-restart": lambda g, c, s: _consensus(g, c, s, restarts=1),
     "consensus-no-refine": lambda g, c, s: _consensus(g, c, s, refine=False),
-    "refine-one-gaussian": _one_gaussian,
-    "refine-no-potts": _no_potts,
+    "refine-one-gaussian": _refinement_before("REFINE_COMPONENTS", 1),
+    "refine-no-potts": _refinement_before("REFINE_SMOOTHING", 0.0),
+    "refine-box-mean": _refinement_before("REFINE_STATISTIC", "mean"),
     "no-refine-plain-medoid": lambda g, c, s: _consensus(g, c, s, refine=False, min_share=0.0),
     "no-refine-weights-0.5-2": lambda g, c, s: _consensus(g, c, s, refine=False, weights=(0.5, 1.0, 2.0)),
     "no-refine-weight-1": lambda g, c, s: _consensus(g, c, s, refine=False, weights=(1.0,)),

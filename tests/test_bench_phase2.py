@@ -195,25 +195,21 @@ def test_the_ward_ablation_merges_as_before_and_leaves_the_default_as_it_was(ben
     assert default(contacts, sizes, centroids, 2).tolist() == [0, 0, 1]
 
 
-def test_the_one_gaussian_ablation_refines_with_one_component_and_leaves_the_default_as_it_was(bench,
-                                                                                             monkeypatch) -> None:
-    """``refine-one-gaussian`` runs the default with one Gaussian per class in the refinement."""
+@pytest.mark.parametrize("variant, setting, before, now", [
+    ("refine-one-gaussian", "REFINE_COMPONENTS", 1, 2),
+    ("refine-no-potts", "REFINE_SMOOTHING", 0.0, 0.3),
+    ("refine-box-mean", "REFINE_STATISTIC", "mean", "median"),
+])
+def test_the_refinement_ablations_run_the_default_with_one_setting_as_before(bench, monkeypatch, variant, setting,
+                                                                             before, now) -> None:
+    """``refine-one-gaussian``, ``refine-no-potts`` and ``refine-box-mean`` run the default with one Gaussian per
+    class, with no Potts model between the refined voxels, or from box means, and leave the default as it was."""
     from jule3d import clustering
 
     seen = []
-    monkeypatch.setattr(bench, "_label", lambda grids, case, seed: seen.append(clustering.REFINE_COMPONENTS) or "ok")
-    assert bench.VARIANTS["refine-one-gaussian"]([], None, 0) == "ok"
-    assert seen == [1] and clustering.REFINE_COMPONENTS == 2
-
-
-def test_the_no_potts_ablation_refines_every_voxel_alone_and_leaves_the_default_as_it_was(bench, monkeypatch) -> None:
-    """``refine-no-potts`` runs the default with no Potts model between the refined voxels."""
-    from jule3d import clustering
-
-    seen = []
-    monkeypatch.setattr(bench, "_label", lambda grids, case, seed: seen.append(clustering.REFINE_SMOOTHING) or "ok")
-    assert bench.VARIANTS["refine-no-potts"]([], None, 0) == "ok"
-    assert seen == [0.0] and clustering.REFINE_SMOOTHING == 0.3
+    monkeypatch.setattr(bench, "_label", lambda grids, case, seed: seen.append(getattr(clustering, setting)) or "ok")
+    assert bench.VARIANTS[variant]([], None, 0) == "ok"
+    assert seen == [before] and getattr(clustering, setting) == now
 
 
 def test_the_support_ablation_judges_candidates_by_all_the_others(bench, monkeypatch) -> None:

@@ -123,7 +123,8 @@ def masked_box_mean(
     )
 
 
-#: Box centres per pass of :func:`masked_box_median` where a box reaches past the mask: bounds its memory (``window³ · C`` float32 values each).
+#: Box centres per pass of :func:`masked_box_median` where a box reaches past the mask: bounds its memory
+#: (``window³ · C`` float32 values each).
 MEDIAN_CHUNK = 1 << 17
 
 

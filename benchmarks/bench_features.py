@@ -125,12 +125,10 @@ def supervised_ceiling(case: Case, seed: int = 0, n_train: int = 40_000,
         scores["nmi"].append(nmi(y[~train], predicted))
         scores["accuracy"].append(float(np.mean(predicted == y[~train])))
         held_out = tuple(p[~train] for p in positions)
+        planes = np.zeros((probability.shape[1], *case.evaluation_mask.shape), dtype=np.float32)
+        planes[(slice(None), *held_out)] = probability.T  # each class's probability map, built once per fold
         for sigma in smoothing:
-            smoothed = np.empty_like(probability)
-            for c in range(probability.shape[1]):
-                plane = np.zeros(case.evaluation_mask.shape, dtype=np.float32)
-                plane[held_out] = probability[:, c]
-                smoothed[:, c] = ndimage.gaussian_filter(plane, sigma)[held_out]
+            smoothed = np.stack([ndimage.gaussian_filter(plane, sigma)[held_out] for plane in planes], axis=1)
             scores[f"nmi_smoothed_{sigma:g}"].append(nmi(y[~train], model.classes_[smoothed.argmax(axis=1)]))
     return {key: float(np.mean(values)) for key, values in scores.items()}
 

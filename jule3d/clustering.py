@@ -311,9 +311,9 @@ class RefineModel:
         from sklearn.exceptions import ConvergenceWarning
         from sklearn.mixture import GaussianMixture
 
-        from .validation import check_choice, check_int, check_weight
+        from .validation import check_int, check_weight
 
-        statistic = REFINE_STATISTIC if statistic is None else check_choice("statistic", statistic, REFINE_STATISTICS)
+        statistic = _refine_statistic(statistic)
         components = REFINE_COMPONENTS if components is None else check_int("components", components, 1)
         beta = REFINE_SMOOTHING if beta is None else check_weight("beta", beta)
         local = np.asarray(local, dtype=np.float64)
@@ -546,9 +546,17 @@ def local_evidence(volume: "Volume", window: int, positions: tuple[np.ndarray, .
     ``positions``: the refinement's evidence (``statistic``, default :data:`REFINE_STATISTIC`)."""
     from .labels import masked_box_median
 
-    if (REFINE_STATISTIC if statistic is None else statistic) == "mean":
+    if _refine_statistic(statistic) == "mean":
         return box_means(volume, window, positions)
     return masked_box_median(volume.data, volume.foreground(), int(window), positions).T
+
+
+def _refine_statistic(statistic: str | None) -> str:
+    """``statistic``, or :data:`REFINE_STATISTIC` (read now, so that a patched default reaches every caller) for
+    ``None``; a ``ValueError`` naming ``statistic`` for one not in :data:`REFINE_STATISTICS`."""
+    from .validation import check_choice
+
+    return REFINE_STATISTIC if statistic is None else check_choice("statistic", statistic, REFINE_STATISTICS)
 
 
 def _composite(selected: Sequence[np.ndarray]) -> np.ndarray:

@@ -1133,6 +1133,10 @@ def test_refining_part_of_a_volume_labels_it_as_the_whole_volume_does() -> None:
     assert (part == whole[keep]).mean() > 0.99
     with pytest.raises(ValueError, match="beta"):
         RefineModel.fit(local, inside, 2, stride=2, window=3, floor=1e-3, beta=-1.0)
+    for bad in (lambda: RefineModel.fit(local, inside, 2, stride=2, window=3, floor=1e-3, statistic="mode"),
+                lambda: local_evidence(volume, 3, np.nonzero(foreground), "mode")):
+        with pytest.raises(ValueError, match="statistic"):
+            bad()
 
 
 def _two_modes_and_one(n: int = 4000) -> tuple[np.ndarray, np.ndarray]:

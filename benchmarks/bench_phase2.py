@@ -155,10 +155,10 @@ def _ward_merge(grids: Sequence[seg.GridFeatures], case: Case, seed: int) -> np.
 #: candidates; ``factor-first`` chooses the intensity factor whose candidates agree best across networks, then its
 #: medoid, the rule before each candidate was judged at its own factor; ``medoid-of-all-factors`` keeps the medoid
 #: of every intensity factor's candidates, the rule before that; ``refine-no-potts`` refines every voxel alone
-#: (no voxel Potts model), ``refine-one-gaussian`` with one Gaussian per class and ``refine-box-mean`` from the
-#: box mean instead of the median, each the refinement before; ``no-refine-*`` are consensus variants before
-#: :func:`refine_labels`; ``vote-of-candidates`` replaces the choice of one candidate by a vote of them;
-#: ``oracle-best-candidate`` is a diagnostic that uses the labels.
+#: (no voxel Potts model), ``refine-one-gaussian`` with one Gaussian per class, ``refine-box-mean`` from the
+#: box mean instead of the median and ``refine-one-pass`` in one pass, each the refinement before;
+#: ``no-refine-*`` are consensus variants before :func:`refine_labels`; ``vote-of-candidates`` replaces the
+#: choice of one candidate by a vote of them; ``oracle-best-candidate`` is a diagnostic that uses the labels.
 VARIANTS: dict[str, Variant] = {
     "default": _label,
     "merge-ward": _ward_merge,
@@ -170,6 +170,7 @@ VARIANTS: dict[str, Variant] = {
     "refine-one-gaussian": _refinement_before("REFINE_COMPONENTS", 1),
     "refine-no-potts": _refinement_before("REFINE_SMOOTHING", 0.0),
     "refine-box-mean": _refinement_before("REFINE_STATISTIC", "mean"),
+    "refine-one-pass": _refinement_before("REFINE_PASSES", 1),
     "no-refine-plain-medoid": lambda g, c, s: _consensus(g, c, s, refine=False, min_share=0.0),
     "no-refine-weights-0.5-2": lambda g, c, s: _consensus(g, c, s, refine=False, weights=(0.5, 1.0, 2.0)),
     "no-refine-weight-1": lambda g, c, s: _consensus(g, c, s, refine=False, weights=(1.0,)),

@@ -382,18 +382,18 @@ def open_volume(
 # ---------------------------------------------------------------------------------------------- the chunks
 
 
-def halo_positions(stride: int, window: int) -> int:
-    """Grid positions of context around a chunk in pass B: the refinement's reach
+def halo_positions(stride: int, window: int, passes: int = 1) -> int:
+    """Grid positions of context around a chunk in pass B: the reach of the refinement's ``passes`` passes
     (:func:`jule3d.clustering.refine_radius` voxels) plus two positions for the Potts model.
 
     Examples
     --------
-    >>> halo_positions(2, 3)
-    10
+    >>> halo_positions(2, 3), halo_positions(2, 3, passes=2)
+    (10, 17)
     """
     from .clustering import refine_radius
 
-    return -(-refine_radius(stride, window) // stride) + 2
+    return -(-refine_radius(stride, window, passes) // stride) + 2
 
 
 def _box(layout: Grid, first: Sequence[int], stop: Sequence[int]) -> tuple[slice, slice, slice]:
@@ -1073,7 +1073,7 @@ def _phase2(segmenter: Any, volume: ChunkedVolume, layout: Grid, work: WorkDir, 
     tasks = [{"first": a, "stop": b, "index": i} for i, (a, b) in enumerate(chunks) if i not in done]
     _run(tasks, _pass_b_task, {"volume": volume, "model": model, "layout": layout,
                                "distances": str(work.file(WorkDir.DISTANCES)),
-                               "halo": halo_positions(layout.stride, model.window)},
+                               "halo": halo_positions(layout.stride, model.window, max(len(model.refine), 1))},
          client, store_labels, bars, "Phase 2 labels", threads=_cores())
 
 

@@ -11,7 +11,8 @@ labelled the way the whole grid would be:
   :func:`jule3d.segmentation.merge_clusters`), the Potts weight and scale of
   :func:`jule3d.segmentation.smooth_labels`;
 * :class:`RefineModel`: the per-class densities (Gaussian mixtures) of the local median intensity of
-  :func:`jule3d.segmentation.refine_labels`, and the Potts weight between the refined voxels;
+  :func:`jule3d.segmentation.refine_labels`, and the Potts weight between the refined voxels, for each of the
+  refinement's passes (:data:`REFINE_PASSES`);
 * ``order``: the output id of every class (ascending mean intensity of the first channel over the fitted
   voxels, :func:`jule3d.labels.order_labels_by_intensity`).
 
@@ -38,7 +39,7 @@ if TYPE_CHECKING:
     from .volume import Volume
 
 __all__ = ["FeatureScaling", "ClassModel", "RefineModel", "Phase2Model", "Block", "fit_phase2", "label_block",
-           "block_distances", "box_means", "local_evidence", "ROWS"]
+           "block_distances", "box_means", "local_evidence", "fit_refinement", "refine_classes", "ROWS"]
 
 #: Rows of features turned into distances at a time (bounds the temporary memory of one block).
 ROWS = 262_144
@@ -228,19 +229,25 @@ REFINE_STATISTICS = ("median", "mean")
 #: Voxels beyond a block's own voxels that the voxel Potts model of :meth:`RefineModel.apply` also labels,
 #: so that the labels it keeps see their neighbours' labels as the whole volume would (up to ICM's reach).
 REFINE_CONTEXT = 4
+#: Passes of the refinement [ours]. The first pass's prior is the coarse labels, blocks of a grid step whose
+#: borders are uncertain by about a patch, and each class's density is fitted to them, so the band along every
+#: border lends each class its neighbour's voxels. The second pass takes the first's voxel labels as its prior
+#: and refits the densities to them (:func:`fit_refinement`; ``docs/method.md`` 5.11). 1 is the refinement
+#: before (an ablation, ``bench_phase2.py --variants refine-one-pass``).
+REFINE_PASSES = 2
 
 
-def refine_radius(stride: int, window: int) -> int:
-    """Voxels of context a block needs around its own voxels for :meth:`RefineModel.apply`: the Potts model's
-    context (:data:`REFINE_CONTEXT`), the prior's Gaussian (4 standard deviations of ``stride`` voxels) and the
-    ``window``³ box of the local statistics.
+def refine_radius(stride: int, window: int, passes: int = 1) -> int:
+    """Voxels of context a block needs around its own voxels for ``passes`` passes of :meth:`RefineModel.apply`,
+    each on the labels of the one before: per pass, the Potts model's context (:data:`REFINE_CONTEXT`), the
+    prior's Gaussian (4 standard deviations of ``stride`` voxels) and the ``window``³ box of the local statistics.
 
     Examples
     --------
-    >>> refine_radius(2, 3)
-    15
+    >>> refine_radius(2, 3), refine_radius(2, 3, passes=2)
+    (15, 30)
     """
-    return REFINE_CONTEXT + int(4.0 * stride + 0.5) + window
+    return passes * (REFINE_CONTEXT + int(4.0 * stride + 0.5) + window)
 
 
 @dataclass
@@ -285,7 +292,7 @@ class RefineModel:
 
     @property
     def radius(self) -> int:
-        """Voxels of context a block needs around the voxels it labels (:func:`refine_radius`)."""
+        """Voxels of context a block needs around the voxels this pass labels (:func:`refine_radius`)."""
         return refine_radius(self.stride, self.window)
 
     @classmethod
@@ -409,6 +416,80 @@ class RefineModel:
         return out
 
 
+def _within_reach(keep: np.ndarray, reach: int, foreground: np.ndarray) -> np.ndarray:
+    """The foreground voxels within ``reach`` voxels (a cube) of ``keep``; ``keep`` itself for ``reach`` 0 or a
+    ``keep`` that is the whole foreground."""
+    if reach == 0 or np.array_equal(keep, foreground):
+        return keep
+    return ndimage.maximum_filter(keep, size=2 * reach + 1, mode="constant") & foreground
+
+
+def _refine_pass(model: RefineModel, labels: np.ndarray, volume: "Volume", keep: np.ndarray, reach: int,
+                 local: np.ndarray | None, spacing: Sequence[float] | None) -> np.ndarray:
+    """One pass on the voxels within ``reach`` of ``keep``: ``(Z, Y, X)`` classes there, -1 elsewhere.
+
+    ``local`` holds the evidence of the voxels ``keep``; it is reused where the pass labels no others."""
+    region = _within_reach(keep, reach, volume.foreground())
+    out = np.full(keep.shape, -1, dtype=np.int64)
+    out[region] = model.apply(labels, volume, region, local if region is keep else None, spacing)
+    return out
+
+
+def refine_classes(passes: Sequence[RefineModel], coarse: np.ndarray, volume: "Volume", keep: np.ndarray,
+                   local: np.ndarray | None = None, spacing: Sequence[float] | None = None) -> np.ndarray:
+    """Refined classes ``(N,)`` of the voxels ``keep`` of a block: every pass of the refinement in turn, each
+    with the labels of the pass before as its prior (:data:`REFINE_PASSES`).
+
+    A pass before the last labels every foreground voxel within the later passes' reach of ``keep``
+    (:attr:`RefineModel.radius` each), so that the later passes see, around the voxels they keep, the labels
+    the whole volume would give them; ``coarse`` (classes ``0..k-1`` of the block's voxels) carries
+    ``len(passes)`` radii of context. ``local`` is the evidence of the voxels ``keep`` (:func:`local_evidence`),
+    where the caller has it.
+    """
+    labels = coarse
+    for i, model in enumerate(passes):
+        labels = _refine_pass(model, labels, volume, keep, sum(later.radius for later in passes[i + 1:]), local,
+                              spacing)
+    return labels[keep]
+
+
+def fit_refinement(volumes: Sequence["Volume"], coarse: Sequence[np.ndarray], kept: Sequence[np.ndarray],
+                   local: Sequence[np.ndarray], n_classes: int, stride: int, window: int, floor: float,
+                   spacing: Sequence[float] | None = None) -> tuple[tuple[RefineModel, ...], list[np.ndarray]]:
+    """Fit the refinement's passes (:data:`REFINE_PASSES`, read now) on the voxels ``kept`` of one or more blocks.
+
+    Each pass's densities are fitted (:meth:`RefineModel.fit`) on the labels of the pass before (the first's on
+    ``coarse``, classes ``0..k-1`` of each block's voxels) at the voxels ``kept``, whose evidence is ``local``;
+    a pass before the last labels those voxels' neighbourhood too (:func:`refine_classes`). A pass that would
+    empty a class that the labels before it hold is not kept, nor any after it.
+
+    Returns
+    -------
+    passes : tuple of RefineModel
+        The passes kept; empty where the coarse labels hold fewer than two classes or the first pass would
+        empty one.
+    classes : list of numpy.ndarray
+        Per block, the classes of its voxels ``kept`` after the passes kept (the coarse ones where none is).
+    """
+    final = [c[keep] for c, keep in zip(coarse, kept)]
+    present = len(np.unique(np.concatenate(final)))
+    passes: tuple[RefineModel, ...] = ()
+    if present < 2:
+        return passes, final
+    labels = list(coarse)
+    n_passes = REFINE_PASSES
+    for p in range(n_passes):
+        model = RefineModel.fit(np.concatenate(local), np.concatenate(final), n_classes, stride, window, floor)
+        reach = (n_passes - 1 - p) * model.radius
+        refined = [_refine_pass(model, c, v, keep, reach, loc, spacing)
+                   for v, c, keep, loc in zip(volumes, labels, kept, local)]
+        classes = [r[keep] for r, keep in zip(refined, kept)]
+        if len(np.unique(np.concatenate(classes))) < present:
+            break
+        passes, labels, final = passes + (model,), refined, classes
+    return passes, final
+
+
 @dataclass
 class Phase2Model:
     """A fitted Phase 2: joint features → class distances → Potts labels → (refined) voxel labels → output ids.
@@ -417,9 +498,9 @@ class Phase2Model:
     ----------
     scaling : FeatureScaling
     classes : ClassModel
-    refine : RefineModel or None
-        Voxel-level borders (the ``"consensus"`` Phase 2), ``None`` otherwise or where refining emptied a class
-        of the fitted voxels.
+    refine : tuple of RefineModel
+        The passes of the refinement to voxel-level borders (the ``"consensus"`` Phase 2,
+        :func:`fit_refinement`); empty otherwise, or where the first pass emptied a class of the fitted voxels.
     order : numpy.ndarray
         ``(k,)`` output id ``1..k`` of every class.
     window : int
@@ -430,7 +511,7 @@ class Phase2Model:
 
     scaling: FeatureScaling
     classes: ClassModel
-    refine: RefineModel | None
+    refine: tuple[RefineModel, ...]
     order: np.ndarray
     window: int
     candidates: list = field(default_factory=list)
@@ -451,10 +532,12 @@ class Phase2Model:
                "order": self.order, "window": self.window}
         if s.local_center is not None:
             out.update(local_center=s.local_center, local_divisor=s.local_divisor)
-        if r is not None:
-            out.update(refine_means=r.means, refine_inverses=r.inverses, refine_logdets=r.logdets,
-                       refine_log_weights=r.log_weights, refine_stride=r.stride, refine_floor=r.floor,
-                       refine_beta=r.beta, refine_statistic=r.statistic)
+        if r:  # the passes share their settings; their arrays are stacked on a first axis
+            out.update(refine_passes=len(r), refine_means=np.stack([m.means for m in r]),
+                       refine_inverses=np.stack([m.inverses for m in r]),
+                       refine_logdets=np.stack([m.logdets for m in r]),
+                       refine_log_weights=np.stack([m.log_weights for m in r]), refine_stride=r[0].stride,
+                       refine_floor=r[0].floor, refine_beta=r[0].beta, refine_statistic=r[0].statistic)
         return out
 
     @classmethod
@@ -467,7 +550,7 @@ class Phase2Model:
         margin = float(get["margin"])
         classes = ClassModel(get["centers"].astype(np.float32), get["group"].astype(np.int64),
                              None if np.isnan(margin) else margin, float(get["beta"]), float(get["scale"]))
-        refine = None
+        refine: tuple[RefineModel, ...] = ()
         if "refine_means" in get:
             means, inverses, logdets = get["refine_means"], get["refine_inverses"], get["refine_logdets"]
             if "refine_log_weights" in get:
@@ -475,10 +558,13 @@ class Phase2Model:
             else:  # saved before the mixtures: one Gaussian per class
                 means, inverses, logdets = means[:, None], inverses[:, None], logdets[:, None]
                 log_weights = np.zeros(logdets.shape)
+            if "refine_passes" not in get:  # saved before the second pass: one
+                means, inverses, logdets, log_weights = means[None], inverses[None], logdets[None], log_weights[None]
             beta = float(get["refine_beta"]) if "refine_beta" in get else 0.0  # saved before the voxel Potts model
             statistic = str(get["refine_statistic"]) if "refine_statistic" in get else "mean"  # saved before medians
-            refine = RefineModel(means, inverses, logdets, log_weights, int(get["refine_stride"]), int(get["window"]),
-                                 float(get["refine_floor"]), beta, statistic)
+            refine = tuple(RefineModel(*arrays, int(get["refine_stride"]), int(get["window"]),
+                                       float(get["refine_floor"]), beta, statistic)
+                           for arrays in zip(means, inverses, logdets, log_weights))
         return cls(scaling, classes, refine, get["order"].astype(np.int64), int(get["window"]))
 
 
@@ -619,19 +705,11 @@ def fit_phase2(
     splits = np.cumsum([int(b.selected.sum()) for b in blocks])[:-1]
     coarse = [_coarse_classes(b, part, spacing) for b, part in zip(blocks, np.split(labels, splits))]
     final = [c[keep] for c, keep in zip(coarse, kept)]
-    refine = None
+    refine: tuple[RefineModel, ...] = ()
     if phase2 == "consensus":
         voxel_local = [local_evidence(b.volume, window, np.nonzero(keep)) for b, keep in zip(blocks, kept)]
-        inside = np.concatenate(final)
-        if len(np.unique(inside)) >= 2:
-            refine = RefineModel.fit(np.concatenate(voxel_local), inside, k, blocks[0].grid.stride, window,
-                                     REFINE_FLOOR)
-            refined = [refine.apply(c, b.volume, keep, loc, spacing)
-                       for b, c, loc, keep in zip(blocks, coarse, voxel_local, kept)]
-            if len(np.unique(np.concatenate(refined))) < len(np.unique(inside)):
-                refine = None  # refining would empty a class: keep the coarse labels
-            else:
-                final = refined
+        refine, final = fit_refinement([b.volume for b in blocks], coarse, kept, voxel_local, k,
+                                       blocks[0].grid.stride, window, REFINE_FLOOR, spacing)
     first = np.concatenate([np.asarray(b.volume.data[0], dtype=np.float64)[keep] for b, keep in zip(blocks, kept)])
     order = _intensity_order(np.concatenate(final), first, k)
     model = Phase2Model(scaling, classes, refine, order, int(window), candidates, agreement, chosen)
@@ -771,8 +849,8 @@ def label_block(model: Phase2Model, block: Block, distances: np.ndarray, spacing
     coarse = _coarse_classes(block, classes, spacing)
     keep = block.kept
     final = coarse[keep]
-    if model.refine is not None and keep.any():
-        final = model.refine.apply(coarse, block.volume, keep, spacing=spacing)
+    if model.refine and keep.any():
+        final = refine_classes(model.refine, coarse, block.volume, keep, spacing=spacing)
     return _output(model, final, keep, block.owned)
 
 

@@ -1549,6 +1549,11 @@ def refine_labels(
     :meth:`jule3d.clustering.RefineModel.apply`), so that a border where one voxel's evidence is weak is placed
     by its neighbourhood's, not left as a speckle.
 
+    The refinement runs :data:`jule3d.clustering.REFINE_PASSES` times (:func:`jule3d.clustering.fit_refinement`):
+    each pass after the first takes the labels of the pass before as its prior and refits the densities to
+    them, so that the second reads its prior and densities from borders placed to the voxel, not from blocks of a
+    grid step.
+
     Parameters
     ----------
     labels : numpy.ndarray
@@ -1585,7 +1590,7 @@ def refine_labels(
     >>> bool(np.array_equal(refined > 0, phantom.volume.mask))
     True
     """
-    from .clustering import RefineModel, _intensity_order, local_evidence
+    from .clustering import _intensity_order, fit_refinement, local_evidence
 
     check_int("intensity_window", window, 1)
     if not 0 < floor < 1:
@@ -1597,9 +1602,9 @@ def refine_labels(
     coarse = np.zeros(labels.shape, dtype=np.int64)
     coarse[foreground] = inside
     local = local_evidence(volume, window, np.nonzero(foreground))
-    model = RefineModel.fit(local, inside, len(classes), stride, window, floor)
-    refined = model.apply(coarse, volume, foreground, local)
-    if len(np.unique(refined)) < len(classes):
+    passes, (refined,) = fit_refinement([volume], [coarse], [foreground], [local], len(classes), stride, window,
+                                        floor)
+    if not passes:
         return labels
     order = _intensity_order(refined, np.asarray(volume.data[0], dtype=np.float64)[foreground], len(classes))
     out = np.zeros_like(labels)

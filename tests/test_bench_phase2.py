@@ -199,11 +199,13 @@ def test_the_ward_ablation_merges_as_before_and_leaves_the_default_as_it_was(ben
     ("refine-one-gaussian", "REFINE_COMPONENTS", 1, 2),
     ("refine-no-potts", "REFINE_SMOOTHING", 0.0, 0.3),
     ("refine-box-mean", "REFINE_STATISTIC", "mean", "median"),
+    ("refine-one-pass", "REFINE_PASSES", 1, 2),
 ])
 def test_the_refinement_ablations_run_the_default_with_one_setting_as_before(bench, monkeypatch, variant, setting,
                                                                              before, now) -> None:
-    """``refine-one-gaussian``, ``refine-no-potts`` and ``refine-box-mean`` run the default with one Gaussian per
-    class, with no Potts model between the refined voxels, or from box means, and leave the default as it was."""
+    """``refine-one-gaussian``, ``refine-no-potts``, ``refine-box-mean`` and ``refine-one-pass`` run the default
+    with one Gaussian per class, with no Potts model between the refined voxels, from box means, or in one pass,
+    and leave the default as it was."""
     from jule3d import clustering
 
     seen = []

@@ -1097,16 +1097,22 @@ def test_refinement_places_a_weak_border_with_its_neighbourhood_not_voxel_by_vox
         assert min((coupled == truth).mean(), (alone == truth).mean()) > (coarse == truth).mean()
 
 
-def test_the_refinement_reads_the_box_median_so_borders_follow_the_intensity_edge(monkeypatch) -> None:
-    """Coarse labels in blocks of 4 voxels over the intensity phantom: refined from the 3³ median, the borders
-    move to the intensity edges (98.9 % of the voxels right, from 90.6 %); from the 3³ mean, the refinement
-    before, a box across a border mixes both sides, and fewer are right (97.5 %)."""
-    from jule3d import clustering
-
+def _intensity_blocks() -> tuple[Volume, np.ndarray, np.ndarray]:
+    """The 48³ intensity phantom, its labels, and coarse labels in blocks of 4 voxels (90.6 % of them right)."""
     phantom = make_phantom(shape=(48, 48, 48), variant="intensity", seed=0)
     volume, truth = phantom.volume, phantom.labels
     blocks = truth[::4, ::4, ::4].repeat(4, axis=0).repeat(4, axis=1).repeat(4, axis=2)
-    coarse = np.where(volume.foreground(), np.maximum(blocks, 1), 0).astype(np.uint8)
+    return volume, truth, np.where(volume.foreground(), np.maximum(blocks, 1), 0).astype(np.uint8)
+
+
+def test_the_refinement_reads_the_box_median_so_borders_follow_the_intensity_edge(monkeypatch) -> None:
+    """Coarse labels in blocks of 4 voxels over the intensity phantom, refined in one pass: from the 3³ median,
+    the borders move to the intensity edges (98.9 % of the voxels right, from 90.6 %); from the 3³ mean, the
+    refinement before, a box across a border mixes both sides, and fewer are right (97.4 %)."""
+    from jule3d import clustering
+
+    volume, truth, coarse = _intensity_blocks()
+    monkeypatch.setattr(clustering, "REFINE_PASSES", 1)
     assert clustering.REFINE_STATISTIC == "median"
     median = refine_labels(coarse, volume, stride=2)
     monkeypatch.setattr(clustering, "REFINE_STATISTIC", "mean")
@@ -1114,6 +1120,48 @@ def test_the_refinement_reads_the_box_median_so_borders_follow_the_intensity_edg
     inside = truth > 0
     right = [float((labels[inside] == truth[inside]).mean()) for labels in (coarse, median, mean)]
     assert right[1] > 0.985 and right[1] > right[2] + 0.01 and right[2] > right[0]
+
+
+def test_the_refinement_runs_a_second_pass_on_the_first_pass_labels(monkeypatch) -> None:
+    """The second pass takes the first pass's labels as its prior and refits the densities to them, so the
+    default is the one-pass refinement applied to its own output. On the intensity phantom's 4-voxel blocks it
+    places 99.3 % of the voxels right, against 98.9 % after one pass."""
+    from jule3d import clustering
+
+    volume, truth, coarse = _intensity_blocks()
+    assert clustering.REFINE_PASSES == 2
+    two = refine_labels(coarse, volume, stride=2)
+    monkeypatch.setattr(clustering, "REFINE_PASSES", 1)
+    one = refine_labels(coarse, volume, stride=2)
+    np.testing.assert_array_equal(two, refine_labels(one, volume, stride=2))
+    inside = truth > 0
+    right = [float((labels[inside] == truth[inside]).mean()) for labels in (one, two)]
+    assert right[1] > 0.99 and right[1] > right[0] + 0.002
+
+
+def test_a_second_pass_that_would_empty_a_class_is_not_kept(monkeypatch) -> None:
+    """:func:`fit_refinement` keeps the passes that keep every class of the coarse labels: where the second would
+    give every voxel one class, the first pass's model and labels are the result."""
+    from jule3d import clustering
+    from jule3d.clustering import RefineModel, fit_refinement, local_evidence
+
+    volume, _, coarse = _weak_border(0)
+    foreground = volume.foreground()
+    inside = np.where(foreground, coarse.astype(np.int64) - 1, -1)
+    local = local_evidence(volume, 3, np.nonzero(foreground))
+    apply, calls = RefineModel.apply, []
+
+    def second_empties(self, *args, **options):
+        calls.append(self)
+        out = apply(self, *args, **options)
+        return np.zeros_like(out) if len(calls) > 1 else out
+
+    monkeypatch.setattr(RefineModel, "apply", second_empties)
+    passes, (classes,) = fit_refinement([volume], [inside], [foreground], [local], 2, 2, 3, 1e-3)
+    assert len(calls) == clustering.REFINE_PASSES == 2 and passes == (calls[0],)
+    monkeypatch.setattr(RefineModel, "apply", apply)
+    np.testing.assert_array_equal(classes, calls[0].apply(inside, volume, foreground, local))
+    assert set(np.unique(classes)) == {0, 1}
 
 
 def test_refining_part_of_a_volume_labels_it_as_the_whole_volume_does() -> None:
@@ -1137,6 +1185,32 @@ def test_refining_part_of_a_volume_labels_it_as_the_whole_volume_does() -> None:
                 lambda: local_evidence(volume, 3, np.nonzero(foreground), "mode")):
         with pytest.raises(ValueError, match="statistic"):
             bad()
+
+
+def test_refining_part_of_a_volume_in_two_passes_labels_it_as_the_whole_volume_does() -> None:
+    """The first pass labels every voxel within the second pass's reach of a chunk's own (:func:`refine_classes`),
+    so the chunk's labels are the whole volume's; with the first pass on the chunk's voxels alone, the second
+    pass's prior is cut at the chunk's faces, and fewer agree (97.1 % here)."""
+    from jule3d.clustering import fit_refinement, local_evidence, refine_classes
+
+    volume, _, coarse = _weak_border(1)
+    foreground = volume.foreground()
+    inside = np.where(foreground, coarse.astype(np.int64) - 1, -1)
+    local = local_evidence(volume, 3, np.nonzero(foreground))
+    passes, (whole,) = fit_refinement([volume], [inside], [foreground], [local], 2, 2, 3, 1e-3)
+    assert len(passes) == 2
+    keep = np.zeros(coarse.shape, bool)
+    keep[5:15, 5:15, 10:22] = True  # across the border
+    on_whole = np.full(coarse.shape, -1)
+    on_whole[foreground] = whole
+    alone = inside
+    for model in passes:  # each pass on the chunk's voxels alone
+        labels = np.full(coarse.shape, -1)
+        labels[keep] = model.apply(alone, volume, keep)
+        alone = labels
+    agree = [float((part == on_whole[keep]).mean()) for part in (refine_classes(passes, inside, volume, keep),
+                                                                  alone[keep])]
+    assert agree[0] > 0.99 and agree[0] > agree[1] + 0.01
 
 
 def _two_modes_and_one(n: int = 4000) -> tuple[np.ndarray, np.ndarray]:
@@ -1222,20 +1296,41 @@ def test_a_class_of_one_value_is_one_gaussian_and_fits_without_warnings() -> Non
     assert (model.log_likelihood(np.zeros((1, 1))).argmax(axis=1) == 0).all()
 
 
+def _saved_phase2(**refine) -> dict:
+    """A Phase 2 model of one network and two classes as :meth:`Phase2Model.to_dict` writes it, with ``refine``."""
+    return {"networks": np.array([0]), "means": np.zeros((1, 2)), "scales": np.ones(1), "local_factor": 0.0,
+            "centers": np.eye(2, dtype=np.float32), "group": np.arange(2), "margin": np.nan, "beta": 0.0,
+            "scale": 1.0, "order": np.array([1, 2]), "window": 3, **refine}
+
+
+def test_a_saved_phase2_model_keeps_every_pass_of_its_refinement() -> None:
+    """:meth:`Phase2Model.to_dict` stacks the passes' densities; :meth:`Phase2Model.from_dict` gives each back."""
+    from jule3d.clustering import Phase2Model, RefineModel
+
+    local, labels = _two_modes_and_one(500)
+    model = Phase2Model.from_dict(_saved_phase2())
+    assert model.refine == ()
+    model.refine = (RefineModel.fit(local, labels, 2, stride=2, window=3, floor=1e-3),
+                    RefineModel.fit(local, 1 - labels, 2, stride=2, window=3, floor=1e-3))
+    loaded = Phase2Model.from_dict(model.to_dict()).refine
+    assert len(loaded) == 2 and model.to_dict()["refine_passes"] == 2
+    for before, after in zip(model.refine, loaded):
+        np.testing.assert_array_equal(after.log_likelihood(local), before.log_likelihood(local))
+        assert (after.stride, after.window, after.floor, after.beta, after.statistic) == (2, 3, 1e-3, 0.3, "median")
+    assert not np.array_equal(loaded[0].log_likelihood(local), loaded[1].log_likelihood(local))
+
+
 def test_a_phase2_model_saved_with_one_gaussian_per_class_loads_as_one_component() -> None:
-    """A Phase 2 model saved before the mixtures (``(k, C)`` means, no weights) refines as it did."""
+    """A Phase 2 model saved before the mixtures (``(k, C)`` means, no weights) refines as it did, in one pass."""
     from jule3d.clustering import Phase2Model, RefineModel
 
     local, labels = _two_modes_and_one(500)
     one = RefineModel.fit(local, labels, 2, stride=2, window=3, floor=1e-3, components=1)
-    saved = {"networks": np.array([0]), "means": np.zeros((1, 2)), "scales": np.ones(1), "local_factor": 0.0,
-             "centers": np.eye(2, dtype=np.float32), "group": np.arange(2), "margin": np.nan, "beta": 0.0,
-             "scale": 1.0, "order": np.array([1, 2]), "window": 3, "refine_means": one.means[:, 0],
-             "refine_inverses": one.inverses[:, 0], "refine_logdets": one.logdets[:, 0], "refine_stride": 2,
-             "refine_floor": 1e-3}
-    loaded = Phase2Model.from_dict(saved).refine
+    saved = _saved_phase2(refine_means=one.means[:, 0], refine_inverses=one.inverses[:, 0],
+                          refine_logdets=one.logdets[:, 0], refine_stride=2, refine_floor=1e-3)
+    (loaded,) = Phase2Model.from_dict(saved).refine
     np.testing.assert_array_equal(loaded.log_likelihood(local), one.log_likelihood(local))
-    again = Phase2Model.from_dict(Phase2Model.from_dict(saved).to_dict()).refine
+    (again,) = Phase2Model.from_dict(Phase2Model.from_dict(saved).to_dict()).refine
     np.testing.assert_array_equal(again.log_likelihood(local), one.log_likelihood(local))
     assert one.beta == 0.3 and loaded.beta == again.beta == 0.0  # saved before the voxel Potts model: none
     assert one.statistic == "median" and loaded.statistic == again.statistic == "mean"  # saved before the median

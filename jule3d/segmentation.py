@@ -1571,7 +1571,7 @@ def refine_labels(
     -------
     numpy.ndarray
         Labels of the same dtype, ``1..k`` ordered by mean intensity of the first channel; the input labels
-        when refining would empty a class.
+        when the first pass would empty a class, and the first pass's labels when the second would.
 
     Examples
     --------

@@ -381,9 +381,7 @@ class RefineModel:
         from .segmentation import smooth_labels
 
         foreground = volume.foreground()
-        region = keep
-        if self.beta > 0 and not np.array_equal(keep, foreground):
-            region = ndimage.maximum_filter(keep, size=2 * REFINE_CONTEXT + 1, mode="constant") & foreground
+        region = _within_reach(keep, REFINE_CONTEXT if self.beta > 0 else 0, foreground)
         if local is None or not np.array_equal(region, keep):
             local = local_evidence(volume, self.window, np.nonzero(region), self.statistic)
         k = len(self.log_weights)
@@ -476,10 +474,10 @@ def fit_refinement(volumes: Sequence["Volume"], coarse: Sequence[np.ndarray], ke
     passes: tuple[RefineModel, ...] = ()
     if present < 2:
         return passes, final
-    labels = list(coarse)
+    labels, evidence = list(coarse), np.concatenate(local)
     n_passes = REFINE_PASSES
     for p in range(n_passes):
-        model = RefineModel.fit(np.concatenate(local), np.concatenate(final), n_classes, stride, window, floor)
+        model = RefineModel.fit(evidence, np.concatenate(final), n_classes, stride, window, floor)
         reach = (n_passes - 1 - p) * model.radius
         refined = [_refine_pass(model, c, v, keep, reach, loc, spacing)
                    for v, c, keep, loc in zip(volumes, labels, kept, local)]

@@ -15,7 +15,7 @@ The ``"lung"`` variant has the three classes of Moriya et al. 2018, who segment 
 lung-cancer specimens: normal alveolar tissue, noninvasive (lepidic) carcinoma and invasive carcinoma
 (``LUNG_CLASS_NAMES``, ids 1, 2, 3). Every voxel of the specimen is either tissue (intensity ``1``) or air
 (``0``), in every class alike; the classes differ only in the fraction and arrangement of the air. Each
-class is an *alveolar foam* (``LUNG_FOAM``):
+class is an *alveolar foam* (``LUNG_FOAM``, or the ``foams`` given to :func:`make_phantom`):
 
 - Seeds: one uniformly random point in every cube of side ``spacing`` voxels (stratified sampling), so the
   cells are irregular but of similar size.
@@ -69,6 +69,7 @@ from scipy.spatial import cKDTree
 from .volume import Volume
 
 __all__ = [
+    "Foam",
     "Phantom",
     "make_phantom",
     "write_phantom",
@@ -117,8 +118,8 @@ LAMELLA_WARP_SMOOTHNESS = 6.0
 LAMELLA_WAVINESS = 2.0
 
 
-class _Foam(NamedTuple):
-    """Alveolar foam of one lung class; lengths in voxels."""
+class Foam(NamedTuple):
+    """Alveolar foam of one ``"lung"`` class (:func:`make_phantom`'s ``foams``); lengths in voxels."""
 
     spacing: float  #: one seed in every cube of this side: the typical alveolus size
     wall: float  #: wall thickness
@@ -126,7 +127,7 @@ class _Foam(NamedTuple):
 
 
 #: Alveolar foam of each ``"lung"`` class, in the order of ``LUNG_CLASS_NAMES``.
-LUNG_FOAM: tuple[_Foam, ...] = (_Foam(10.0, 1.4, 0.15), _Foam(8.0, 2.6, 0.10), _Foam(8.0, 5.5, 0.0))
+LUNG_FOAM: tuple[Foam, ...] = (Foam(10.0, 1.4, 0.15), Foam(8.0, 2.6, 0.10), Foam(8.0, 5.5, 0.0))
 #: Smoothness (voxels, Gaussian std) of the random field whose peaks open pores in the alveolar walls.
 PORE_SMOOTHNESS = 1.5
 #: Defaults of ``noise`` and ``blur`` for each variant (:func:`make_phantom`).
@@ -281,11 +282,11 @@ def _cell_wall_distance(points: np.ndarray, seeds: np.ndarray, neighbours: int =
     return out
 
 
-def _alveolar_tissue(labels: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """Tissue (``True``) and air of the lung variant: class ``c``'s region filled with foam ``LUNG_FOAM[c - 1]``."""
+def _alveolar_tissue(labels: np.ndarray, foams: Sequence[Foam], rng: np.random.Generator) -> np.ndarray:
+    """Tissue (``True``) and air of the lung variant: class ``c``'s region filled with foam ``foams[c - 1]``."""
     shape = labels.shape
     tissue = np.zeros(shape, dtype=bool)
-    for c, (foam, class_rng) in enumerate(zip(LUNG_FOAM, rng.spawn(len(LUNG_FOAM))), start=1):
+    for c, (foam, class_rng) in enumerate(zip(foams, rng.spawn(len(foams))), start=1):
         inside = labels == c
         points = np.argwhere(inside).astype(np.float64)
         wall = _cell_wall_distance(points, _stratified_seeds(shape, foam.spacing, class_rng)) < foam.wall / 2
@@ -367,9 +368,10 @@ def _check_arguments(
     blur: float | None,
     regions_per_class: int,
     textures: Sequence[str] | None = None,
-) -> tuple[tuple[int, int, int], float, float, tuple[str, ...]]:
-    """Validate :func:`make_phantom`'s arguments; returns the shape as a tuple of int, ``noise``, ``blur`` and
-    ``textures`` (the variant's defaults where ``None``)."""
+    foams: Sequence[Sequence[float]] | None = None,
+) -> tuple[tuple[int, int, int], float, float, tuple[str, ...], tuple[Foam, ...]]:
+    """Validate :func:`make_phantom`'s arguments; returns the shape as a tuple of int, ``noise``, ``blur``,
+    ``textures`` and ``foams`` (the variant's defaults where ``None``)."""
     if len(shape) != 3 or any(int(s) != s for s in shape) or min(shape) < 16:
         raise ValueError(f"shape must be 3 integers (Z, Y, X), each at least 16, got {tuple(shape)}")
     if isinstance(n_classes, bool) or int(n_classes) != n_classes or not 2 <= n_classes <= len(TEXTURE_NAMES):
@@ -398,7 +400,27 @@ def _check_arguments(
             or not set(textures) <= set(TEXTURE_NAMES):
         raise ValueError(f"textures must be {n_classes} different names (one per class) of {TEXTURE_NAMES}, "
                          f"got {textures!r}")
-    return tuple(int(s) for s in shape), float(noise), float(blur), tuple(textures)  # type: ignore[return-value]
+    return (tuple(int(s) for s in shape), float(noise), float(blur), tuple(textures),  # type: ignore[return-value]
+            _check_foams(foams, variant))
+
+
+def _check_foams(foams: Sequence[Sequence[float]] | None, variant: str) -> tuple[Foam, ...]:
+    """``foams`` as :class:`Foam` tuples (``LUNG_FOAM`` where ``None``); a clear error for anything else."""
+    if foams is None:
+        return LUNG_FOAM
+    if variant != "lung":
+        raise ValueError(f"foams applies to the 'lung' variant, not to {variant!r} (its classes are textures)")
+    try:
+        checked = tuple(Foam(*(float(v) for v in foam)) for foam in foams)
+    except (TypeError, ValueError):
+        checked = ()
+    if len(checked) != len(LUNG_CLASS_NAMES) or not all(
+            np.isfinite(f).all() and 2 <= f.spacing and 0 < f.wall < f.spacing and 0 <= f.pores < 1
+            for f in checked):
+        raise ValueError(f"foams must be {len(LUNG_CLASS_NAMES)} (spacing, wall, pores) triples, one per class "
+                         f"({', '.join(LUNG_CLASS_NAMES)}), with spacing >= 2 voxels, 0 < wall < spacing and "
+                         f"0 <= pores < 1, got {foams!r}")
+    return checked
 
 
 def _class_means(n_classes: int, variant: str) -> np.ndarray:
@@ -419,6 +441,7 @@ def make_phantom(
     regions_per_class: int = 1,
     blur: float | None = None,
     textures: Sequence[str] | None = None,
+    foams: Sequence[Sequence[float]] | None = None,
 ) -> Phantom:
     """Generate a texture or lung-specimen phantom with its ground truth.
 
@@ -456,6 +479,11 @@ def make_phantom(
         ``"intensity"`` variants). Default (``None``): the first ``n_classes`` of them, ``fine_grain``,
         ``coarse_grain``, ``lamellae``, ... Another choice builds a phantom of the same kind from other
         textures, for instance to check that a result does not hold for one set of textures only.
+    foams : sequence of 3 :class:`Foam`, optional
+        The alveolar foam of each ``"lung"`` class, ``(spacing, wall, pores)`` in voxels: one alveolus in every
+        cube of side ``spacing``, walls ``wall`` thick, the walls opened on a ``pores`` share of the volume.
+        Default (``None``): ``LUNG_FOAM``, alveoli of 10, 8 and 8 voxels with walls of 1.4, 2.6 and 5.5. Other
+        foams build a lung phantom of the same kind, as ``textures`` does for the texture variants.
 
     Returns
     -------
@@ -486,9 +514,12 @@ def make_phantom(
     ('normal_alveolar', 'lepidic_carcinoma', 'invasive_carcinoma')
     >>> make_phantom(shape=(16, 16, 16), textures=("foam", "fibres", "oblique_lamellae")).class_names
     ('foam', 'fibres', 'oblique_lamellae')
+    >>> other = make_phantom(shape=(16, 16, 16), variant="lung", foams=[(12, 1.1, 0.15), (7, 2.2, 0.1), (6, 4, 0)])
+    >>> other.class_names
+    ('normal_alveolar', 'lepidic_carcinoma', 'invasive_carcinoma')
     """
-    shape, noise, blur, textures = _check_arguments(shape, n_classes, variant, noise, bias, blur, regions_per_class,
-                                                    textures)
+    shape, noise, blur, textures, foams = _check_arguments(shape, n_classes, variant, noise, bias, blur,
+                                                           regions_per_class, textures, foams)
     streams = [np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(5)]
     rng_specimen, rng_regions, rng_textures, rng_bias, rng_noise = streams
 
@@ -498,7 +529,7 @@ def make_phantom(
     labels = np.where(specimen, region_class[region] + 1, 0).astype(np.uint8)
 
     if variant == "lung":
-        image = np.where(_alveolar_tissue(labels, rng_textures), TISSUE_MEAN, AIR_MEAN).astype(np.float32)
+        image = np.where(_alveolar_tissue(labels, foams, rng_textures), TISSUE_MEAN, AIR_MEAN).astype(np.float32)
         class_names = LUNG_CLASS_NAMES
     else:
         image = np.full(shape, AIR_MEAN, dtype=np.float32)
@@ -538,7 +569,7 @@ def write_phantom(
     variant: str = "texture",
     seed: int = 0,
     overwrite: bool = False,
-    **kwargs: float | Sequence[float] | Sequence[str] | int,
+    **kwargs: float | Sequence[float] | Sequence[str] | Sequence[Sequence[float]] | int,
 ) -> Phantom:
     """Generate a phantom (:func:`make_phantom`) and write it, and optionally its labels, to files.
 
@@ -554,7 +585,7 @@ def write_phantom(
         Replace existing files. Without it, an existing file raises before anything is written.
     **kwargs
         Further :func:`make_phantom` arguments (``noise``, ``bias``, ``spacing``, ``regions_per_class``,
-        ``blur``, ``textures``).
+        ``blur``, ``textures``, ``foams``).
 
     Returns
     -------

@@ -292,6 +292,25 @@ def test_lung_air_fractions_normal_over_lepidic_over_invasive(clean_lung):
     assert normal > 0.6 and 0.25 < lepidic < 0.5 and 0 < invasive < 0.08, (normal, lepidic, invasive)
 
 
+def test_lung_foams_choose_each_class_foam(clean_lung):
+    """Other foams give a lung phantom of the same layout whose classes hold those foams; ``LUNG_FOAM`` given
+    explicitly is the default."""
+    from jule3d.phantom import LUNG_FOAM, Foam
+
+    explicit = make_phantom(shape=SMALL, variant="lung", seed=3, noise=0.0, bias=0.0, blur=0.0, foams=LUNG_FOAM)
+    np.testing.assert_array_equal(explicit.volume.data, clean_lung.volume.data)
+    # The three classes swapped: each region gets another class's foam, so their air fractions swap with them.
+    swapped = make_phantom(shape=SMALL, variant="lung", seed=3, noise=0.0, bias=0.0, blur=0.0,
+                           foams=[LUNG_FOAM[2], tuple(LUNG_FOAM[1]), Foam(*LUNG_FOAM[0])])
+    np.testing.assert_array_equal(swapped.labels, clean_lung.labels)
+
+    def air(phantom, c):
+        return float((phantom.volume.data[0][phantom.labels == c] == 0).mean())
+
+    assert air(swapped, 1) < 0.08 and air(swapped, 3) > 0.6 and 0.25 < air(swapped, 2) < 0.5
+    assert air(swapped, 3) == pytest.approx(air(clean_lung, 1), abs=0.1)
+
+
 def test_lung_normal_alveoli_form_one_connected_air_space(clean_lung):
     """Pores open the alveolar walls: the normal region's air is (almost) one 6-connected component."""
     air = (clean_lung.volume.data[0] == 0) & (clean_lung.labels == 1)
@@ -338,6 +357,13 @@ def test_lung_intensity_alone_is_a_weak_cue_the_local_mean_a_strong_one(lung):
         ({"variant": "lung", "blur": -0.5}, "blur"),
         ({"blur": float("nan")}, "blur"),
         ({"variant": "lung", "noise": -0.1}, "noise"),
+        ({"variant": "lung", "foams": [(10, 1.4, 0.15), (8, 2.6, 0.1)]}, "foams"),
+        ({"variant": "lung", "foams": [(10, 1.4, 0.15), (8, 8.0, 0.1), (8, 5.5, 0.0)]}, "foams"),
+        ({"variant": "lung", "foams": [(10, 1.4, 1.0), (8, 2.6, 0.1), (8, 5.5, 0.0)]}, "foams"),
+        ({"variant": "lung", "foams": [(10, 1.4), (8, 2.6, 0.1), (8, 5.5, 0.0)]}, "foams"),
+        ({"variant": "lung", "foams": [(10, "thin", 0.15), (8, 2.6, 0.1), (8, 5.5, 0.0)]}, "foams"),
+        ({"variant": "lung", "foams": [(float("nan"), 1.4, 0.15), (8, 2.6, 0.1), (8, 5.5, 0.0)]}, "foams"),
+        ({"foams": [(10, 1.4, 0.15), (8, 2.6, 0.1), (8, 5.5, 0.0)]}, "foams"),
     ],
 )
 def test_lung_bad_arguments_are_named(kwargs, name):

@@ -31,9 +31,11 @@ Datasets
     (``jule3d`` = ``jule3d.segment()`` with nothing set, ``jule3d-paper`` = the ``paper`` preset, and every
     peer), seeds 0-4 (methods that ignore the seed run once). One table: mean, sd and worst seed per case and
     method, with seconds and peak memory; ``suite_visible.json`` beside it. ``--cases`` and ``--methods``
-    narrow it (``--cases phantom-texture iguana``). ``--cases phantom-texture-other`` runs a case outside the
-    suite: the texture phantom built from its other three textures (foam, fibres, oblique lamellae) with
-    generator seed 2, on which no default was chosen.
+    narrow it (``--cases phantom-texture iguana``). ``--cases`` also runs the check cases outside the suite,
+    phantoms of the visible kinds on which no default was chosen (:data:`CHECK_CASES`): the texture phantom
+    built from its other three textures (foam, fibres, oblique lamellae) with generator seed 2
+    (``phantom-texture-other``), the texture phantom of generator seed 3 (``phantom-texture-seed3``) and the
+    lung phantom of other alveolar foams, generator seed 2 (``phantom-lung-other``).
 
 Usage::
 
@@ -70,7 +72,7 @@ from jule3d.app.batch import safe_name
 from jule3d.estimator import segment
 from jule3d.evaluation import MethodResult, compare_methods
 from jule3d.normalize import normalize_intensity
-from jule3d.phantom import make_phantom
+from jule3d.phantom import Foam, make_phantom
 from jule3d.volume import Volume
 
 BRATS_CASES = ("brats_2013_pat0003_1", "brats_2013_pat0004_1", "brats_2013_pat0005_1", "brats_2013_pat0006_1")
@@ -93,11 +95,21 @@ IGUANA = "iguana"
 SUITE_CASES = (*PHANTOM_CASES, *BRATS_CASES, IGUANA)
 #: The texture phantom's construction with the other three textures (``make_phantom(textures=...)``) and another
 #: generator seed: no default was chosen on it, so it checks that the texture result is not one of the default
-#: textures only. Not in the visible suite; ``--cases`` runs it.
+#: textures only.
 OTHER_TEXTURES = ("foam", "fibres", "oblique_lamellae")
 OTHER_TEXTURE_CASE = "phantom-texture-other"
 OTHER_TEXTURE_SEED = 2
-CHECK_CASES = (OTHER_TEXTURE_CASE,)
+#: The visible texture phantom's textures from generator seed 3 (the visible one is seed 0): other regions and
+#: other fields, built after the defaults were chosen.
+TEXTURE_SEED3_CASE = "phantom-texture-seed3"
+#: The lung phantom of other alveolar foams (``make_phantom(foams=...)``): alveoli of 12, 7 and 6 voxels with
+#: walls of 1.1, 2.2 and 4.0 (the visible one: 10, 8 and 8 with 1.4, 2.6 and 5.5), generator seed 2, built after
+#: the defaults were chosen.
+OTHER_LUNG_FOAMS = (Foam(12.0, 1.1, 0.15), Foam(7.0, 2.2, 0.10), Foam(6.0, 4.0, 0.0))
+OTHER_LUNG_CASE = "phantom-lung-other"
+OTHER_LUNG_SEED = 2
+#: Phantoms of the visible kinds on which no default was chosen: not in the visible suite; ``--cases`` runs them.
+CHECK_CASES = (OTHER_TEXTURE_CASE, TEXTURE_SEED3_CASE, OTHER_LUNG_CASE)
 #: Every method of the visible suite: the two jule3d presets with their defaults and every peer.
 SUITE_METHODS = ("jule3d", "jule3d-paper", "kmeans", "otsu", "gmm", "slic", "localmean", "atropos", "hmrf",
                  "kanezaki")
@@ -235,17 +247,25 @@ def load_brats_case(case_dir: Path, intensity: str = "zero-background", margin: 
 
 
 def phantom_case(variant: str = "texture", size: int = 96, seed: int = 0, n_classes: int = 3,
-                 textures: Sequence[str] | None = None, name: str | None = None) -> Case:
-    """The phantom (z-scored inside the specimen), its labels, evaluated on the specimen; ``textures`` and the
-    case ``name`` (default ``phantom-<variant>``) as given."""
-    phantom = make_phantom(shape=(size,) * 3, n_classes=n_classes, variant=variant, seed=seed, textures=textures)
+                 textures: Sequence[str] | None = None, name: str | None = None,
+                 foams: Sequence[Foam] | None = None) -> Case:
+    """The phantom (z-scored inside the specimen), its labels, evaluated on the specimen; ``textures``,
+    ``foams`` and the case ``name`` (default ``phantom-<variant>``) as given."""
+    phantom = make_phantom(shape=(size,) * 3, n_classes=n_classes, variant=variant, seed=seed, textures=textures,
+                           foams=foams)
     volume = normalize_intensity(phantom.volume)
     return Case(name or f"phantom-{variant}", volume, phantom.labels, phantom.labels > 0, n_classes)
 
 
-def other_texture_case() -> Case:
-    """:data:`OTHER_TEXTURE_CASE`: the texture phantom of :data:`OTHER_TEXTURES`, generator seed 2."""
-    return phantom_case(seed=OTHER_TEXTURE_SEED, textures=OTHER_TEXTURES, name=OTHER_TEXTURE_CASE)
+def check_case(name: str) -> Case:
+    """One of :data:`CHECK_CASES`, 96³ like the visible phantoms."""
+    if name == OTHER_TEXTURE_CASE:
+        return phantom_case(seed=OTHER_TEXTURE_SEED, textures=OTHER_TEXTURES, name=name)
+    if name == TEXTURE_SEED3_CASE:
+        return phantom_case(seed=3, name=name)
+    if name == OTHER_LUNG_CASE:
+        return phantom_case("lung", seed=OTHER_LUNG_SEED, foams=OTHER_LUNG_FOAMS, name=name)
+    raise ValueError(f"name must be one of the check cases {CHECK_CASES}, got {name!r}")
 
 
 #: Voxels inside the mask's border whose dark voxels are the specimen surface's partial volume, not cavities:
@@ -414,8 +434,8 @@ def suite_loaders(cases: Sequence[str], brats_intensity: str) -> list[Callable[[
     """Loaders of the named visible-suite (or check) cases, in the given order (one case in memory at a time)."""
     loads: list[Callable[[], Case]] = []
     for name in cases:
-        if name == OTHER_TEXTURE_CASE:
-            loads.append(other_texture_case)
+        if name in CHECK_CASES:
+            loads.append(lambda c=name: check_case(c))
         elif name in PHANTOM_CASES:
             loads.append(lambda v=name.split("-", 1)[1]: phantom_case(v))
         elif name in BRATS_CASES:

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
+from jule3d.phantom import make_phantom
 from jule3d.volume import Volume
 
 _PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_quality.py"
@@ -141,17 +142,41 @@ def test_suite_arguments_default_to_every_case_method_and_seeds_0_to_4() -> None
     assert settings["jule3d (paper)"].options() == {"preset": "paper"} and settings["otsu"] == "otsu"
 
 
-def test_other_texture_case_is_a_check_case_outside_the_suite() -> None:
-    """``--cases phantom-texture-other`` is accepted, but the suite does not run it unless asked."""
-    assert bq.OTHER_TEXTURE_CASE not in bq.SUITE_CASES
-    args = bq.parse_args(["--suite", "visible", "--cases", bq.OTHER_TEXTURE_CASE])
-    assert args.cases == [bq.OTHER_TEXTURE_CASE]
+@pytest.fixture(scope="module")
+def visible_phantoms() -> dict[str, np.ndarray]:
+    return {variant: bq.phantom_case(variant).volume.data for variant in ("texture", "intensity", "lung")}
+
+
+@pytest.mark.parametrize("name", bq.CHECK_CASES)
+def test_check_cases_run_when_asked_and_are_not_the_visible_phantoms(name, visible_phantoms) -> None:
+    """``--cases <check case>`` is accepted, the suite does not run it unless asked, and its volume is none of
+    the visible phantoms'."""
+    assert name not in bq.SUITE_CASES
+    args = bq.parse_args(["--suite", "visible", "--cases", name])
+    assert args.cases == [name]
     (load,) = bq.suite_loaders(args.cases, "zero-background")
     case = load()
-    assert case.name == bq.OTHER_TEXTURE_CASE and case.volume.shape == (96, 96, 96) and case.n_clusters == 3
+    assert case.name == name and case.volume.shape == (96, 96, 96) and case.n_clusters == 3
+    for variant, data in visible_phantoms.items():
+        assert not np.array_equal(case.volume.data, data), variant
+
+
+def test_other_texture_and_lung_cases_keep_the_layout_and_change_what_fills_it() -> None:
+    """The other textures and the other foams fill the regions of the same generator seed."""
+    textures = bq.check_case(bq.OTHER_TEXTURE_CASE)
     default = bq.phantom_case("texture", seed=bq.OTHER_TEXTURE_SEED)
-    np.testing.assert_array_equal(case.ground_truth, default.ground_truth)  # the same layout, other textures
-    assert not np.array_equal(case.volume.data, default.volume.data)
+    np.testing.assert_array_equal(textures.ground_truth, default.ground_truth)
+    lung = bq.check_case(bq.OTHER_LUNG_CASE)
+    clean = make_phantom(variant="lung", seed=bq.OTHER_LUNG_SEED, foams=bq.OTHER_LUNG_FOAMS, noise=0, bias=0,
+                         blur=0)
+    visible = make_phantom(variant="lung", seed=bq.OTHER_LUNG_SEED, noise=0, bias=0, blur=0)
+    np.testing.assert_array_equal(lung.ground_truth, visible.labels)
+    # Thinner walls around larger alveoli in normal tissue, thinner walls in smaller cells in invasive carcinoma.
+    air = {name: [float((p.volume.data[0][p.labels == c] == 0).mean()) for c in (1, 2, 3)]
+           for name, p in (("other", clean), ("visible", visible))}
+    assert air["other"][0] > air["visible"][0] and air["other"][2] > air["visible"][2], air
+    with pytest.raises(ValueError, match="name"):
+        bq.check_case("phantom-texture")
 
 
 def test_suite_runs_seedless_methods_once_and_scores_structure(monkeypatch) -> None:

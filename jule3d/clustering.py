@@ -378,12 +378,15 @@ class RefineModel:
         spacing : sequence of 3 float, optional
             Voxel spacing ``(z, y, x)``; default ``volume``'s.
         """
+        evidence = _Evidence(volume, _widest(keep, 0, volume.foreground()), keep, local)
+        return _refine_pass(self, coarse, volume, keep, 0, evidence, spacing)[keep]
+
+    def _labels(self, coarse: np.ndarray, foreground: np.ndarray, keep: np.ndarray, region: np.ndarray,
+                local: np.ndarray, spacing: Sequence[float]) -> np.ndarray:
+        """:meth:`apply` on the voxels ``region`` (``keep`` with its Potts context) of a block whose evidence
+        there is ``local``: the classes of the voxels ``keep``."""
         from .segmentation import smooth_labels
 
-        foreground = volume.foreground()
-        region = _within_reach(keep, REFINE_CONTEXT if self.beta > 0 else 0, foreground)
-        if local is None or not np.array_equal(region, keep):
-            local = local_evidence(volume, self.window, np.nonzero(region), self.statistic)
         k = len(self.log_weights)
         priors = np.stack([ndimage.gaussian_filter(((coarse == c) & foreground).astype(np.float32),
                                                    sigma=float(self.stride), mode="nearest")[region]
@@ -391,26 +394,21 @@ class RefineModel:
         priors /= np.maximum(priors.sum(axis=1, keepdims=True), np.float32(1e-30))
         log_posterior = np.log(np.maximum(priors, self.floor)).astype(np.float64) + self.log_likelihood(local)
         if self.beta == 0:
-            return np.argmax(log_posterior, axis=1)
+            return np.argmax(log_posterior, axis=1)[keep[region]]
         cost = log_posterior.max(axis=1, keepdims=True) - log_posterior
-        labels = smooth_labels(region, cost, self.beta, volume.geometry.spacing_zyx if spacing is None else spacing,
-                               scale=1.0)
-        return labels[keep[region]]
+        return smooth_labels(region, cost, self.beta, spacing, scale=1.0)[keep[region]]
 
     def log_likelihood(self, local: np.ndarray) -> np.ndarray:
         """``(N, k)`` log density of every class at the local statistics ``(N, C)``, up to a constant shared by all."""
-        from scipy.special import logsumexp
-
         local = np.asarray(local, dtype=np.float64)
-        k, m = self.log_weights.shape
-        out = np.empty((len(local), k))
-        for c in range(k):
-            terms = np.full((len(local), m), -np.inf)
-            for j in np.flatnonzero(np.isfinite(self.log_weights[c])):
+        out = np.empty((len(local), len(self.log_weights)))
+        for c, log_weights in enumerate(self.log_weights):
+            terms = []
+            for j in np.flatnonzero(np.isfinite(log_weights)):
                 diff = local - self.means[c, j]
-                terms[:, j] = self.log_weights[c, j] - 0.5 * (
-                    np.einsum("ij,ij->i", diff @ self.inverses[c, j], diff) + self.logdets[c, j])
-            out[:, c] = logsumexp(terms, axis=1)
+                terms.append(log_weights[j] - 0.5 * (
+                    np.einsum("ij,ij->i", diff @ self.inverses[c, j], diff) + self.logdets[c, j]))
+            out[:, c] = np.logaddexp.reduce(terms, axis=0)  # scipy's logsumexp takes 5x as long here
         return out
 
 
@@ -422,15 +420,65 @@ def _within_reach(keep: np.ndarray, reach: int, foreground: np.ndarray) -> np.nd
     return ndimage.maximum_filter(keep, size=2 * reach + 1, mode="constant") & foreground
 
 
-def _refine_pass(model: RefineModel, labels: np.ndarray, volume: "Volume", keep: np.ndarray, reach: int,
-                 local: np.ndarray | None, spacing: Sequence[float] | None) -> np.ndarray:
-    """One pass on the voxels within ``reach`` of ``keep``: ``(Z, Y, X)`` classes there, -1 elsewhere.
+def _crop_box(mask: np.ndarray, margin: int) -> tuple[slice, slice, slice]:
+    """The bounding box of ``mask`` grown by ``margin`` voxels, within the array, from even indices: a pass run
+    on it labels as on the whole block, since the Gaussian prior and the box statistics reach ``margin`` voxels at
+    most, and the Potts model's parity classes (:func:`jule3d.segmentation.smooth_labels`) stay the block's."""
+    box = []
+    for axis, size in enumerate(mask.shape):
+        hit = np.flatnonzero(mask.any(axis=tuple(a for a in range(3) if a != axis)))
+        if len(hit) == 0:
+            return (slice(0, 0),) * 3
+        box.append(slice(max(int(hit[0]) - margin, 0) // 2 * 2, min(int(hit[-1]) + margin + 1, size)))
+    return tuple(box)  # type: ignore[return-value]
 
-    ``local`` holds the evidence of the voxels ``keep``; it is reused where the pass labels no others."""
-    region = _within_reach(keep, reach, volume.foreground())
+
+class _Evidence:
+    """The local statistics (:func:`local_evidence`) of a block's voxels ``widest``, computed once for every pass
+    of the refinement that reads some of them; ``local``, where given, those of the voxels ``keep``, used as they
+    are when ``keep`` is ``widest``."""
+
+    def __init__(self, volume: "Volume", widest: np.ndarray, keep: np.ndarray | None = None,
+                 local: np.ndarray | None = None) -> None:
+        self.volume, self.widest = volume, widest
+        self.given = local if local is not None and keep is not None and (
+            keep is widest or np.array_equal(keep, widest)) else None
+        self.maps: dict[tuple[int, str], np.ndarray] = {}
+
+    def at(self, region: np.ndarray, window: int, statistic: str) -> np.ndarray:
+        """``(N, C)`` statistics of the voxels ``region`` (within ``widest``)."""
+        if region is self.widest and self.given is not None:
+            return self.given
+        key = (int(window), statistic)
+        if key not in self.maps:
+            values = self.given
+            if values is None:
+                box = _crop_box(self.widest, int(window))
+                crop = self.volume.crop([b.start for b in box], [b.stop for b in box])
+                values = local_evidence(crop, window, np.nonzero(self.widest[box]), statistic)
+            self.maps[key] = np.zeros((*self.widest.shape, values.shape[1]), dtype=values.dtype)
+            self.maps[key][self.widest] = values
+        return self.maps[key][region]
+
+
+def _refine_pass(model: RefineModel, labels: np.ndarray, volume: "Volume", keep: np.ndarray, reach: int,
+                 evidence: _Evidence, spacing: Sequence[float] | None) -> np.ndarray:
+    """One pass on the voxels within ``reach`` of ``keep``: ``(Z, Y, X)`` classes there, -1 elsewhere. It runs
+    on the bounding box of the voxels it reads (:func:`_crop_box`), and labels as it would on the whole block."""
+    foreground = volume.foreground()
+    region = _within_reach(keep, reach, foreground)
+    context = _within_reach(region, REFINE_CONTEXT if model.beta > 0 else 0, foreground)
+    box = _crop_box(context, int(4.0 * model.stride + 0.5))  # the prior's Gaussian, truncated at 4 sd
     out = np.full(keep.shape, -1, dtype=np.int64)
-    out[region] = model.apply(labels, volume, region, local if region is keep else None, spacing)
+    out[region] = model._labels(labels[box], foreground[box], region[box], context[box],
+                                evidence.at(context, model.window, model.statistic),
+                                volume.geometry.spacing_zyx if spacing is None else spacing)
     return out
+
+
+def _widest(keep: np.ndarray, reach: int, foreground: np.ndarray) -> np.ndarray:
+    """The voxels whose statistics passes reaching ``reach`` voxels beyond ``keep`` read, Potts context included."""
+    return _within_reach(keep, reach + REFINE_CONTEXT, foreground)
 
 
 def refine_classes(passes: Sequence[RefineModel], coarse: np.ndarray, volume: "Volume", keep: np.ndarray,
@@ -442,12 +490,13 @@ def refine_classes(passes: Sequence[RefineModel], coarse: np.ndarray, volume: "V
     (:attr:`RefineModel.radius` each), so that the later passes see, around the voxels they keep, the labels
     the whole volume would give them; ``coarse`` (classes ``0..k-1`` of the block's voxels) carries
     ``len(passes)`` radii of context. ``local`` is the evidence of the voxels ``keep`` (:func:`local_evidence`),
-    where the caller has it.
+    where the caller has it; the passes read the evidence of their voxels from one computation.
     """
+    reaches = [sum(later.radius for later in passes[i + 1:]) for i in range(len(passes))]
+    evidence = _Evidence(volume, _widest(keep, max(reaches, default=0), volume.foreground()), keep, local)
     labels = coarse
-    for i, model in enumerate(passes):
-        labels = _refine_pass(model, labels, volume, keep, sum(later.radius for later in passes[i + 1:]), local,
-                              spacing)
+    for model, reach in zip(passes, reaches):
+        labels = _refine_pass(model, labels, volume, keep, reach, evidence, spacing)
     return labels[keep]
 
 
@@ -474,13 +523,16 @@ def fit_refinement(volumes: Sequence["Volume"], coarse: Sequence[np.ndarray], ke
     passes: tuple[RefineModel, ...] = ()
     if present < 2:
         return passes, final
-    labels, evidence = list(coarse), np.concatenate(local)
+    labels, fitted = list(coarse), np.concatenate(local)
     n_passes = REFINE_PASSES
+    widest = (n_passes - 1) * refine_radius(stride, window)
+    evidence = [_Evidence(v, _widest(keep, widest, v.foreground()), keep, loc)
+                for v, keep, loc in zip(volumes, kept, local)]
     for p in range(n_passes):
-        model = RefineModel.fit(evidence, np.concatenate(final), n_classes, stride, window, floor)
+        model = RefineModel.fit(fitted, np.concatenate(final), n_classes, stride, window, floor)
         reach = (n_passes - 1 - p) * model.radius
-        refined = [_refine_pass(model, c, v, keep, reach, loc, spacing)
-                   for v, c, keep, loc in zip(volumes, labels, kept, local)]
+        refined = [_refine_pass(model, c, v, keep, reach, ev, spacing)
+                   for v, c, keep, ev in zip(volumes, labels, kept, evidence)]
         classes = [r[keep] for r, keep in zip(refined, kept)]
         if len(np.unique(np.concatenate(classes))) < present:
             break

@@ -1149,17 +1149,17 @@ def test_a_second_pass_that_would_empty_a_class_is_not_kept(monkeypatch) -> None
     foreground = volume.foreground()
     inside = np.where(foreground, coarse.astype(np.int64) - 1, -1)
     local = local_evidence(volume, 3, np.nonzero(foreground))
-    apply, calls = RefineModel.apply, []
+    labels, calls = RefineModel._labels, []
 
     def second_empties(self, *args, **options):
         calls.append(self)
-        out = apply(self, *args, **options)
+        out = labels(self, *args, **options)
         return np.zeros_like(out) if len(calls) > 1 else out
 
-    monkeypatch.setattr(RefineModel, "apply", second_empties)
+    monkeypatch.setattr(RefineModel, "_labels", second_empties)
     passes, (classes,) = fit_refinement([volume], [inside], [foreground], [local], 2, 2, 3, 1e-3)
     assert len(calls) == clustering.REFINE_PASSES == 2 and passes == (calls[0],)
-    monkeypatch.setattr(RefineModel, "apply", apply)
+    monkeypatch.setattr(RefineModel, "_labels", labels)
     np.testing.assert_array_equal(classes, calls[0].apply(inside, volume, foreground, local))
     assert set(np.unique(classes)) == {0, 1}
 
@@ -1211,6 +1211,38 @@ def test_refining_part_of_a_volume_in_two_passes_labels_it_as_the_whole_volume_d
     agree = [float((part == on_whole[keep]).mean()) for part in (refine_classes(passes, inside, volume, keep),
                                                                   alone[keep])]
     assert agree[0] > 0.99 and agree[0] > agree[1] + 0.01
+
+
+def test_a_pass_runs_on_the_box_of_the_voxels_it_reads_and_labels_as_on_the_whole_block(monkeypatch) -> None:
+    """Each pass runs on the bounding box of the voxels it reads (:func:`jule3d.clustering._crop_box`: the
+    prior's Gaussian and the box statistics reach no further; the box starts at even indices so that ICM's parity
+    classes stay the block's), and the passes read one computation of the evidence: the labels are those of the
+    passes run on the whole block, bit for bit."""
+    from jule3d import clustering
+    from jule3d.clustering import fit_refinement, local_evidence, refine_classes
+
+    rng = np.random.default_rng(0)
+    x = np.arange(96)
+    truth = np.where((x < 30) | (x > 70), 1, 2)[None, None, :] * np.ones((24, 24, 1), np.uint8)
+    data = np.where(truth == 1, -0.4, 0.4) + 2.0 * rng.normal(size=truth.shape)
+    volume = Volume.from_array(data.astype(np.float32))
+    coarse = np.where((x < 33) | (x > 66), 0, 1)[None, None, :] * np.ones((24, 24, 1), np.int64)
+    foreground = volume.foreground()
+    passes, _ = fit_refinement([volume], [coarse], [foreground], [local_evidence(volume, 3, np.nonzero(foreground))],
+                               2, 2, 3, 1e-3)
+    assert len(passes) == 2
+    for start in (59, 60):  # the first pass's box would start at an odd index, then at an even one; from an odd
+        # one, 3 of 2,160 voxels change here (ICM visits the parity classes in another order)
+        keep = np.zeros(truth.shape, bool)
+        keep[3:15, 5:20, start:start + 12] = True
+        calls = []
+        evidence = clustering.local_evidence
+        monkeypatch.setattr(clustering, "local_evidence", lambda *a, **o: calls.append(1) or evidence(*a, **o))
+        cropped = refine_classes(passes, coarse, volume, keep)
+        assert len(calls) == 1, "both passes read one computation of the evidence"
+        monkeypatch.setattr(clustering, "_crop_box", lambda mask, margin: tuple(slice(0, n) for n in mask.shape))
+        np.testing.assert_array_equal(cropped, refine_classes(passes, coarse, volume, keep))
+        monkeypatch.undo()
 
 
 def _two_modes_and_one(n: int = 4000) -> tuple[np.ndarray, np.ndarray]:

@@ -32,7 +32,8 @@ Datasets
     peer), seeds 0-4 (methods that ignore the seed run once). One table: mean, sd and worst seed per case and
     method, with seconds and peak memory; ``suite_visible.json`` beside it. ``--cases`` and ``--methods``
     narrow it (``--cases phantom-texture iguana``). ``--cases`` also runs the check cases outside the suite,
-    phantoms of the visible kinds on which no default was chosen (:data:`CHECK_CASES`): the texture phantom
+    phantoms of the visible kinds built to check the defaults away from the cases they were chosen on
+    (:data:`CHECK_CASES`): the texture phantom
     built from its other three textures (foam, fibres, oblique lamellae) with generator seed 2
     (``phantom-texture-other``), the texture phantom of generator seed 3 (``phantom-texture-seed3``) and the
     lung phantom of other alveolar foams, generator seed 2 (``phantom-lung-other``).
@@ -94,8 +95,8 @@ PHANTOM_CASES = ("phantom-texture", "phantom-intensity", "phantom-lung")
 IGUANA = "iguana"
 SUITE_CASES = (*PHANTOM_CASES, *BRATS_CASES, IGUANA)
 #: The texture phantom's construction with the other three textures (``make_phantom(textures=...)``) and another
-#: generator seed: no default was chosen on it, so it checks that the texture result is not one of the default
-#: textures only.
+#: generator seed: it checks that the texture result is not one of the default textures only (its failure led to
+#: the anchor of Phase 1's merges, ``docs/method.md`` 5.6, so it is no longer unseen).
 OTHER_TEXTURES = ("foam", "fibres", "oblique_lamellae")
 OTHER_TEXTURE_CASE = "phantom-texture-other"
 OTHER_TEXTURE_SEED = 2
@@ -108,7 +109,8 @@ TEXTURE_SEED3_CASE = "phantom-texture-seed3"
 OTHER_LUNG_FOAMS = (Foam(12.0, 1.1, 0.15), Foam(7.0, 2.2, 0.10), Foam(6.0, 4.0, 0.0))
 OTHER_LUNG_CASE = "phantom-lung-other"
 OTHER_LUNG_SEED = 2
-#: Phantoms of the visible kinds on which no default was chosen: not in the visible suite; ``--cases`` runs them.
+#: Phantoms of the visible kinds outside the visible suite, which check the defaults away from the cases they were
+#: chosen on; ``--cases`` runs them.
 CHECK_CASES = (OTHER_TEXTURE_CASE, TEXTURE_SEED3_CASE, OTHER_LUNG_CASE)
 #: Every method of the visible suite: the two jule3d presets with their defaults and every peer.
 SUITE_METHODS = ("jule3d", "jule3d-paper", "kmeans", "otsu", "gmm", "slic", "localmean", "atropos", "hmrf",

@@ -421,14 +421,13 @@ def _within_reach(keep: np.ndarray, reach: int, foreground: np.ndarray) -> np.nd
 
 
 def _crop_box(mask: np.ndarray, margin: int) -> tuple[slice, slice, slice]:
-    """The bounding box of ``mask`` grown by ``margin`` voxels, within the array, from even indices: a pass run
-    on it labels as on the whole block, since the Gaussian prior and the box statistics reach ``margin`` voxels at
-    most, and the Potts model's parity classes (:func:`jule3d.segmentation.smooth_labels`) stay the block's."""
+    """The bounding box of ``mask`` (not empty) grown by ``margin`` voxels, within the array, from even indices: a
+    pass run on it labels as on the whole block, since the Gaussian prior and the box statistics reach ``margin``
+    voxels at most, and the Potts model's parity classes (:func:`jule3d.segmentation.smooth_labels`) stay the
+    block's."""
     box = []
     for axis, size in enumerate(mask.shape):
         hit = np.flatnonzero(mask.any(axis=tuple(a for a in range(3) if a != axis)))
-        if len(hit) == 0:
-            return (slice(0, 0),) * 3
         box.append(slice(max(int(hit[0]) - margin, 0) // 2 * 2, min(int(hit[-1]) + margin + 1, size)))
     return tuple(box)  # type: ignore[return-value]
 
@@ -468,8 +467,10 @@ def _refine_pass(model: RefineModel, labels: np.ndarray, volume: "Volume", keep:
     foreground = volume.foreground()
     region = _within_reach(keep, reach, foreground)
     context = _within_reach(region, REFINE_CONTEXT if model.beta > 0 else 0, foreground)
-    box = _crop_box(context, int(4.0 * model.stride + 0.5))  # the prior's Gaussian, truncated at 4 sd
     out = np.full(keep.shape, -1, dtype=np.int64)
+    if not context.any():
+        return out
+    box = _crop_box(context, int(4.0 * model.stride + 0.5))  # the prior's Gaussian, truncated at 4 sd
     out[region] = model._labels(labels[box], foreground[box], region[box], context[box],
                                 evidence.at(context, model.window, model.statistic),
                                 volume.geometry.spacing_zyx if spacing is None else spacing)

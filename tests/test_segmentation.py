@@ -1243,6 +1243,7 @@ def test_a_pass_runs_on_the_box_of_the_voxels_it_reads_and_labels_as_on_the_whol
         monkeypatch.setattr(clustering, "_crop_box", lambda mask, margin: tuple(slice(0, n) for n in mask.shape))
         np.testing.assert_array_equal(cropped, refine_classes(passes, coarse, volume, keep))
         monkeypatch.undo()
+    assert refine_classes(passes, coarse, volume, np.zeros(truth.shape, bool)).shape == (0,)
 
 
 def _two_modes_and_one(n: int = 4000) -> tuple[np.ndarray, np.ndarray]:

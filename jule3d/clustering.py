@@ -378,8 +378,7 @@ class RefineModel:
         spacing : sequence of 3 float, optional
             Voxel spacing ``(z, y, x)``; default ``volume``'s.
         """
-        evidence = _Evidence(volume, _widest(keep, 0, volume.foreground()), keep, local)
-        return _refine_pass(self, coarse, volume, keep, 0, evidence, spacing)[keep]
+        return _refine_pass(self, coarse, volume, keep, 0, _Evidence(volume, keep, local), spacing)[keep]
 
     def _labels(self, coarse: np.ndarray, foreground: np.ndarray, keep: np.ndarray, region: np.ndarray,
                 local: np.ndarray, spacing: Sequence[float]) -> np.ndarray:
@@ -433,31 +432,29 @@ def _crop_box(mask: np.ndarray, margin: int) -> tuple[slice, slice, slice]:
 
 
 class _Evidence:
-    """The local statistics (:func:`local_evidence`) of a block's voxels ``widest``, computed once for every pass
-    of the refinement that reads some of them; ``local``, where given, those of the voxels ``keep``, used as they
-    are when ``keep`` is ``widest``."""
+    """The local statistics (:func:`local_evidence`) of a block's voxels, computed once for every pass of the
+    refinement that reads them: the first pass reads the widest region and later passes read within it (a region
+    that reaches further is computed then). ``local``, where given, are those of the voxels ``keep``."""
 
-    def __init__(self, volume: "Volume", widest: np.ndarray, keep: np.ndarray | None = None,
-                 local: np.ndarray | None = None) -> None:
-        self.volume, self.widest = volume, widest
-        self.given = local if local is not None and keep is not None and (
-            keep is widest or np.array_equal(keep, widest)) else None
-        self.maps: dict[tuple[int, str], np.ndarray] = {}
+    def __init__(self, volume: "Volume", keep: np.ndarray | None = None, local: np.ndarray | None = None) -> None:
+        self.volume, self.keep, self.local = volume, keep, local
+        self.maps: dict[tuple[int, str], tuple[np.ndarray, np.ndarray]] = {}  # known voxels, their statistics
 
     def at(self, region: np.ndarray, window: int, statistic: str) -> np.ndarray:
-        """``(N, C)`` statistics of the voxels ``region`` (within ``widest``)."""
-        if region is self.widest and self.given is not None:
-            return self.given
+        """``(N, C)`` statistics of the voxels ``region``."""
+        if self.local is not None and (region is self.keep or np.array_equal(region, self.keep)):
+            return self.local
         key = (int(window), statistic)
-        if key not in self.maps:
-            values = self.given
-            if values is None:
-                box = _crop_box(self.widest, int(window))
-                crop = self.volume.crop([b.start for b in box], [b.stop for b in box])
-                values = local_evidence(crop, window, np.nonzero(self.widest[box]), statistic)
-            self.maps[key] = np.zeros((*self.widest.shape, values.shape[1]), dtype=values.dtype)
-            self.maps[key][self.widest] = values
-        return self.maps[key][region]
+        known, values = self.maps.get(key, (None, None))
+        if known is None or (region & ~known).any():
+            known = region if known is None else known | region
+            box = _crop_box(known, int(window))
+            crop = self.volume.crop([b.start for b in box], [b.stop for b in box])
+            statistics = local_evidence(crop, window, np.nonzero(known[box]), statistic)
+            values = np.zeros((*known.shape, statistics.shape[1]), dtype=statistics.dtype)
+            values[known] = statistics
+            self.maps[key] = known, values
+        return values[region]
 
 
 def _refine_pass(model: RefineModel, labels: np.ndarray, volume: "Volume", keep: np.ndarray, reach: int,
@@ -477,11 +474,6 @@ def _refine_pass(model: RefineModel, labels: np.ndarray, volume: "Volume", keep:
     return out
 
 
-def _widest(keep: np.ndarray, reach: int, foreground: np.ndarray) -> np.ndarray:
-    """The voxels whose statistics passes reaching ``reach`` voxels beyond ``keep`` read, Potts context included."""
-    return _within_reach(keep, reach + REFINE_CONTEXT, foreground)
-
-
 def refine_classes(passes: Sequence[RefineModel], coarse: np.ndarray, volume: "Volume", keep: np.ndarray,
                    local: np.ndarray | None = None, spacing: Sequence[float] | None = None) -> np.ndarray:
     """Refined classes ``(N,)`` of the voxels ``keep`` of a block: every pass of the refinement in turn, each
@@ -493,11 +485,10 @@ def refine_classes(passes: Sequence[RefineModel], coarse: np.ndarray, volume: "V
     ``len(passes)`` radii of context. ``local`` is the evidence of the voxels ``keep`` (:func:`local_evidence`),
     where the caller has it; the passes read the evidence of their voxels from one computation.
     """
-    reaches = [sum(later.radius for later in passes[i + 1:]) for i in range(len(passes))]
-    evidence = _Evidence(volume, _widest(keep, max(reaches, default=0), volume.foreground()), keep, local)
-    labels = coarse
-    for model, reach in zip(passes, reaches):
-        labels = _refine_pass(model, labels, volume, keep, reach, evidence, spacing)
+    evidence, labels = _Evidence(volume, keep, local), coarse
+    for i, model in enumerate(passes):
+        labels = _refine_pass(model, labels, volume, keep, sum(later.radius for later in passes[i + 1:]), evidence,
+                              spacing)
     return labels[keep]
 
 
@@ -526,9 +517,7 @@ def fit_refinement(volumes: Sequence["Volume"], coarse: Sequence[np.ndarray], ke
         return passes, final
     labels, fitted = list(coarse), np.concatenate(local)
     n_passes = REFINE_PASSES
-    widest = (n_passes - 1) * refine_radius(stride, window)
-    evidence = [_Evidence(v, _widest(keep, widest, v.foreground()), keep, loc)
-                for v, keep, loc in zip(volumes, kept, local)]
+    evidence = [_Evidence(v, keep, loc) for v, keep, loc in zip(volumes, kept, local)]
     for p in range(n_passes):
         model = RefineModel.fit(fitted, np.concatenate(final), n_classes, stride, window, floor)
         reach = (n_passes - 1 - p) * model.radius

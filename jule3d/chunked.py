@@ -17,16 +17,18 @@
    all of them when the grid is that small and the volume in memory, which is exactly
    :meth:`jule3d.estimator.JuleSegmenter.predict`), :func:`jule3d.clustering.fit_phase2`. Then, chunk by
    chunk of ``chunk``³ grid positions: features of the networks the model reads → class distances, stored in
-   a Zarr array (pass A); the Potts model, the projection to voxels and the refinement on each chunk with a
-   halo of :func:`halo_positions` positions (pass B), :func:`jule3d.clustering.label_block`. Labels go
-   straight into a memory-mapped label file, which becomes the output (NIfTI, Zarr, ``.npy``, ...).
-4. **Dask** (``scheduler="local"`` or ``"tcp://host:port"``): the chunks of both passes are tasks; the
+   a Zarr array (pass A); the Potts model, the projection to voxels and the refinement's first pass on each
+   chunk with a halo of :func:`halo_positions` positions (pass B, :func:`jule3d.clustering.label_block`); each
+   later pass of the refinement on each chunk with the halo of one pass, on the labels the pass before wrote
+   (pass C, :func:`jule3d.clustering.refine_block`). Each pass labels every voxel once; its labels go straight
+   into a label file in the work folder, and those of the last become the output (NIfTI, Zarr, ``.npy``, ...).
+4. **Dask** (``scheduler="local"`` or ``"tcp://host:port"``): the chunks of every pass are tasks; the
    networks, the Phase 2 model and the lazy volume are broadcast once. The labels are those of the
    single-process run.
 5. **Resume**: everything lives in a work folder next to the output (``<out>.jule3d-work``) until the output
    is complete: the manifest (inputs, parameters, version), the trained networks, the Phase 2 model, the
-   distances, the labels and the lists of finished chunks. ``resume=True`` continues from them; a run killed
-   at any point and resumed writes the labels of an uninterrupted run.
+   distances, the labels of every pass and the lists of finished chunks. ``resume=True`` continues from them; a
+   run killed at any point and resumed writes the labels of an uninterrupted run.
 
 Memory is bounded by the chunk (and the coarse mask of at most ``COARSE_VOXELS`` voxels), not by the volume.
 """
@@ -382,18 +384,19 @@ def open_volume(
 # ---------------------------------------------------------------------------------------------- the chunks
 
 
-def halo_positions(stride: int, window: int, passes: int = 1) -> int:
-    """Grid positions of context around a chunk in pass B: the reach of the refinement's ``passes`` passes
-    (:func:`jule3d.clustering.refine_radius` voxels) plus two positions for the Potts model.
+def halo_positions(stride: int, window: int, potts: bool = True) -> int:
+    """Grid positions of context around a chunk in a pass that refines: the reach of one refinement pass
+    (:func:`jule3d.clustering.refine_radius` voxels), plus two positions for the grid's Potts model where the pass
+    runs it (pass B).
 
     Examples
     --------
-    >>> halo_positions(2, 3), halo_positions(2, 3, passes=2)
-    (10, 17)
+    >>> halo_positions(2, 3), halo_positions(2, 3, potts=False)
+    (10, 8)
     """
     from .clustering import refine_radius
 
-    return -(-refine_radius(stride, window, passes) // stride) + 2
+    return -(-refine_radius(stride, window) // stride) + (2 if potts else 0)
 
 
 def _box(layout: Grid, first: Sequence[int], stop: Sequence[int]) -> tuple[slice, slice, slice]:
@@ -460,22 +463,52 @@ def _pass_a(volume: ChunkedVolume, models: Sequence, model: Any, layout: Grid, f
     return out
 
 
+def _halo_block(volume: ChunkedVolume, layout: Grid, first: tuple, stop: tuple, halo: int):
+    """A chunk's block with ``halo`` positions of context, from an even position so that the parity sweeps of the
+    Potts models are those of the whole volume; with what it owns and its first and last positions."""
+    e0 = tuple(max(a - halo, 0) // 2 * 2 for a in first)
+    e1 = tuple(min(b + halo, n) for b, n in zip(stop, layout.grid_shape))
+    block, owned = _block(volume, layout, e0, e1, first, stop)
+    return block, owned, e0, e1
+
+
+def _stored(model: Any, classes: np.ndarray, last: bool) -> np.ndarray:
+    """What a pass writes of the classes of a chunk's voxels: the output labels after the refinement's last pass
+    (:func:`jule3d.clustering.output_labels`), else the classes plus one (0 outside the foreground) for the next."""
+    from .clustering import output_labels
+
+    return output_labels(model, classes) if last else (classes + 1).astype(_label_dtype(model))
+
+
 def _pass_b(volume: ChunkedVolume, model: Any, layout: Grid, distances: Any, first: tuple, stop: tuple,
-            halo: int, threads: int | None = None) -> tuple[tuple[slice, slice, slice], np.ndarray]:
-    """Labels of the voxels a chunk owns, from the distances of the chunk and its halo."""
+            halo: int, last: bool, threads: int | None = None) -> tuple[tuple[slice, slice, slice], np.ndarray]:
+    """A chunk's voxels after the Potts model, the projection and the refinement's first pass, from the distances
+    of the chunk and its halo (:func:`_stored`)."""
     from .clustering import label_block
 
     _threads(threads)
-    g = layout.grid_shape
-    # the halo starts on an even position, so the Potts model's parity sweeps are those of the whole grid
-    e0 = tuple(max(a - halo, 0) // 2 * 2 for a in first)
-    e1 = tuple(min(b + halo, n) for b, n in zip(stop, g))
-    block, owned = _block(volume, layout, e0, e1, first, stop)
+    block, owned, e0, e1 = _halo_block(volume, layout, first, stop, halo)
     rows = np.asarray(distances[e0[0]:e1[0], e0[1]:e1[1], e0[2]:e1[2]])
     block.selected = np.isfinite(rows[..., 0])
     if not block.selected.any():
         return owned, np.zeros(tuple(s.stop - s.start for s in owned), dtype=_label_dtype(model))
-    return owned, label_block(model, block, rows[block.selected], volume.geometry.spacing_zyx)
+    classes = label_block(model, block, rows[block.selected], volume.geometry.spacing_zyx, passes=1)
+    return owned, _stored(model, classes, last)
+
+
+def _pass_c(volume: ChunkedVolume, model: Any, layout: Grid, previous: Path, first: tuple, stop: tuple, halo: int,
+            step: int, last: bool, threads: int | None = None) -> tuple[tuple[slice, slice, slice], np.ndarray]:
+    """A chunk's voxels after the refinement's pass ``step`` (from 0), from what the pass before wrote (the file
+    ``previous``) on the chunk and its halo (:func:`_stored`)."""
+    from .clustering import refine_block
+
+    _threads(threads)
+    block, owned, e0, e1 = _halo_block(volume, layout, first, stop, halo)
+    if block.volume is None:
+        return owned, np.zeros(tuple(s.stop - s.start for s in owned), dtype=_label_dtype(model))
+    labels = NpyFile(previous).box(_box(layout, e0, e1)).astype(np.int32) - 1
+    classes = refine_block(model.refine[step:step + 1], block, labels, volume.geometry.spacing_zyx)
+    return owned, _stored(model, classes, last)
 
 
 def _label_dtype(model: Any) -> type:
@@ -601,6 +634,9 @@ class WorkDir:
     PHASE2 = "phase2.npz"
     DISTANCES = "distances.zarr"
     LABELS = "labels.npy"
+    REFINED = "refined{}.npy"  # the classes after the refinement's pass i, for pass C to read
+    #: The passes and files a folder holds: a folder of another layout (a run of an older jule3d) is not resumed.
+    LAYOUT = 2
 
     def __init__(self, out: Path) -> None:
         self.out = out
@@ -691,6 +727,13 @@ class NpyFile:
             except AttributeError:  # pragma: no cover - not on every platform
                 pass
         return cls(path)
+
+    def box(self, box: tuple[slice, slice, slice]) -> np.ndarray:
+        """The voxels ``box``, read through a memory map that is closed before this returns."""
+        mapped = np.memmap(self.path, dtype=self.dtype, mode="r", offset=self.offset, shape=self.shape)
+        values = np.array(mapped[box])
+        del mapped
+        return values
 
     def __getitem__(self, key: slice) -> np.ndarray:
         start, stop, _ = key.indices(self.shape[0])
@@ -954,7 +997,8 @@ def segment_file(
     manifest = {"jule3d": __version__, "inputs": [_identity(p) for p in paths],
                 "mask": None if mask is None else _identity(Path(mask)), "params": {k: v for k, v in segmenter.get_params().items() if k not in ("progress", "device")},
                 "model": None if model is None else str(model), "chunk": chunk, "fit_positions": fit_positions,
-                "in_memory_voxels": in_memory_voxels, "out": str(out.resolve())}
+                "in_memory_voxels": in_memory_voxels, "out": str(out.resolve()),
+                "work_layout": WorkDir.LAYOUT}
     created = not work.path.exists()
     try:
         work.start(manifest, resume)
@@ -1048,7 +1092,6 @@ def _phase2(segmenter: Any, volume: ChunkedVolume, layout: Grid, work: WorkDir, 
     distances = zarr.open_array(str(work.file(WorkDir.DISTANCES)), mode="a", shape=g + (k,),
                                 chunks=tuple(min(chunk, n) for n in g) + (k,), dtype=np.float32, fill_value=np.nan)
     chunks = list(layout.chunks(chunk))
-    labels = NpyFile(work.file(WorkDir.LABELS))
     featured = [0]
 
     def store_distances(task: dict, result: np.ndarray) -> None:
@@ -1057,11 +1100,6 @@ def _phase2(segmenter: Any, volume: ChunkedVolume, layout: Grid, work: WorkDir, 
         featured[0] += int(np.isfinite(result[..., 0]).sum())
         work.mark("a", task["index"])
 
-    def store_labels(task: dict, result: tuple) -> None:
-        owned, values = result
-        labels.write(owned, values)  # in the page cache, kept if the process is killed after this line
-        work.mark("b", task["index"])
-
     done = work.done("a")
     tasks = [{"first": a, "stop": b, "index": i} for i, (a, b) in enumerate(chunks) if i not in done]
     _run(tasks, _pass_a_task, {"volume": volume, "models": segmenter.models_, "model": model, "layout": layout,
@@ -1069,21 +1107,46 @@ def _phase2(segmenter: Any, volume: ChunkedVolume, layout: Grid, work: WorkDir, 
     if tasks:
         log(f"jule3d: Phase 2 features of {featured[0]} grid positions x {len(model.networks)} network(s) in "
             f"{len(tasks)} chunks")
-    done = work.done("b")
-    tasks = [{"first": a, "stop": b, "index": i} for i, (a, b) in enumerate(chunks) if i not in done]
-    _run(tasks, _pass_b_task, {"volume": volume, "model": model, "layout": layout,
-                               "distances": str(work.file(WorkDir.DISTANCES)),
-                               "halo": halo_positions(layout.stride, model.window, max(len(model.refine), 1))},
-         client, store_labels, bars, "Phase 2 labels", threads=_cores())
+    # pass B: the Potts model, the projection and the refinement's first pass; a pass C for each later pass, on
+    # the labels of the one before: every chunk labels its own voxels once per pass
+    targets = [work.file(WorkDir.REFINED.format(i)) for i in range(1, max(len(model.refine), 1))]
+    targets.append(work.file(WorkDir.LABELS))
+    for step, target in enumerate(targets):
+        if not target.exists():
+            NpyFile.create(target, volume.shape, _label_dtype(model))
+        name, last = "b" if step == 0 else f"c{step}", step == len(targets) - 1
+        done = work.done(name)
+        tasks = [{"first": a, "stop": b, "index": i} for i, (a, b) in enumerate(chunks) if i not in done]
+        shared: dict[str, Any] = {"volume": volume, "model": model, "layout": layout, "last": last,
+                  "halo": halo_positions(layout.stride, model.window, potts=step == 0)}
+        if step == 0:
+            shared["distances"] = str(work.file(WorkDir.DISTANCES))
+        else:
+            shared.update(previous=targets[step - 1], step=step)
+        _run(tasks, _pass_b_task if step == 0 else _pass_c_task, shared, client, _store(NpyFile(target), work, name),
+             bars, "Phase 2 labels" if step == 0 else f"Phase 2 refinement, pass {step + 1}", threads=_cores())
+
+
+def _store(target: NpyFile, work: WorkDir, name: str) -> Callable[[dict, tuple], None]:
+    """Write a chunk's voxels into ``target`` and mark the chunk finished in pass ``name``."""
+    def store(task: dict, result: tuple) -> None:
+        owned, values = result
+        target.write(owned, values)  # in the page cache, kept if the process is killed after this line
+        work.mark(name, task["index"])
+
+    return store
 
 
 def _pass_a_task(volume, models, model, layout, device, first, stop, index, threads=None):
     return _pass_a(volume, models, model, layout, tuple(first), tuple(stop), device, threads)
 
 
-def _pass_b_task(volume, model, layout, distances, halo, first, stop, index, threads=None):
+def _pass_b_task(volume, model, layout, distances, halo, last, first, stop, index, threads=None):
     import zarr
 
     return _pass_b(volume, model, layout, zarr.open_array(distances, mode="r"), tuple(first), tuple(stop), halo,
-                   threads)
+                   last, threads)
 
+
+def _pass_c_task(volume, model, layout, previous, halo, step, last, first, stop, index, threads=None):
+    return _pass_c(volume, model, layout, previous, tuple(first), tuple(stop), halo, step, last, threads)

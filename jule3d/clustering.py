@@ -39,7 +39,8 @@ if TYPE_CHECKING:
     from .volume import Volume
 
 __all__ = ["FeatureScaling", "ClassModel", "RefineModel", "Phase2Model", "Block", "fit_phase2", "label_block",
-           "block_distances", "box_means", "local_evidence", "fit_refinement", "refine_classes", "ROWS"]
+           "refine_block", "output_labels", "block_distances", "box_means", "local_evidence", "fit_refinement",
+           "refine_classes", "ROWS"]
 
 #: Rows of features turned into distances at a time (bounds the temporary memory of one block).
 ROWS = 262_144
@@ -237,17 +238,17 @@ REFINE_CONTEXT = 4
 REFINE_PASSES = 2
 
 
-def refine_radius(stride: int, window: int, passes: int = 1) -> int:
-    """Voxels of context a block needs around its own voxels for ``passes`` passes of :meth:`RefineModel.apply`,
-    each on the labels of the one before: per pass, the Potts model's context (:data:`REFINE_CONTEXT`), the
-    prior's Gaussian (4 standard deviations of ``stride`` voxels) and the ``window``³ box of the local statistics.
+def refine_radius(stride: int, window: int) -> int:
+    """Voxels of context a block needs around its own voxels for one pass of :meth:`RefineModel.apply`: the Potts
+    model's context (:data:`REFINE_CONTEXT`), the prior's Gaussian (4 standard deviations of ``stride`` voxels)
+    and the ``window``³ box of the local statistics.
 
     Examples
     --------
-    >>> refine_radius(2, 3), refine_radius(2, 3, passes=2)
-    (15, 30)
+    >>> refine_radius(2, 3)
+    15
     """
-    return passes * (REFINE_CONTEXT + int(4.0 * stride + 0.5) + window)
+    return REFINE_CONTEXT + int(4.0 * stride + 0.5) + window
 
 
 @dataclass
@@ -753,7 +754,8 @@ def fit_phase2(
     first = np.concatenate([np.asarray(b.volume.data[0], dtype=np.float64)[keep] for b, keep in zip(blocks, kept)])
     order = _intensity_order(np.concatenate(final), first, k)
     model = Phase2Model(scaling, classes, refine, order, int(window), candidates, agreement, chosen)
-    return model, [_output(model, f, keep, b.owned) for f, keep, b in zip(final, kept, blocks)]
+    return model, [output_labels(model, _owned_classes(f, keep, b.owned))
+                   for f, keep, b in zip(final, kept, blocks)]
 
 
 def fit_classes(
@@ -872,26 +874,46 @@ def _intensity_order(classes: np.ndarray, intensity: np.ndarray, k: int) -> np.n
     return order
 
 
-def _output(model: Phase2Model, classes: np.ndarray, keep: np.ndarray, owned: tuple[slice, ...]) -> np.ndarray:
-    out = np.zeros(keep.shape, dtype=np.uint8 if len(model.order) <= 255 else np.uint16)
-    out[keep] = model.order[classes]
+def output_labels(model: Phase2Model, classes: np.ndarray) -> np.ndarray:
+    """Output labels of classes ``0..k-1`` (``-1`` outside the foreground): ``1..k`` ordered by intensity
+    (``model.order``), ``0`` outside; ``uint8``, ``uint16`` above 255 classes."""
+    out = np.zeros(classes.shape, dtype=np.uint8 if len(model.order) <= 255 else np.uint16)
+    inside = classes >= 0
+    out[inside] = model.order[classes[inside]]
+    return out
+
+
+def _owned_classes(classes: np.ndarray, keep: np.ndarray, owned: tuple[slice, ...]) -> np.ndarray:
+    """The classes of the voxels ``keep`` painted on the block, ``-1`` elsewhere, at the voxels ``owned``."""
+    out = np.full(keep.shape, -1, dtype=np.int32)
+    out[keep] = classes
     return out[owned]
 
 
 def label_block(model: Phase2Model, block: Block, distances: np.ndarray, spacing: Sequence[float],
-                ) -> np.ndarray:
-    """Output labels of the ``owned`` voxels of a block from the class distances of its ``selected`` positions.
+                passes: int | None = None) -> np.ndarray:
+    """Classes ``0..k-1`` of the ``owned`` voxels of a block (``-1`` outside the foreground) from the class
+    distances of its ``selected`` positions: the Potts model on the grid, the projection to voxels and the
+    refinement's first ``passes`` passes (default: all of them; :func:`refine_block` runs the others).
 
     The block carries context around what it owns (grid positions for the Potts model, voxels for the
-    refinement's prior), so a block labels its voxels as the whole grid would, up to the reach of that context.
+    refinement's prior), so a block labels its voxels as the whole grid would, up to the reach of that context:
+    :func:`jule3d.chunked.halo_positions` with ``passes``. :func:`output_labels` makes them output labels.
     """
     classes = model.classes.labels(distances, block.selected, spacing)
     coarse = _coarse_classes(block, classes, spacing)
+    return refine_block(model.refine[:passes], block, coarse, spacing)
+
+
+def refine_block(passes: Sequence[RefineModel], block: Block, labels: np.ndarray, spacing: Sequence[float],
+                 ) -> np.ndarray:
+    """Classes ``0..k-1`` of the ``owned`` voxels of a block (``-1`` outside the foreground) after the refinement
+    ``passes`` (:func:`refine_classes`) on ``labels``, the classes of the block's voxels before them (any value
+    outside the foreground), which reach ``passes``' radii (:attr:`RefineModel.radius`) around what it owns."""
     keep = block.kept
-    final = coarse[keep]
-    if model.refine and keep.any():
-        final = refine_classes(model.refine, coarse, block.volume, keep, spacing=spacing)
-    return _output(model, final, keep, block.owned)
+    final = refine_classes(passes, labels, block.volume, keep, spacing=spacing) if passes and keep.any() \
+        else labels[keep]
+    return _owned_classes(final, keep, block.owned)
 
 
 def block_distances(model: Phase2Model, block: Block) -> np.ndarray:

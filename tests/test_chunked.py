@@ -175,6 +175,28 @@ def test_chunked_phase2_labels_the_volume_as_the_whole_grid_does(trained, tmp_pa
     np.testing.assert_array_equal(np.load(whole), reference)  # small enough: exactly the in-memory method
 
 
+def test_pass_b_then_pass_c_label_a_block_as_every_pass_at_once(trained) -> None:
+    """Pass B runs the refinement's first pass (``label_block(..., passes=1)``), pass C the second on what the
+    first wrote (``refine_block``): on a block of the whole volume, the labels of every pass at once."""
+    from jule3d.clustering import block_distances, label_block, refine_block
+    from jule3d.grid import Grid
+
+    segmenter = trained["segmenter"]
+    volume = open_volume(trained["image"], in_memory_voxels=0, announce=lambda message: None)
+    layout = Grid(volume.shape, segmenter.models_[0].config.patch_size, segmenter.stride)
+    model = chunked.fit_sample(segmenter, volume, layout)
+    assert len(model.refine) == 2
+    block, owned = chunked._block(volume, layout, (0, 0, 0), layout.grid_shape)
+    assert owned == tuple(slice(0, n) for n in volume.shape)
+    block.features = chunked._features(block, segmenter.models_, model.networks, layout.stride, "cpu")
+    distances, spacing = block_distances(model, block), volume.geometry.spacing_zyx
+    first = label_block(model, block, distances, spacing, passes=1)
+    assert first.shape == volume.shape and np.array_equal(first >= 0, block.kept)
+    both = label_block(model, block, distances, spacing)
+    assert not np.array_equal(first, both)  # the second pass moves some voxels
+    np.testing.assert_array_equal(refine_block(model.refine[1:], block, first, spacing), both)
+
+
 def test_dask_local_cluster_gives_the_single_process_labels(trained, tmp_path: Path) -> None:
     options = dict(model=trained["model"], in_memory_voxels=0, chunk=6, **QUIET, **TINY)
     single = segment_file(trained["image"], tmp_path / "single.zarr", **options)
@@ -198,11 +220,11 @@ def test_resume_after_sigkill_writes_the_uninterrupted_labels(trained, tmp_path:
     work = WorkDir(out)
     proc = subprocess.Popen(command + ["--out", str(out)], stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
-    while time.time() < deadline and len(work.done("b")) < 20 and proc.poll() is None:
+    while time.time() < deadline and len(work.done("c1")) < 10 and proc.poll() is None:
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    assert 0 < len(work.done("b")) and not out.exists(), "the run must be killed during Phase 2"
+    assert 0 < len(work.done("c1")) and not out.exists(), "the run must be killed during the second refinement pass"
     again = subprocess.run(command + ["--out", str(out)], capture_output=True, text=True)
     assert again.returncode == 2 and "--resume" in again.stderr  # an unfinished run is not silently replaced
     resumed = subprocess.run(command + ["--out", str(out), "--resume"], capture_output=True, text=True)

@@ -396,7 +396,8 @@ class RefineModel:
         if self.beta == 0:
             return np.argmax(log_posterior, axis=1)[keep[region]]
         cost = log_posterior.max(axis=1, keepdims=True) - log_posterior
-        return smooth_labels(region, cost, self.beta, spacing, scale=1.0)[keep[region]]
+        box = _crop_box(region, 0)  # ICM on the voxels it labels: the prior's margin holds none
+        return smooth_labels(region[box], cost, self.beta, spacing, scale=1.0)[keep[box][region[box]]]
 
     def log_likelihood(self, local: np.ndarray) -> np.ndarray:
         """``(N, k)`` log density of every class at the local statistics ``(N, C)``, up to a constant shared by all."""
@@ -406,8 +407,11 @@ class RefineModel:
             terms = []
             for j in np.flatnonzero(np.isfinite(log_weights)):
                 diff = local - self.means[c, j]
-                terms.append(log_weights[j] - 0.5 * (
-                    np.einsum("ij,ij->i", diff @ self.inverses[c, j], diff) + self.logdets[c, j]))
+                if diff.shape[1] == 1:  # one channel: the same products without the matrix machinery
+                    square = (diff[:, 0] * self.inverses[c, j, 0, 0]) * diff[:, 0]
+                else:
+                    square = np.einsum("ij,ij->i", diff @ self.inverses[c, j], diff)
+                terms.append(log_weights[j] - 0.5 * (square + self.logdets[c, j]))
             out[:, c] = np.logaddexp.reduce(terms, axis=0)  # scipy's logsumexp takes 5x as long here
         return out
 

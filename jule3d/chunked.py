@@ -1118,7 +1118,7 @@ def _phase2(segmenter: Any, volume: ChunkedVolume, layout: Grid, work: WorkDir, 
         done = work.done(name)
         tasks = [{"first": a, "stop": b, "index": i} for i, (a, b) in enumerate(chunks) if i not in done]
         shared: dict[str, Any] = {"volume": volume, "model": model, "layout": layout, "last": last,
-                  "halo": halo_positions(layout.stride, model.window, potts=step == 0)}
+                                  "halo": halo_positions(layout.stride, model.window, potts=step == 0)}
         if step == 0:
             shared["distances"] = str(work.file(WorkDir.DISTANCES))
         else:

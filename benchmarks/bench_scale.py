@@ -8,8 +8,8 @@ For every ``--sizes`` entry (``256`` = 256³, ``512x1024x1024`` = Z × Y × X) t
 2. runs ``jule3d segment`` on it in a subprocess with the default settings and ``--n-clusters 3``, and samples
    the resident memory of the whole process tree every 0.2 s (psutil),
 3. prints wall seconds, peak RSS (GiB, and as a multiple of the file), voxels per second, the run's own log
-   (one line per stage) and the GFLOP/s of its dense features (pass A: featured positions x FLOPs per position
-   / seconds).
+   (one line per stage, each with the peak RSS since the line before: the stage's) and the GFLOP/s of its dense
+   features (pass A: featured positions x FLOPs per position / seconds).
 
 Then, in this process, it measures Phase 2's arithmetic against the machine: the FLOPs of the default network's
 dense features per grid position (counted by ``torch.utils.flop_counter``), the seconds of
@@ -106,40 +106,60 @@ def _tree_rss(process: psutil.Process) -> int:
 
 def run_sampled(command: Sequence[str], interval: float = 0.2) -> dict:
     """Run ``command`` in a subprocess, sampling the RSS of its process tree every ``interval`` seconds: wall
-    seconds, peak RSS, return code, stdout and stderr."""
+    seconds, peak RSS, return code, stdout and stderr, and ``line_peaks``: for every line of stderr, the peak RSS
+    since the line before (for a command that logs one line as each stage ends, the stage's peak)."""
     start = time.perf_counter()
     proc = subprocess.Popen(list(command), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    ps, peak, done = psutil.Process(proc.pid), [0], threading.Event()
+    ps, done, lock = psutil.Process(proc.pid), threading.Event(), threading.Lock()
+    peak, since = [0], [0]  # the whole run's peak, the peak since the last line of stderr
+    out: list[str] = []
+    lines: list[tuple[str, int]] = []
+
+    def seen(rss: int) -> None:
+        with lock:
+            peak[0], since[0] = max(peak[0], rss), max(since[0], rss)
 
     def sample() -> None:
         while not done.is_set():
             try:
-                peak[0] = max(peak[0], _tree_rss(ps))
+                seen(_tree_rss(ps))
             except psutil.NoSuchProcess:
                 return
             done.wait(interval)
 
-    sampler = threading.Thread(target=sample, daemon=True)
-    sampler.start()
-    out, err = proc.communicate()
+    def read_stderr() -> None:
+        for line in proc.stderr:  # type: ignore[union-attr]
+            try:
+                seen(_tree_rss(ps))  # the stage may have been shorter than the interval
+            except psutil.NoSuchProcess:
+                pass
+            with lock:
+                lines.append((line.rstrip("\n"), since[0]))
+                since[0] = 0
+
+    threads = [threading.Thread(target=target, daemon=True) for target in
+               (sample, read_stderr, lambda: out.append(proc.stdout.read()))]  # type: ignore[union-attr]
+    for thread in threads:
+        thread.start()
+    proc.wait()
+    threads[1].join()
+    threads[2].join()
     done.set()
-    sampler.join()
+    threads[0].join()
     return {"seconds": time.perf_counter() - start, "peak_rss_bytes": peak[0], "returncode": proc.returncode,
-            "stdout": out, "stderr": err}
+            "stdout": "".join(out), "stderr": "\n".join(line for line, _ in lines), "line_peaks": lines}
 
 
 def run_segment(image: Path, out: Path, extra: Sequence[str] = ()) -> dict:
-    """``jule3d segment`` in a subprocess: wall seconds and the peak RSS of its process tree (sampled)."""
+    """``jule3d segment`` in a subprocess: wall seconds, the peak RSS of its process tree (sampled), its stage
+    lines and the peak RSS of each stage (the peak since the line before)."""
     run = run_sampled([sys.executable, "-m", "jule3d.app.cli", "segment", str(image), "--out", str(out),
                        "--n-clusters", "3", *extra])
     if run["returncode"] != 0:
         raise RuntimeError(f"jule3d segment failed ({run['returncode']}): {run['stderr'].strip().splitlines()[-1:]}")
-    return {"seconds": run["seconds"], "peak_rss_bytes": run["peak_rss_bytes"], "log": stage_lines(run["stderr"])}
-
-
-def stage_lines(stderr: str) -> list[str]:
-    """The one-line-per-stage log ``jule3d segment`` writes without a terminal."""
-    return [line for line in stderr.splitlines() if line.startswith("jule3d")]
+    stages = [(line, rss) for line, rss in run["line_peaks"] if line.startswith("jule3d")]  # its one line a stage
+    return {"seconds": run["seconds"], "peak_rss_bytes": run["peak_rss_bytes"], "log": [line for line, _ in stages],
+            "stage_peak_rss_bytes": [rss for _, rss in stages]}
 
 
 def features_rate(log: Sequence[str], mflop_per_position: float) -> float | None:
@@ -238,8 +258,8 @@ def main(argv: Sequence[str] | None = None) -> None:
             print(f"{'x'.join(map(str, shape))}: {run['seconds']:.1f} s, peak RSS {run['peak_rss_bytes'] / 2**30:.2f} GiB "
                   f"({run['peak_rss_bytes'] / file_bytes:.1f} x the file), {voxels / run['seconds'] / 1e6:.3f} Mvoxel/s"
                   + ("" if gflops is None else f", Phase 2 features {gflops:.1f} GFLOP/s"), flush=True)
-            for line in run["log"]:
-                print("   ", line, flush=True)
+            for line, rss in zip(run["log"], run["stage_peak_rss_bytes"]):
+                print("   ", line, f"(peak RSS {rss / 2**30:.2f} GiB)", flush=True)
             image.unlink()
     rate = phase2_rate(args.flop_size)
     print(f"Phase 2 dense features ({args.flop_size}³, fast network, stride 2): {rate['mflop_per_position']:.3f} MFLOP "

@@ -56,6 +56,17 @@ def test_run_sampled_sees_a_child_process_memory_and_output(bench) -> None:
     assert run["peak_rss_bytes"] >= 200 * 2**20  # 200 MiB of ones in the grandchild
 
 
+def test_each_line_of_stderr_gets_the_peak_memory_since_the_line_before(bench) -> None:
+    """A stage that held 200 MiB and freed them before its line ends has that peak; the next stage has not."""
+    child = ("import sys, time, numpy; print('start', file=sys.stderr, flush=True); a = numpy.ones(200 << 17); "
+             "time.sleep(1.0); del a; time.sleep(0.5); print('big', file=sys.stderr, flush=True); time.sleep(1.0); "
+             "print('small', file=sys.stderr, flush=True)")
+    run = bench.run_sampled([sys.executable, "-c", child], interval=0.1)
+    assert [line for line, _ in run["line_peaks"]] == ["start", "big", "small"] == run["stderr"].splitlines()
+    peaks = dict(run["line_peaks"])
+    assert peaks["big"] >= 200 * 2**20 > peaks["small"] + 100 * 2**20 and run["peak_rss_bytes"] == peaks["big"]
+
+
 @pytest.mark.slow
 def test_main_runs_segment_and_reports(bench, tmp_path: Path, capsys) -> None:
     out = tmp_path / "scale.json"
@@ -64,5 +75,6 @@ def test_main_runs_segment_and_reports(bench, tmp_path: Path, capsys) -> None:
     record = json.loads(out.read_text())
     run = record["runs"][0]
     assert run["shape"] == [40, 40, 40] and run["seconds"] > 0 and run["peak_rss_bytes"] > 50 * 2**20
+    assert len(run["stage_peak_rss_bytes"]) == len(run["log"]) and max(run["stage_peak_rss_bytes"]) > 0
     assert 0 < record["phase2"]["gflops"] and 0 < record["phase2"]["fraction_of_matmul"]
     assert "Mvoxel/s" in capsys.readouterr().out

@@ -902,7 +902,8 @@ def label_block(model: Phase2Model, block: Block, distances: np.ndarray, spacing
 
     The block carries context around what it owns (grid positions for the Potts model, voxels for the
     refinement's prior), so a block labels its voxels as the whole grid would, up to the reach of that context:
-    :func:`jule3d.chunked.halo_positions` with ``passes``. :func:`output_labels` makes them output labels.
+    two grid positions for the Potts model and each pass's :attr:`RefineModel.radius` in voxels
+    (:func:`jule3d.chunked.halo_positions` for one pass). :func:`output_labels` makes them output labels.
     """
     classes = model.classes.labels(distances, block.selected, spacing)
     coarse = _coarse_classes(block, classes, spacing)

@@ -242,6 +242,27 @@ def test_resume_refuses_a_work_folder_of_another_run(trained, tmp_path: Path) ->
         segment_file(trained["image"], out, model=trained["model"], resume=True, **QUIET, **TINY)
 
 
+def test_resume_refuses_a_work_folder_the_engine_before_laid_out(trained, tmp_path: Path, monkeypatch) -> None:
+    """A folder of the engine before (its manifest without ``work_layout``) holds labels of another meaning."""
+    import json
+
+    out = tmp_path / "l.npy"
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(chunked, "_phase2", killed)
+    with pytest.raises(KeyboardInterrupt):
+        segment_file(trained["image"], out, model=trained["model"], in_memory_voxels=0, **QUIET, **TINY)
+    monkeypatch.undo()
+    manifest = WorkDir(out).file(WorkDir.MANIFEST)
+    found = json.loads(manifest.read_text())
+    assert found.pop("work_layout") == WorkDir.LAYOUT
+    manifest.write_text(json.dumps(found))
+    with pytest.raises(ValueError, match="cannot resume .* other work_layout"):
+        segment_file(trained["image"], out, model=trained["model"], in_memory_voxels=0, resume=True, **QUIET, **TINY)
+
+
 def test_a_full_disk_removes_the_partial_output_and_keeps_the_input(trained, tmp_path: Path, monkeypatch) -> None:
     before = _digest(trained["image"])
 

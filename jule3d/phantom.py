@@ -3,7 +3,8 @@
 The phantom is a blobby specimen (a rounded block) in air, divided into large regions (one or a few per tissue
 class). In the ``"texture"`` and ``"intensity"`` variants every class is filled with a different *texture*:
 a random field with its own power spectrum (fine grain, coarse grain, lamellae, foam walls, fibres, oblique
-fine lamellae). In the ``"texture"`` variant every class has exactly the same intensity distribution:
+fine lamellae), or a field of another construction, the distance to random sites (beads, cell walls, rods;
+below). In the ``"texture"`` variant every class has exactly the same intensity distribution:
 each texture field is made Gaussian (rank transform) and standardised to mean 0 / std 1 inside its own
 region, then mapped to a common tissue mean and standard deviation. Classes therefore differ in texture
 only, and any method that looks at one voxel's intensity at a time (k-means or Otsu on intensities) cannot
@@ -87,6 +88,9 @@ TEXTURE_NAMES: tuple[str, ...] = (
     "foam",
     "fibres",
     "oblique_lamellae",
+    "beads",
+    "cells",
+    "rods",
 )
 #: Names of the ``"lung"`` variant's classes (Moriya et al. 2018), in the order of their ids ``1..3``.
 LUNG_CLASS_NAMES: tuple[str, ...] = ("normal_alveolar", "lepidic_carcinoma", "invasive_carcinoma")
@@ -116,6 +120,14 @@ BOUNDARY_WARP = 2.0
 #: Smoothness (voxels) and strength (radians, std) of the phase perturbation that bends lamellae.
 LAMELLA_WARP_SMOOTHNESS = 6.0
 LAMELLA_WAVINESS = 2.0
+#: Textures of another construction than filtered noise (``beads``, ``cells``, ``rods``): the distance of each
+#: voxel to random sites, one site in every cube of side ``*_SPACING`` voxels (stratified sampling, as the lung
+#: variant's alveoli). Beads are bright balls around points 5 voxels apart, cells bright walls of Voronoi cells 9
+#: voxels across, rods bright line segments of ``ROD_LENGTH`` voxels in random directions, 7 voxels apart.
+BEAD_SPACING = 5.0
+CELL_SPACING = 9.0
+ROD_SPACING = 7.0
+ROD_LENGTH = 14.0
 
 
 class Foam(NamedTuple):
@@ -219,6 +231,42 @@ def _lamellae(
     return np.sin(phase)
 
 
+def _grid_distance(shape: tuple[int, int, int], distance: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
+    """``distance(points)`` of every voxel centre of the grid, queried in z-slabs of at most ``_QUERY_CHUNK``
+    voxels so that no array of the whole grid's coordinates is ever held."""
+    out = np.empty(shape, dtype=np.float32)
+    yx = np.argwhere(np.ones(shape[1:], dtype=bool)).astype(np.float64)
+    step = max(1, _QUERY_CHUNK // len(yx))
+    for z0 in range(0, shape[0], step):
+        z = np.arange(z0, min(z0 + step, shape[0]), dtype=np.float64)
+        points = np.column_stack([np.repeat(z, len(yx)), np.tile(yx, (len(z), 1))])
+        out[z0:z0 + len(z)] = distance(points).reshape(len(z), *shape[1:])
+    return out
+
+
+def _beads(shape: tuple[int, int, int], rng: np.random.Generator) -> np.ndarray:
+    """Bright balls: minus the distance to the nearest of points ``BEAD_SPACING`` apart (Worley noise)."""
+    tree = cKDTree(_stratified_seeds(shape, BEAD_SPACING, rng))
+    return _grid_distance(shape, lambda points: -tree.query(points)[0])
+
+
+def _cells(shape: tuple[int, int, int], rng: np.random.Generator) -> np.ndarray:
+    """Bright cell walls: minus the distance to the boundary of the Voronoi cells of points ``CELL_SPACING`` apart."""
+    seeds = _stratified_seeds(shape, CELL_SPACING, rng)
+    return _grid_distance(shape, lambda points: -_cell_wall_distance(points, seeds))
+
+
+def _rods(shape: tuple[int, int, int], rng: np.random.Generator) -> np.ndarray:
+    """Bright rods: minus the distance to segments of ``ROD_LENGTH`` voxels in uniformly random directions, centred
+    on points ``ROD_SPACING`` apart; each segment is sampled every half voxel (distances within 0.25 voxels)."""
+    centres = _stratified_seeds(shape, ROD_SPACING, rng)
+    directions = rng.standard_normal(centres.shape)
+    directions /= np.linalg.norm(directions, axis=1, keepdims=True)
+    steps = np.linspace(-ROD_LENGTH / 2, ROD_LENGTH / 2, int(2 * ROD_LENGTH) + 1)
+    tree = cKDTree((centres[:, None, :] + steps[None, :, None] * directions[:, None, :]).reshape(-1, 3))
+    return _grid_distance(shape, lambda points: -tree.query(points)[0])
+
+
 def _texture_field(name: str, shape: tuple[int, int, int], rng: np.random.Generator) -> np.ndarray:
     """The raw (not yet standardised) random field of texture ``name``."""
     if name == "fine_grain":
@@ -234,6 +282,12 @@ def _texture_field(name: str, shape: tuple[int, int, int], rng: np.random.Genera
         return _filtered_noise(shape, _lowpass((0.8, 0.8, 6.0)), rng)
     if name == "oblique_lamellae":
         return _lamellae(shape, 4.0, (0.2, 1.0, -0.8), rng)
+    if name == "beads":
+        return _beads(shape, rng)
+    if name == "cells":
+        return _cells(shape, rng)
+    if name == "rods":
+        return _rods(shape, rng)
     raise ValueError(f"unknown texture {name!r}; known: {TEXTURE_NAMES}")
 
 
@@ -450,7 +504,7 @@ def make_phantom(
     shape : sequence of 3 int, default (96, 96, 96)
         Array shape ``(Z, Y, X)``; each side at least 16.
     n_classes : int, default 3
-        Number of tissue classes ``k`` (2 to 6); class ``i`` gets texture ``textures[i - 1]``.
+        Number of tissue classes ``k`` (2 to 9); class ``i`` gets texture ``textures[i - 1]``.
         The ``"lung"`` variant has exactly 3 classes (``LUNG_CLASS_NAMES``) and refuses any other value.
     variant : {"texture", "intensity", "lung"}, default "texture"
         ``"texture"``: all classes share the same intensity distribution (mean ``1``, std ``0.2``,

@@ -157,7 +157,7 @@ def test_texture_features_separate_the_classes(default_phantom):
         ({"shape": (32, 32)}, "shape"),
         ({"shape": (8, 32, 32)}, "shape"),
         ({"n_classes": 1}, "n_classes"),
-        ({"n_classes": 7}, "n_classes"),
+        ({"n_classes": 10}, "n_classes"),
         ({"n_classes": 2.5}, "n_classes"),
         ({"variant": "colour"}, "variant"),
         ({"noise": -0.1}, "noise"),
@@ -189,6 +189,51 @@ def test_textures_choose_each_class_texture():
         values = other.volume.data[0][other.labels == c]
         assert not np.array_equal(values, default.volume.data[0][default.labels == c])
         assert values.mean() == pytest.approx(1.0, abs=0.03) and values.std() == pytest.approx(0.2, abs=0.02)
+
+
+def test_textures_of_distances_to_random_sites_hide_in_intensity_and_show_in_texture():
+    """Beads, cell walls and rods (distances to random sites, not filtered noise) share the intensity statistics
+    of every texture, and intensity alone cannot separate them; local filter energies can, given the labels
+    (held-out half), which k-means on the same energies does less well: a harder unsupervised case."""
+    from sklearn.discriminant_analysis import LinearDiscriminantAnalysis
+    from sklearn.metrics import balanced_accuracy_score
+
+    ph = make_phantom(shape=SMALL, seed=4, textures=("beads", "cells", "rods"))
+    assert ph.class_names == ("beads", "cells", "rods")
+    values, truth = _tissue(ph)
+    for c in (1, 2, 3):
+        assert values[truth == c].mean() == pytest.approx(1.0, abs=0.03)
+        assert values[truth == c].std() == pytest.approx(0.2, abs=0.02)
+    kmeans = KMeans(3, n_init=3, random_state=0).fit(values[::5, None]).predict(values[:, None])
+    assert normalized_mutual_info_score(truth, kmeans) < 0.05
+    features = _texture_features(ph.volume.data[0], ph.labels > 0)
+    probe = LinearDiscriminantAnalysis().fit(features[::2], truth[::2])
+    assert balanced_accuracy_score(truth[1::2], probe.predict(features[1::2])) > 0.75
+
+
+@pytest.mark.parametrize("name", ["beads", "cells", "rods"])
+def test_site_distance_fields_are_the_same_in_slabs(monkeypatch, name):
+    """The grid is queried in z-slabs of at most ``_QUERY_CHUNK`` voxels: the field must not depend on the slabs,
+    and its brightest voxels (distance 0) lie on the sites, not on a slab's face."""
+    from jule3d import phantom as module
+
+    shape = (11, 13, 12)
+    whole = module._texture_field(name, shape, np.random.default_rng(7))
+    monkeypatch.setattr(module, "_QUERY_CHUNK", 2 * 13 * 12 + 5)  # slabs of two z-planes, the last one plane
+    slabs = module._texture_field(name, shape, np.random.default_rng(7))
+    np.testing.assert_array_equal(slabs, whole)
+    assert whole.max() <= 0 and whole.min() < -1
+
+
+def test_beads_are_minus_the_distance_to_the_nearest_site():
+    from jule3d import phantom as module
+
+    shape = (9, 10, 11)
+    field = module._texture_field("beads", shape, np.random.default_rng(3))
+    sites = module._stratified_seeds(shape, module.BEAD_SPACING, np.random.default_rng(3))
+    grid = np.argwhere(np.ones(shape, dtype=bool)).astype(np.float64)
+    brute = np.sqrt(((grid[:, None, :] - sites[None]) ** 2).sum(-1)).min(1)
+    np.testing.assert_allclose(field.ravel(), -brute, rtol=1e-6)
 
 
 def test_several_regions_per_class():
@@ -238,6 +283,15 @@ def test_cli_writes_volume_and_labels_with_identical_geometry(tmp_path, capsys):
     assert main(argv) == 2  # exists, no --overwrite
     assert "exists" in capsys.readouterr().err
     assert main(argv + ["--overwrite"]) == 0
+
+
+def test_cli_textures_choose_each_class_texture(tmp_path, capsys):
+    out = tmp_path / "ph.nii.gz"
+    assert main(["phantom", str(out), "--shape", "24", "24", "24", "--textures", "beads", "cells", "rods"]) == 0
+    assert "classes beads, cells, rods" in capsys.readouterr().err
+    assert main(["phantom", str(tmp_path / "no.nii.gz"), "--shape", "24", "24", "24", "--n-classes", "3",
+                 "--textures", "beads", "cells"]) == 2
+    assert "textures" in capsys.readouterr().err and not (tmp_path / "no.nii.gz").exists()
 
 
 # ----------------------------------------------------------------------------------------------

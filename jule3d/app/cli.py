@@ -299,17 +299,23 @@ def _register_phantom(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.add_argument("--shape", type=int, nargs=3, default=(96, 96, 96), metavar=("Z", "Y", "X"),
                    help="array shape (default 96 96 96)")
-    p.add_argument("--n-classes", type=int, default=3, metavar="K", help="number of tissue classes (default 3)")
+    p.add_argument("--n-classes", type=int, metavar="K",
+                   help="number of tissue classes (default 3, or the number of --textures)")
     p.add_argument("--variant", choices=VARIANTS, default="texture",
                    help="texture: classes differ in texture only (default); intensity: also in mean; "
                         "lung: normal / lepidic / invasive lung tissue (3 classes only)")
+    p.add_argument("--textures", nargs="+", choices=TEXTURE_NAMES, metavar="NAME",
+                   help="the texture of each class, one name per class; default: the first K "
+                        f"of {', '.join(TEXTURE_NAMES)}")
     p.add_argument("--overwrite", action="store_true", help="replace existing output files")
 
     def run(args: argparse.Namespace) -> int:
         from ..phantom import write_phantom
 
-        phantom = write_phantom(args.out, args.labels, shape=tuple(args.shape), n_classes=args.n_classes,
-                                variant=args.variant, seed=args.seed, overwrite=args.overwrite)
+        n_classes = args.n_classes if args.n_classes is not None else len(args.textures or ()) or 3
+        phantom = write_phantom(args.out, args.labels, shape=tuple(args.shape), n_classes=n_classes,
+                                variant=args.variant, seed=args.seed, textures=args.textures,
+                                overwrite=args.overwrite)
         written = args.out + (f" and {args.labels}" if args.labels else "")
         print(f"jule3d phantom: wrote {written} (shape {phantom.volume.shape}, classes "
               f"{', '.join(phantom.class_names)})", file=sys.stderr)

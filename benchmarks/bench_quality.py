@@ -35,8 +35,10 @@ Datasets
     phantoms of the visible kinds built to check the defaults away from the cases they were chosen on
     (:data:`CHECK_CASES`): the texture phantom
     built from its other three textures (foam, fibres, oblique lamellae) with generator seed 2
-    (``phantom-texture-other``), the texture phantom of generator seed 3 (``phantom-texture-seed3``) and the
-    lung phantom of other alveolar foams, generator seed 2 (``phantom-lung-other``).
+    (``phantom-texture-other``), the texture phantom of generator seed 3 (``phantom-texture-seed3``), the
+    lung phantom of other alveolar foams, generator seed 2 (``phantom-lung-other``), and the texture phantom of
+    textures of another construction (beads, cell walls, rods: distances to random sites, not filtered noise),
+    generator seed 4 (``phantom-texture-cellular``).
 
 Usage::
 
@@ -109,9 +111,15 @@ TEXTURE_SEED3_CASE = "phantom-texture-seed3"
 OTHER_LUNG_FOAMS = (Foam(12.0, 1.1, 0.15), Foam(7.0, 2.2, 0.10), Foam(6.0, 4.0, 0.0))
 OTHER_LUNG_CASE = "phantom-lung-other"
 OTHER_LUNG_SEED = 2
+#: The texture phantom built from textures of another construction, the distance to random sites (beads, Voronoi
+#: cell walls, rods; ``jule3d.phantom``) instead of filtered noise, generator seed 4: built after the defaults
+#: were chosen, as the held-out texture phantoms of another construction are.
+CELLULAR_TEXTURES = ("beads", "cells", "rods")
+CELLULAR_TEXTURE_CASE = "phantom-texture-cellular"
+CELLULAR_TEXTURE_SEED = 4
 #: Phantoms of the visible kinds outside the visible suite, which check the defaults away from the cases they were
 #: chosen on; ``--cases`` runs them.
-CHECK_CASES = (OTHER_TEXTURE_CASE, TEXTURE_SEED3_CASE, OTHER_LUNG_CASE)
+CHECK_CASES = (OTHER_TEXTURE_CASE, TEXTURE_SEED3_CASE, OTHER_LUNG_CASE, CELLULAR_TEXTURE_CASE)
 #: Every method of the visible suite: the two jule3d presets with their defaults and every peer.
 SUITE_METHODS = ("jule3d", "jule3d-paper", "kmeans", "otsu", "gmm", "slic", "localmean", "atropos", "hmrf",
                  "kanezaki")
@@ -267,6 +275,8 @@ def check_case(name: str) -> Case:
         return phantom_case(seed=3, name=name)
     if name == OTHER_LUNG_CASE:
         return phantom_case("lung", seed=OTHER_LUNG_SEED, foams=OTHER_LUNG_FOAMS, name=name)
+    if name == CELLULAR_TEXTURE_CASE:
+        return phantom_case(seed=CELLULAR_TEXTURE_SEED, textures=CELLULAR_TEXTURES, name=name)
     raise ValueError(f"name must be one of the check cases {CHECK_CASES}, got {name!r}")
 
 

@@ -29,12 +29,20 @@ a network that reads structure: on the texture phantom, where the classes share 
 reads 0.50 and the default 0.90. On the intensity and lung phantoms and on BraTS-ROI, where the classes differ in
 brightness or in their share of air, it reads more than the default (README, Measured).
 
+``--learnable`` asks whether the default's network can learn a case's classes at all when it is told them:
+:func:`learnable` trains it on the true class of every sampled patch (the labels, not JULE's clusters) with the
+weighted triplet loss at each γ of ``--gammas``, and reports the mean triplet loss and the linear probe of the
+training patches' features every :data:`LEARNABLE_EVERY` epochs. A loss that stays at the margin (0.2) with a probe
+near chance means the features collapsed to one point: the loss's pull on the positives outweighs its push on the
+negatives (``docs/method.md`` 5.14).
+
 Usage::
 
     python benchmarks/bench_features.py                          # BraTS-ROI, 4 cases, seed 0
     python benchmarks/bench_features.py --dataset phantom --seeds 0 1
     python benchmarks/bench_features.py --out results/features.json
     python benchmarks/bench_features.py --ceiling --dataset phantom
+    python benchmarks/bench_features.py --learnable --dataset check --gammas 2 1
 """
 
 from __future__ import annotations
@@ -48,10 +56,11 @@ from typing import Sequence
 
 import numpy as np
 
-from bench_quality import BRATS_CASES, Case, data_root, load_brats_case, phantom_case  # the script's folder
+from bench_quality import (BRATS_CASES, CHECK_CASES, Case, check_case, data_root,  # the script's folder
+                           load_brats_case, phantom_case)
 
 from jule3d.config import jule_config
-from jule3d.jule import train_jule
+from jule3d.jule import _Trainer, train_jule
 from jule3d.metrics import nmi
 from jule3d.models import net_config
 from jule3d.patches import sample_patches
@@ -62,6 +71,9 @@ REPRESENTATIONS = ("features", "intensity", "both")
 CEILING_WINDOWS: tuple[int, ...] = (3, 5, 7, 9, 13, 17, 25)
 #: Standard deviations (voxels) of the Gaussians that smooth :func:`supervised_ceiling`'s class probabilities.
 CEILING_SMOOTHING: tuple[float, ...] = (2.0, 4.0, 8.0)
+#: Epochs of :func:`learnable`'s training on the true classes, and how often it reports.
+LEARNABLE_EPOCHS = 20
+LEARNABLE_EVERY = 5
 
 
 def probe_accuracy(x: np.ndarray, y: np.ndarray, seed: int, n_max: int = 8000) -> float:
@@ -155,6 +167,32 @@ def diagnose(case: Case, seed: int, n_patches: int = 2000, preset: str = "fast")
     return out
 
 
+def learnable(case: Case, seed: int, gamma: float, n_patches: int = 2000,
+              epochs: int = LEARNABLE_EPOCHS) -> list[dict[str, float]]:
+    """Train the default's network on the true classes of its patches with the triplet loss's weight ``gamma``.
+
+    The patches are sampled as Phase 1 samples them; each is labelled with the ground truth at its centre (patches
+    centred on an unlabelled voxel are left out), and the network of the ``fast`` preset, with every other setting
+    of it, is trained on those labels instead of JULE's clusters. Every :data:`LEARNABLE_EVERY` epochs: the mean
+    triplet loss of the epoch and the probe (:func:`probe_accuracy`) of the training patches' features.
+    """
+    import torch
+
+    config = jule_config("fast", n_clusters=case.n_clusters, seed=seed, gamma=gamma)
+    patch_size = net_config(config.net, **config.net_overrides).patch_size
+    patches = sample_patches(case.volume, n_patches, patch_size=patch_size, min_foreground=0.5, seed=seed,
+                             labels=case.ground_truth)
+    labelled = patches.labels > 0
+    classes = patches.labels[labelled] - 1
+    trainer = _Trainer(np.ascontiguousarray(patches.patches[labelled]), config, torch.device("cpu"))
+    rows = []
+    for epoch in range(1, epochs + 1):
+        loss, _ = trainer.train_epochs(classes, 1, lambda _: None)
+        if epoch % LEARNABLE_EVERY == 0:
+            rows.append({"epoch": epoch, "loss": loss, "probe": probe_accuracy(trainer.features(), classes, seed)})
+    return rows
+
+
 def write_rows(out: Path | None, rows: list[dict], argv: Sequence[str] | None) -> None:
     """Write ``rows`` and the command line as JSON to ``out`` (nothing when ``out`` is ``None``)."""
     if out is not None:
@@ -165,13 +203,18 @@ def write_rows(out: Path | None, rows: list[dict], argv: Sequence[str] | None) -
 def main(argv: Sequence[str] | None = None) -> None:
     """Run the diagnosis on the chosen cases and seeds; print one table, optionally write JSON."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--dataset", choices=("brats", "phantom"), default="brats")
+    p.add_argument("--dataset", choices=("brats", "phantom", "check"), default="brats",
+                   help="BraTS-ROI, the three visible phantoms, or bench_quality's check cases")
     p.add_argument("--cases", nargs="+", default=list(BRATS_CASES), help="BraTS case folders")
     p.add_argument("--seeds", nargs="+", type=int, default=[0])
     p.add_argument("--n-patches", type=int, default=2000)
     p.add_argument("--out", type=Path, help="JSON file for the rows (not overwritten)")
     p.add_argument("--ceiling", action="store_true",
                    help="the supervised local-statistics ceiling of each case instead (see above)")
+    p.add_argument("--learnable", action="store_true",
+                   help="train the network on the true classes at each --gammas instead (see above)")
+    p.add_argument("--gammas", nargs="+", type=float, default=[2.0, 1.0],
+                   help="weights of the positives in the triplet loss for --learnable (default 2 1)")
     args = p.parse_args(argv)
     if args.out is not None and args.out.exists():
         p.error(f"--out {args.out} exists")
@@ -180,10 +223,15 @@ def main(argv: Sequence[str] | None = None) -> None:
         if not root.is_dir():
             p.error(f"BraTS data folder {root} does not exist (set JULE3D_SHARED_DATA)")
         loads = [lambda c=c: load_brats_case(root / c) for c in args.cases]
-    else:
+    elif args.dataset == "phantom":
         loads = [lambda v=v: phantom_case(v) for v in ("texture", "intensity", "lung")]
+    else:
+        loads = [lambda c=c: check_case(c) for c in CHECK_CASES]
     if args.ceiling:
         ceiling(loads, args.seeds, args.out, argv)
+        return
+    if args.learnable:
+        learn(loads, args.seeds, args.gammas, args.n_patches, args.out, argv)
         return
     rows = []
     print("| case | seed | " + " | ".join(f"{r} probe | {r} k-means NMI" for r in REPRESENTATIONS) + " | s |")
@@ -218,6 +266,26 @@ def ceiling(loads: Sequence, seeds: Sequence[int], out: Path | None, argv: Seque
             cells = "".join(f" {result[f'nmi_smoothed_{s:g}']:.3f} |" for s in CEILING_SMOOTHING)
             print(f"| {case.name} | {seed} | {result['nmi']:.3f} |{cells} {result['accuracy']:.4f} | "
                   f"{rows[-1]['seconds']:.0f} |", flush=True)
+    write_rows(out, rows, argv)
+
+
+def learn(loads: Sequence, seeds: Sequence[int], gammas: Sequence[float], n_patches: int, out: Path | None,
+          argv: Sequence[str] | None) -> None:
+    """Print (and with ``out`` write) :func:`learnable` of every case, seed and γ."""
+    rows = []
+    epochs = range(LEARNABLE_EVERY, LEARNABLE_EPOCHS + 1, LEARNABLE_EVERY)
+    print("| case | seed | γ | " + " | ".join(f"loss, probe after {e}" for e in epochs) + " | s |")
+    print("|---|---:|---:|" + "---|" * len(epochs) + "---:|")
+    for load in loads:
+        case = load()
+        for seed in seeds:
+            for gamma in gammas:
+                start = time.perf_counter()
+                result = learnable(case, seed, gamma, n_patches)
+                rows.append({"case": case.name, "seed": seed, "gamma": gamma, "epochs": result,
+                             "seconds": time.perf_counter() - start})
+                cells = " | ".join(f"{r['loss']:.3f}, {r['probe']:.3f}" for r in result)
+                print(f"| {case.name} | {seed} | {gamma:g} | {cells} | {rows[-1]['seconds']:.0f} |", flush=True)
     write_rows(out, rows, argv)
 
 

@@ -272,3 +272,24 @@ def test_supervised_ceiling_reads_what_local_statistics_hold(monkeypatch) -> Non
     assert read["nmi_smoothed_2"] >= read["nmi"]  # a neighbour's evidence only firms up two flat slabs
     alike_read = bf.supervised_ceiling(alike, windows=(3, 5), smoothing=(8.0,))
     assert alike_read["nmi"] < 0.1 and alike_read["nmi_smoothed_8"] < 0.1  # smoothing makes no class of noise
+
+
+def test_learnable_trains_on_the_true_classes_and_reports_loss_and_probe(monkeypatch) -> None:
+    """Classes that differ in brightness are learnt when the network is told them: the loss falls below the
+    margin and the training patches' probe reads them; classes that differ in nothing stay at chance."""
+    monkeypatch.syspath_prepend(str(_PATH.parent))
+    spec = importlib.util.spec_from_file_location("bench_features", _PATH.parent / "bench_features.py")
+    bf = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bf)
+    rng = np.random.default_rng(0)
+    truth = np.ones((40, 40, 40), dtype=np.uint8)
+    truth[:, :, 20:] = 2
+    noise = rng.normal(size=truth.shape).astype(np.float32)
+    mask = np.ones(truth.shape, dtype=bool)
+    bright = bq.Case("bright", Volume.from_array(noise * 0.3 + 2 * truth, mask=mask), truth, mask, 2)
+    alike = bq.Case("alike", Volume.from_array(noise, mask=mask), truth, mask, 2)
+    (row,) = bf.learnable(bright, seed=0, gamma=1.0, n_patches=200, epochs=bf.LEARNABLE_EVERY)
+    assert set(row) == {"epoch", "loss", "probe"} and row["epoch"] == bf.LEARNABLE_EVERY
+    assert row["loss"] < 0.1 and row["probe"] > 0.9
+    (row,) = bf.learnable(alike, seed=0, gamma=1.0, n_patches=200, epochs=bf.LEARNABLE_EVERY)
+    assert row["probe"] < 0.7

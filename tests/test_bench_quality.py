@@ -236,11 +236,29 @@ def test_real_brats_case(shared_data: Path) -> None:
     assert counts[0] == 0 and counts[2] == 45189 and counts[3] == 75471
 
 
-def test_feature_probe_separates_informative_from_random_features(monkeypatch) -> None:
+@pytest.fixture
+def bf(monkeypatch):
+    """The ``bench_features`` script as a module (its folder on the path, for its own imports)."""
     monkeypatch.syspath_prepend(str(_PATH.parent))
     spec = importlib.util.spec_from_file_location("bench_features", _PATH.parent / "bench_features.py")
-    bf = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bf)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _two_halves(side: int, noise: float, step: float) -> tuple:
+    """Two cases of one noise field whose classes are the two halves along x: ``bright`` adds ``step`` per class to
+    ``noise`` times the field, ``alike`` is the field alone (the classes differ in nothing)."""
+    truth = np.ones((side,) * 3, dtype=np.uint8)
+    truth[:, :, side // 2:] = 2
+    field = np.random.default_rng(0).normal(size=truth.shape).astype(np.float32)
+    mask = np.ones(truth.shape, dtype=bool)
+    bright = bq.Case("bright", Volume.from_array(field * noise + step * truth, mask=mask), truth, mask, 2)
+    alike = bq.Case("alike", Volume.from_array(field, mask=mask), truth, mask, 2)
+    return bright, alike
+
+
+def test_feature_probe_separates_informative_from_random_features(bf) -> None:
     rng = np.random.default_rng(0)
     y = rng.integers(1, 4, size=900)
     informative = np.eye(3)[y - 1] + rng.normal(0, 0.3, size=(900, 3))
@@ -248,22 +266,12 @@ def test_feature_probe_separates_informative_from_random_features(monkeypatch) -
     assert abs(bf.probe_accuracy(rng.normal(size=(900, 3)), y, seed=0) - 1 / 3) < 0.1
 
 
-def test_supervised_ceiling_reads_what_local_statistics_hold(monkeypatch) -> None:
+def test_supervised_ceiling_reads_what_local_statistics_hold(bf) -> None:
     """Classes that differ in brightness are read almost perfectly from local statistics; classes that differ in
     nothing (two halves of one noise field, split along an axis the halves do not see) are not."""
-    monkeypatch.syspath_prepend(str(_PATH.parent))
-    spec = importlib.util.spec_from_file_location("bench_features", _PATH.parent / "bench_features.py")
-    bf = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bf)
-    rng = np.random.default_rng(0)
-    truth = np.ones((24, 24, 24), dtype=np.uint8)
-    truth[:, :, 12:] = 2
-    noise = rng.normal(size=truth.shape).astype(np.float32)
-    mask = np.ones(truth.shape, dtype=bool)
-    bright = bq.Case("bright", Volume.from_array(noise * 0.2 + truth, mask=mask), truth, mask, 2)
-    alike = bq.Case("alike", Volume.from_array(noise, mask=mask), truth, mask, 2)
+    bright, alike = _two_halves(24, 0.2, 1.0)
     stats = bf.local_statistics(bright, (3, 5))
-    assert stats.shape == (truth.size, 5)
+    assert stats.shape == (bright.ground_truth.size, 5)
     corner = bright.volume.data[0][:2, :2, :2]  # the 3³ box of voxel (0, 0, 0) inside the volume
     np.testing.assert_allclose(stats[0, :3], [bright.volume.data[0][0, 0, 0], corner.mean(), corner.std()],
                                rtol=1e-4, atol=1e-5)
@@ -274,20 +282,10 @@ def test_supervised_ceiling_reads_what_local_statistics_hold(monkeypatch) -> Non
     assert alike_read["nmi"] < 0.1 and alike_read["nmi_smoothed_8"] < 0.1  # smoothing makes no class of noise
 
 
-def test_learnable_trains_on_the_true_classes_and_reports_loss_and_probe(monkeypatch) -> None:
+def test_learnable_trains_on_the_true_classes_and_reports_loss_and_probe(bf) -> None:
     """Classes that differ in brightness are learnt when the network is told them: the loss falls below the
     margin and the training patches' probe reads them; classes that differ in nothing stay at chance."""
-    monkeypatch.syspath_prepend(str(_PATH.parent))
-    spec = importlib.util.spec_from_file_location("bench_features", _PATH.parent / "bench_features.py")
-    bf = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bf)
-    rng = np.random.default_rng(0)
-    truth = np.ones((40, 40, 40), dtype=np.uint8)
-    truth[:, :, 20:] = 2
-    noise = rng.normal(size=truth.shape).astype(np.float32)
-    mask = np.ones(truth.shape, dtype=bool)
-    bright = bq.Case("bright", Volume.from_array(noise * 0.3 + 2 * truth, mask=mask), truth, mask, 2)
-    alike = bq.Case("alike", Volume.from_array(noise, mask=mask), truth, mask, 2)
+    bright, alike = _two_halves(40, 0.3, 2.0)
     (row,) = bf.learnable(bright, seed=0, gamma=1.0, n_patches=200, epochs=bf.LEARNABLE_EVERY)
     assert set(row) == {"epoch", "loss", "probe"} and row["epoch"] == bf.LEARNABLE_EVERY
     assert row["loss"] < 0.1 and row["probe"] > 0.9

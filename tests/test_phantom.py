@@ -214,7 +214,7 @@ def test_textures_of_distances_to_random_sites_hide_in_intensity_and_show_in_tex
 @pytest.mark.parametrize("name", ["beads", "cells", "rods"])
 def test_site_distance_fields_are_the_same_in_slabs(monkeypatch, name):
     """The grid is queried in z-slabs of at most ``_QUERY_CHUNK`` voxels: the field must not depend on the slabs,
-    and its brightest voxels (distance 0) lie on the sites, not on a slab's face."""
+    and it is minus a distance: never above 0, and below -1 away from the sites."""
     from jule3d import phantom as module
 
     shape = (11, 13, 12)
